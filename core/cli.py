@@ -1,0 +1,82 @@
+"""`sd3trt` command line. Each subcommand has only its own flags; heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sd3trt.errors import Sd3trtError
+
+
+def _make_tiny(a) -> None:
+    from sd3trt.export.tiny_model import TinyOptions, make_tiny
+
+    opts = TinyOptions(
+        seed=a.seed,
+        patch_size=a.patch_size,
+        latent_channels=a.latent_channels,
+        num_layers=a.layers,
+        sd35=a.sd35,
+        with_t5=not a.no_t5,
+    )
+    make_tiny(a.out, opts, overwrite=a.overwrite)
+    print(f"tiny SD3{'.5' if a.sd35 else ''} model written to {a.out}")
+
+
+def _export(a) -> None:
+    from sd3trt.export.bundle import export_bundle
+
+    export_bundle(a.model, a.out, dtype=a.dtype, opset=a.opset, skip_t5=a.skip_t5, overwrite=a.overwrite)
+
+
+def add_make_tiny(sub) -> None:
+    p = sub.add_parser("make-tiny", help="write a tiny random-weight SD3 model in diffusers format")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--latent-channels", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--sd35", action="store_true", help="SD3.5 style: qk_norm and dual-attention layers")
+    p.add_argument("--no-t5", action="store_true", help="a model without the T5 text encoder")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_make_tiny)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a local diffusers SD3 model to an ONNX bundle")
+    p.add_argument("--model", type=Path, required=True, help="diffusers-format SD3 / SD3.5 model directory")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--skip-t5", action="store_true", help="leave T5 out (the runtime then feeds zeros, as diffusers does)")
+    p.add_argument("--overwrite", action="store_true", help="update an existing bundle; unchanged components are kept")
+    p.set_defaults(func=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sd3trt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_make_tiny(sub)
+    add_export(sub)
+    from sd3trt.runtime.cli import add_runtime_commands
+
+    add_runtime_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Sd3trtError as e:
+        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sd3trt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Runtime subcommands: `sd3trt img2img` and `sd3trt demo`."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from sd3trt.errors import Sd3trtError
+
+
+def _progress(i: int, n: int) -> None:
+    bar = "#" * (20 * i // n)
+    end = "\n" if i == n else ""
+    print(f"\rdenoising {bar:<20} {i}/{n}", end=end, file=sys.stderr, flush=True)
+
+
+def _read_noise(path: Path):
+    from sd3trt.runtime.pipeline import Noise
+
+    try:
+        with np.load(path) as z:
+            if "latents" not in z:
+                raise Sd3trtError(f"{path} has no array 'latents' (found {list(z.keys())}); save it with np.savez")
+            return Noise(z["latents"], z["posterior"] if "posterior" in z else None)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise Sd3trtError(f"cannot read noise file {path} ({e}); pass an .npz with arrays 'latents' [and 'posterior']") from None
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def run_img2img(a) -> None:
+    from sd3trt.runtime import images as imgs
+    from sd3trt.runtime.pipeline import Img2Img
+
+    imgs.format_from_path(a.out)  # an unknown output format fails before any work
+    pipe = Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory)
+    noise = _read_noise(a.noise) if a.noise else None
+    res = pipe(
+        a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
+        guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
+        max_sequence_length=a.max_sequence_length, progress=_progress, max_pixels=a.max_pixels,
+    )
+    for w in res.warnings:
+        print(f"warning: prompt truncated: {w}", file=sys.stderr)
+    for img, path in zip(res.images, output_paths(a.out, len(res.images))):
+        imgs.save_image(img, path)
+        print(f"wrote {path}")
+    print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
+
+
+def run_demo(a) -> None:
+    """Make a tiny model, export it, and run img2img on a generated picture."""
+    from PIL import Image, ImageDraw
+
+    from sd3trt.export.bundle import export_bundle
+    from sd3trt.export.tiny_model import make_tiny
+    from sd3trt.runtime import images as imgs
+    from sd3trt.runtime.pipeline import Img2Img
+
+    work = Path(a.workdir)
+    model, bundle = work / "tiny-model", work / "tiny-bundle"
+    if not (model / "model_index.json").is_file():
+        print(f"making a tiny random SD3 model in {model}")
+        make_tiny(model, overwrite=True)
+    export_bundle(model, bundle, overwrite=True)
+    picture = Image.new("RGB", (128, 96), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse((20, 10, 90, 80), fill=(220, 60, 40))
+    draw.rectangle((70, 40, 120, 90), fill=(40, 90, 200))
+    src = work / "demo-input.png"
+    imgs.save_image(picture, src)
+    pipe = Img2Img.from_bundle(bundle)
+    res = pipe(src, "a red circle and a blue square, watercolor", negative_prompt="blurry",
+               strength=0.7, steps=a.steps, seed=0, progress=_progress)
+    out = Path(a.out)
+    imgs.save_image(res.images[0], out)
+    print(f"demo image written to {out} ({res.images[0].width}x{res.images[0].height})")
+    print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
+
+
+def add_runtime_commands(sub) -> None:
+    from sd3trt.runtime.images import DEFAULT_MAX_PIXELS
+    from sd3trt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
+    from sd3trt.runtime.runners import BACKENDS
+
+    p = sub.add_parser("img2img", help="run SD3 img2img on a bundle")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=Path, help=".npz with 'latents' [num_images,C,h,w] and optional 'posterior' [1,C,h,w]")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit on input pixels")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
+    p.add_argument("--out", type=Path, required=True, help="output image (.png, .jpg, .webp)")
+    p.set_defaults(func=run_img2img)
+
+    d = sub.add_parser("demo", help="make a tiny model, export it and run img2img (needs the export extra)")
+    d.add_argument("--workdir", type=Path, default=Path("demo-out"))
+    d.add_argument("--out", type=Path, default=Path("demo-out/demo.png"))
+    d.add_argument("--steps", type=int, default=10)
+    d.set_defaults(func=run_demo)

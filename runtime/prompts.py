@@ -1,0 +1,70 @@
+"""Prompt encoding exactly as StableDiffusion3 pipelines assemble it, with a cache for repeated prompts.
+
+prompt_embeds = concat_seq( pad_to_T5_width( concat_feat(CLIP-L penultimate, CLIP-G penultimate) ), T5 )
+pooled        = concat_feat(CLIP-L pooled projection, CLIP-G pooled projection)
+Without T5 the T5 part is zeros of [max_sequence_length, joint_attention_dim], as diffusers does.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sd3trt.runtime.tokenization import PromptTokenizer, load_clip_tokenizer, load_t5_tokenizer
+from sd3trt.spec import ModelFacts
+
+
+@dataclass
+class PromptEmbedding:
+    embeds: np.ndarray  # [1, 77 + t5_len, joint_attention_dim] float32
+    pooled: np.ndarray  # [1, pooled_projection_dim] float32
+    truncated: list[str] = field(default_factory=list)  # one message per encoder that cut the prompt
+
+
+class PromptEncoder:
+    """Owns the tokenizers and calls the text-encoder runners through `get_runner(name)`."""
+
+    def __init__(self, facts: ModelFacts, tokenizer_dirs: dict[str, Path], get_runner, cache_size: int = 16):
+        self.facts = facts
+        self.clip = {n: load_clip_tokenizer(tokenizer_dirs[n]) for n in ("clip_l", "clip_g")}
+        self.t5_dir = tokenizer_dirs.get("t5")
+        self.t5: dict[int, PromptTokenizer] = {}
+        self.get_runner = get_runner
+        self.cache: OrderedDict[tuple, PromptEmbedding] = OrderedDict()
+        self.cache_size = cache_size
+
+    def _t5_tokenizer(self, length: int) -> PromptTokenizer:
+        if length not in self.t5:
+            self.t5[length] = load_t5_tokenizer(self.t5_dir, length)
+        return self.t5[length]
+
+    def encode(self, prompt: str, t5_length: int) -> PromptEmbedding:
+        key = (prompt, t5_length)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        f = self.facts
+        truncated: list[str] = []
+        hidden, pooled = [], []
+        for name, tok in self.clip.items():
+            batch = tok([prompt])
+            truncated += batch.truncation_messages(name)
+            out = self.get_runner(name).run({"input_ids": batch.ids})
+            pooled.append(out["text_embeds"].astype(np.float32))
+            hidden.append(out["hidden_states"].astype(np.float32))
+        clip = np.concatenate(hidden, axis=-1)
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, f.joint_attention_dim - clip.shape[-1])))
+        if self.t5_dir is not None:
+            batch = self._t5_tokenizer(t5_length)([prompt])
+            truncated += batch.truncation_messages("t5")
+            t5 = self.get_runner("t5").run({"input_ids": batch.ids})["last_hidden_state"].astype(np.float32)
+        else:
+            t5 = np.zeros((1, t5_length, f.joint_attention_dim), np.float32)
+        emb = PromptEmbedding(np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1), truncated)
+        self.cache[key] = emb
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return emb

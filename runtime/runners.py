@@ -1,0 +1,90 @@
+"""Engine runners: one per component, strict about what they accept (names, dtypes, shapes).
+
+Every backend implements `Runner.run(feeds) -> outputs` over numpy arrays; the manifest entry of the
+component says what is legal, and a wrong request fails here with a sentence naming the input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sd3trt.errors import Sd3trtError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class Runner:
+    """Base: validation against the manifest's input specs; subclasses implement _run."""
+
+    def __init__(self, name: str, entry: dict):
+        self.name = name
+        self.inputs = {t["name"]: t for t in entry["inputs"]}
+        self.outputs = [t["name"] for t in entry["outputs"]]
+
+    def check(self, feeds: dict[str, np.ndarray]) -> None:
+        missing = set(self.inputs) - set(feeds)
+        extra = set(feeds) - set(self.inputs)
+        if missing or extra:
+            raise Sd3trtError(
+                f"{self.name}: inputs {sorted(feeds)} do not match the engine's {sorted(self.inputs)}"
+            )
+        for name, arr in feeds.items():
+            spec = self.inputs[name]
+            if arr.dtype.name != spec["dtype"]:
+                raise Sd3trtError(f"{self.name}: input {name} is {arr.dtype.name}, the engine expects {spec['dtype']}")
+            if arr.ndim != len(spec["shape"]):
+                raise Sd3trtError(
+                    f"{self.name}: input {name} has shape {arr.shape}, the engine expects {spec['shape']}"
+                )
+            for got, want in zip(arr.shape, spec["shape"]):
+                if isinstance(want, int) and got != want:
+                    raise Sd3trtError(
+                        f"{self.name}: input {name} has shape {arr.shape}, the engine expects {spec['shape']}"
+                    )
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check(feeds)
+        return self._run(feeds)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the engine's memory (the low-memory mode calls this after each use)."""
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime session (CPU by default; CUDA/TensorRT execution providers when installed)."""
+
+    def __init__(self, name: str, entry: dict, path: Path, providers: list[str] | None = None, threads: int = 0):
+        super().__init__(name, entry)
+        import onnxruntime as ort
+
+        if not Path(path).is_file():
+            raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
+        available = ort.get_available_providers()
+        providers = providers or ["CPUExecutionProvider"]
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise Sd3trtError(
+                f"ONNX Runtime execution provider(s) {unknown} are not available here (available: {available}); "
+                "install onnxruntime-gpu for CUDA/TensorRT providers"
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # ORT raises its own exception types; name the file and the cure
+            raise Sd3trtError(f"{name}: ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}); re-export it") from None
+
+    def _run(self, feeds):
+        outs = self.session.run(self.outputs, feeds)
+        return dict(zip(self.outputs, outs))
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny SD3 models and their exported bundles, made once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Deterministic, comparable numerics across the suite (also keeps 2-core CI machines responsive).
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+VARIANTS = {
+    "sd3": dict(),
+    "sd35": dict(sd35=True),
+    "no_t5": dict(with_t5=False),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """variant name -> (model_dir, bundle_dir), built on first use."""
+    from sd3trt.export.bundle import export_bundle
+    from sd3trt.export.tiny_model import TinyOptions, make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(variant: str) -> tuple[Path, Path]:
+        if variant not in made:
+            model = make_tiny(root / f"model-{variant}", TinyOptions(**VARIANTS[variant]))
+            bundle = export_bundle(model, root / f"bundle-{variant}", log=lambda s: None)
+            made[variant] = (model, bundle)
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_factory):
+    return tiny_factory("sd3")
