@@ -104,7 +104,8 @@ def present_components(model_dir: Path) -> dict[str, bool]:
     return present
 
 
-def read_model_facts(model_dir: Path) -> ModelFacts:
+def read_model_facts(model_dir: Path, skip_t5: bool = False) -> ModelFacts:
+    """skip_t5: treat the model as T5-less even when it declares T5 (diffusers then feeds zeros)."""
     model_dir = Path(model_dir)
     present = present_components(model_dir)
     for sub in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
@@ -112,7 +113,10 @@ def read_model_facts(model_dir: Path) -> ModelFacts:
             raise Sd3trtError(f"{model_dir} has no {sub} in model_index.json; SD3 needs it")
         if not (model_dir / sub).is_dir():
             raise Sd3trtError(f"{model_dir / sub} is missing; the model directory is incomplete")
-    has_t5 = present["text_encoder_3"] and present["tokenizer_3"]
+    has_t5 = present["text_encoder_3"] and present["tokenizer_3"] and not skip_t5
+    for sub in ("text_encoder_3", "tokenizer_3"):
+        if has_t5 and not (model_dir / sub).is_dir():
+            raise Sd3trtError(f"{model_dir / sub} is missing; restore it, or pass --skip-t5 to export without T5")
     tr = _read_json(model_dir / "transformer" / "config.json", "transformer config")
     vae = _read_json(model_dir / "vae" / "config.json", "VAE config")
     cl = _read_json(model_dir / "text_encoder" / "config.json", "CLIP-L config")
@@ -214,7 +218,9 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
                 TensorSpec("hidden_states", FLOAT, lat),
                 TensorSpec("encoder_hidden_states", FLOAT, ("batch", "text_seq", facts.joint_attention_dim)),
                 TensorSpec("pooled_projections", FLOAT, ("batch", facts.pooled_projection_dim)),
-                TensorSpec("timestep", FLOAT, ("batch",)),
+                # float32 even in fp16/bf16 bundles: diffusers keeps the sinusoidal projection in fp32,
+                # and fp16 would round SD3's fractional timesteps by up to 0.2.
+                TensorSpec("timestep", "float32", ("batch",)),
             ),
             (TensorSpec("noise_pred", FLOAT, lat),),
         ),

@@ -90,9 +90,7 @@ def export_bundle(
     model_dir, out = Path(model_dir), Path(out)
     if dtype not in DTYPES:
         raise Sd3trtError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    facts = read_model_facts(model_dir)
-    if skip_t5 and facts.has_t5:
-        facts = type(facts)(**{**facts.to_dict(), "has_t5": False})
+    facts = read_model_facts(model_dir, skip_t5=skip_t5)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise Sd3trtError(f"{out} already exists; pass --overwrite to update it (unchanged components are kept)")
     out.mkdir(parents=True, exist_ok=True)

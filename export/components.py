@@ -121,5 +121,5 @@ def example_inputs(facts: ModelFacts, component: str, dtype: str, dims: dict | N
         elif t.name == "timestep":
             out.append(torch.rand(shape, generator=g) * 1000)
         else:
-            out.append(torch.randn(shape, generator=g))
-    return tuple(x.to(TORCH_DTYPES[dtype]) if x.is_floating_point() else x for x in out)
+            out.append(torch.randn(shape, generator=g).to(TORCH_DTYPES[dtype]))
+    return tuple(out)

@@ -45,6 +45,7 @@ class Result:
     timings: dict[str, float]  # seconds per stage
     warnings: list[str] = field(default_factory=list)
     seed: int | None = None
+    decoded: np.ndarray | None = None  # VAE output before quantization, float32 [N, 3, H, W] in [-1, 1]
 
 
 class Timer:
@@ -184,7 +185,7 @@ class Img2Img:
                 "hidden_states": model_in.astype(self.float_dtype),
                 "encoder_hidden_states": enc,
                 "pooled_projections": pool,
-                "timestep": np.full((model_in.shape[0],), t, dtype=self.float_dtype),
+                "timestep": np.full((model_in.shape[0],), t, dtype=np.float32),
             })["noise_pred"].astype(np.float32)
             if cfg:
                 uncond, text = out[:num_images], out[num_images:]
@@ -201,10 +202,11 @@ class Img2Img:
         self._release("vae_decoder")
         timer.add("vae_decoder", t0)
         t0 = time.perf_counter()
-        images = imgs.postprocess(decoded.astype(np.float32))
+        decoded = decoded.astype(np.float32)
+        images = imgs.postprocess(decoded)
         timer.add("image_out", t0)
         timer.add("total", t_all)
-        return Result(images, timer.t, warnings, seed)
+        return Result(images, timer.t, warnings, seed, decoded)
 
     def _noise(self, noise: Noise | None, seed: int | None, latent_shape: tuple) -> Noise:
         post_shape = (1,) + latent_shape[1:]

@@ -242,8 +242,9 @@ def set_timesteps(config: SchedulerConfig, num_inference_steps: int | None = Non
         one_minus_z = 1 - sig
         scale_factor = one_minus_z[-1] / (1 - config.shift_terminal)
         if scale_factor == 0:
-            raise Sd3trtError("shift_terminal cannot stretch a schedule whose last sigma is 1; "
-                              "end the custom sigmas below 1 or set shift_terminal to null")
+            raise Sd3trtError("shift_terminal cannot stretch a schedule whose last sigma is 1 (diffusers "
+                              "gives NaN here; a single step does this); use more steps, end custom sigmas "
+                              "below 1, or set shift_terminal to null")
         sig = 1 - (one_minus_z / scale_factor)
 
     if config.use_karras_sigmas or config.use_exponential_sigmas:

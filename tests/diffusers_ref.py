@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -31,7 +32,10 @@ def run_reference(model_dir, image, prompt, negative_prompt=None, strength=0.6, 
     """Images as uint8 arrays [N, H, W, 3] from diffusers on the same weights and noise."""
     from diffusers import StableDiffusion3Img2ImgPipeline
 
-    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    extra = {}
+    if not (Path(model_dir) / "text_encoder_3").is_dir():  # the documented way to run SD3 without T5
+        extra = dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(model_dir, dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     with injected_noise(latents, posterior), torch.no_grad():
         out = pipe(

@@ -1,0 +1,1 @@
+"""sd3trt HTTP server (optional extra: pip install sd3trt[server])."""

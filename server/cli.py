@@ -1,0 +1,174 @@
+"""`sd3trt serve` and `sd3trt keys add|list|topup|disable|enable`.
+
+core/cli.py calls ``add_server_commands(sub)``; ``python -m sd3trt.server`` runs the same commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from sd3trt.errors import Sd3trtError
+
+DEFAULT_DB = os.environ.get("SD3TRT_DB", "sd3trt-keys.db")
+
+
+def _positive(kind):
+    def parse(v: str):
+        x = kind(v)
+        if x <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+        return x
+    return parse
+
+
+def _serve(a) -> None:
+    try:
+        import uvicorn  # noqa: F401
+
+        from sd3trt.server.app import ServerConfig, serve
+        from sd3trt.server.fetch import FetchPolicy
+    except ImportError as e:
+        raise Sd3trtError(f"the server needs its extra ({e.name} is missing); pip install 'sd3trt[server]'") from None
+    import logging
+
+    if not (Path(a.bundle) / "manifest.json").is_file():
+        raise Sd3trtError(f"{a.bundle} is not a bundle (no manifest.json); make one with `sd3trt export`")
+    formats = tuple(f.strip().upper().replace("JPG", "JPEG") for f in a.input_formats.split(",") if f.strip())
+    unknown = [f for f in formats if f not in ("PNG", "JPEG", "WEBP")]
+    if unknown:
+        raise Sd3trtError(f"--input-formats {','.join(unknown)} not supported; choose from png, jpeg, webp")
+    cfg = ServerConfig(
+        bundle=Path(a.bundle), db=Path(a.db), backend=a.backend, host=a.host, port=a.port,
+        low_memory=a.low_memory, threads=a.threads, credits_per_image=a.credits_per_image,
+        queue_size=a.queue_size, max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
+        max_pixels=a.max_pixels, max_prompt_chars=a.max_prompt_chars, max_steps=a.max_steps,
+        input_formats=formats,
+        fetch=FetchPolicy(enabled=not a.no_url_fetch, max_bytes=a.max_image_bytes, timeout_s=a.fetch_timeout,
+                          max_redirects=a.fetch_max_redirects, allow_hosts=tuple(a.allow_fetch_host)),
+        graceful_timeout_s=a.graceful_timeout,
+    )
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("sd3trt.server")
+    if a.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", a.host)
+    if not serve(cfg, log_level=a.log_level, limit_concurrency=a.limit_concurrency):
+        raise Sd3trtError(f"the server did not start (is port {a.port} on {a.host} already in use?)")
+
+
+def _store(a):
+    from sd3trt.server.keystore import KeyStore
+
+    return KeyStore(a.db)
+
+
+def _keys_add(a) -> None:
+    store = _store(a)
+    key = store.create_key(a.credits, name=a.name)
+    print(key)
+    print(f"key {key.split('_')[1]} created with {a.credits} credits; the key is shown only once, store it now",
+          file=sys.stderr)
+
+
+def _keys_list(a) -> None:
+    rows = _store(a).list_keys()
+    if not rows:
+        print(f"no keys in {a.db}; add one with `sd3trt keys add --credits N --db {a.db}`")
+        return
+    print(f"{'id':<14}{'name':<20}{'credits':>9}{'pending':>9}{'spent':>9}  {'created (UTC)':<20}status")
+    for k in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.created_at))
+        print(f"{k.id:<14}{k.name[:19]:<20}{k.credits:>9}{k.pending:>9}{k.spent:>9}  {created:<20}"
+              f"{'disabled' if k.disabled else 'active'}")
+
+
+def _keys_topup(a) -> None:
+    store = _store(a)
+    left = store.topup(a.key, a.credits)
+    print(f"key {store.resolve_id(a.key)}: {left} credits")
+
+
+def _keys_enable(a, disabled: bool) -> None:
+    store = _store(a)
+    store.set_disabled(a.key, disabled)
+    print(f"key {store.resolve_id(a.key)} {'disabled' if disabled else 'enabled'}")
+
+
+def add_server_commands(sub) -> None:
+    from sd3trt.server.inputs import DEFAULT_INPUT_FORMATS
+
+    p = sub.add_parser("serve", help="serve the hosted SD3-Large img2img HTTP API over a bundle",
+                       description="HTTP server compatible with the hosted SD3-Large img2img API "
+                                   "(POST /v1/stable-diffusion-3-large-img2img). Needs the server extra.")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=DEFAULT_DB, help="SQLite key/credit database (default: $SD3TRT_DB or %(default)s)")
+    p.add_argument("--credits-per-image", type=_positive(int), default=1)
+    p.add_argument("--queue-size", type=_positive(int), default=16,
+                   help="requests that may wait for the worker; more get 429 (default %(default)s)")
+    p.add_argument("--max-image-bytes", type=_positive(int), default=10 * 1024 * 1024,
+                   help="input image file size limit, base64 or URL (default 10 MiB)")
+    p.add_argument("--max-body-bytes", type=_positive(int), default=None,
+                   help="request body limit (default: base64 of --max-image-bytes + 64 KiB)")
+    p.add_argument("--max-pixels", type=_positive(int), default=16_777_216,
+                   help="decompression-bomb limit on input pixels (default 4096x4096)")
+    p.add_argument("--max-prompt-chars", type=_positive(int), default=2000)
+    p.add_argument("--max-steps", type=_positive(int), default=150)
+    p.add_argument("--input-formats", default=",".join(f.lower() for f in DEFAULT_INPUT_FORMATS),
+                   help="accepted input image formats (default %(default)s)")
+    p.add_argument("--allow-fetch-host", action="append", default=[], metavar="HOST_OR_CIDR",
+                   help="a host name, address or network whose image URLs may be fetched even though it is "
+                        "loopback/private (repeatable; for trusted internal image stores)")
+    p.add_argument("--no-url-fetch", action="store_true", help="refuse image URLs (base64 only)")
+    p.add_argument("--fetch-timeout", type=_positive(float), default=10.0, help="seconds per image URL fetch")
+    p.add_argument("--fetch-max-redirects", type=int, default=3)
+    p.add_argument("--graceful-timeout", type=_positive(float), default=60.0,
+                   help="on SIGTERM, seconds to finish queued work before refunding the rest")
+    p.add_argument("--limit-concurrency", type=_positive(int), default=256,
+                   help="open connections/requests before uvicorn answers 503")
+    p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_serve)
+
+    k = sub.add_parser("keys", help="manage the server's API keys and credits")
+    ks = k.add_subparsers(dest="keys_command", required=True)
+    add = ks.add_parser("add", help="create a key (printed once) with some credits")
+    add.add_argument("--credits", type=int, required=True)
+    add.add_argument("--name", default="", help="a label for `keys list`")
+    add.set_defaults(func=_keys_add)
+    ls = ks.add_parser("list", help="list keys (ids, credits; never the keys themselves)")
+    ls.set_defaults(func=_keys_list)
+    top = ks.add_parser("topup", help="add credits to a key")
+    top.add_argument("key", help="key id from `keys list` (or the key itself)")
+    top.add_argument("--credits", type=_positive(int), required=True)
+    top.set_defaults(func=_keys_topup)
+    dis = ks.add_parser("disable", help="refuse a key (401) without deleting it")
+    dis.add_argument("key")
+    dis.set_defaults(func=lambda a: _keys_enable(a, True))
+    en = ks.add_parser("enable", help="accept a disabled key again")
+    en.add_argument("key")
+    en.set_defaults(func=lambda a: _keys_enable(a, False))
+    for q in (add, ls, top, dis, en):
+        q.add_argument("--db", default=DEFAULT_DB, help="SQLite key/credit database (default: $SD3TRT_DB or %(default)s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sd3trt.server", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_server_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except Sd3trtError as e:
+        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,330 @@
+"""API keys and credits in SQLite (WAL mode), with a debit journal so no credit is lost or spent twice.
+
+Keys look like ``sd3_<id>_<secret>``. Only ``sha256(secret)`` is stored; ``<id>`` is not secret
+(it is what ``sd3trt keys list`` shows and what logs name) and selects the row, then the secret's
+hash is compared with ``hmac.compare_digest``.
+
+A request's credits move through the ``debits`` journal:
+
+    debit()   one IMMEDIATE transaction: ``credits -= n WHERE credits >= n`` and a 'pending' row
+    commit()  pending -> committed (the image was produced)
+    refund()  pending -> refunded and ``credits += n``, in one transaction
+
+Every transition is guarded by ``WHERE state = 'pending'``, so a debit is settled exactly once. Each
+server process registers an ``instances`` row and heartbeats it; pending debits of an instance that
+is gone (its pid is dead on this host, it stopped, or its heartbeat is stale) are refunded by
+``recover()``, which a server runs at start-up and then periodically. A server killed mid-request
+therefore leaves the balance consistent once any server on the database starts again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sd3trt.errors import Sd3trtError
+
+KEY_PREFIX = "sd3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    credits INTEGER NOT NULL CHECK (credits >= 0),
+    created_at REAL NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS debits (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL REFERENCES keys(id),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed', 'refunded')),
+    owner TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    settled_at REAL
+);
+CREATE INDEX IF NOT EXISTS debits_pending ON debits(owner) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS grants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL REFERENCES keys(id),
+    amount INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    stopped_at REAL
+);
+"""
+
+# Instances registered by this process (a restarted server can get its predecessor's pid, e.g. pid 1).
+_LIVE_HERE: set[str] = set()
+
+# A dummy hash compared against when the key id is unknown, so both paths do the same work.
+_DUMMY_HASH = hashlib.sha256(b"sd3trt-no-such-key").hexdigest()
+
+
+class InsufficientCredits(Exception):
+    def __init__(self, remaining: int, needed: int):
+        super().__init__(f"not enough credits: {remaining} left, this request needs {needed}")
+        self.remaining = remaining
+        self.needed = needed
+
+
+@dataclass
+class KeyInfo:
+    id: str
+    name: str
+    credits: int
+    created_at: float
+    disabled: bool
+    pending: int = 0
+    spent: int = 0
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """``sd3_<id>_<secret>`` -> (id, secret); None for anything else."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class KeyStore:
+    """Thread-safe: one connection guarded by a lock (every operation is a short transaction)."""
+
+    def __init__(self, path: str | Path, stale_after_s: float = 120.0):
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stale_after_s = stale_after_s
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 30000")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous = FULL")  # money: a committed debit survives power loss
+            self._db.execute("PRAGMA foreign_keys = ON")
+            with self._tx():
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(stmt)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        except sqlite3.DatabaseError as e:
+            raise Sd3trtError(f"cannot open the key database {self.path} ({e}); pass a writable --db path") from None
+        if mode.lower() != "wal":
+            raise Sd3trtError(f"the key database {self.path} cannot use WAL mode (got {mode}); put it on a local disk")
+        self.instance_id: str | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    class _Tx:
+        def __init__(self, store: "KeyStore"):
+            self.s = store
+
+        def __enter__(self):
+            self.s._lock.acquire()
+            try:
+                self.s._db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.s._lock.release()
+                raise
+            return self.s._db
+
+        def __exit__(self, et, ev, tb):
+            try:
+                self.s._db.execute("COMMIT" if et is None else "ROLLBACK")
+            finally:
+                self.s._lock.release()
+            return False
+
+    def _tx(self) -> "KeyStore._Tx":
+        return KeyStore._Tx(self)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- keys -----------------------------------------------------------------------------------
+    def create_key(self, credits: int, name: str = "") -> str:
+        if credits < 0:
+            raise Sd3trtError(f"credits must be >= 0, got {credits}")
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO keys (id, secret_sha256, name, credits, created_at) VALUES (?, ?, ?, ?, ?)",
+                       (key_id, _hash(secret), name, credits, now))
+            db.execute("INSERT INTO grants (key_id, amount, at) VALUES (?, ?, ?)", (key_id, credits, now))
+        return f"{KEY_PREFIX}_{key_id}_{secret}"
+
+    def resolve_id(self, key_or_id: str) -> str:
+        """A key id, or a full key (its id part), -> an existing key id."""
+        parts = split_key(key_or_id)
+        key_id = parts[0] if parts else key_or_id
+        if not self._read("SELECT 1 FROM keys WHERE id = ?", (key_id,)):
+            raise Sd3trtError(f"no key with id {key_id!r} in {self.path}; `sd3trt keys list` shows the ids")
+        return key_id
+
+    def topup(self, key_or_id: str, amount: int) -> int:
+        if amount <= 0:
+            raise Sd3trtError(f"--credits must be a positive number for a top-up, got {amount}")
+        key_id = self.resolve_id(key_or_id)
+        with self._tx() as db:
+            (credits,) = db.execute("UPDATE keys SET credits = credits + ? WHERE id = ? RETURNING credits",
+                                    (amount, key_id)).fetchone()
+            db.execute("INSERT INTO grants (key_id, amount, at) VALUES (?, ?, ?)", (key_id, amount, time.time()))
+        return credits
+
+    def set_disabled(self, key_or_id: str, disabled: bool) -> None:
+        key_id = self.resolve_id(key_or_id)
+        with self._tx() as db:
+            db.execute("UPDATE keys SET disabled = ? WHERE id = ?", (int(disabled), key_id))
+
+    def list_keys(self) -> list[KeyInfo]:
+        rows = self._read(
+            "SELECT k.id, k.name, k.credits, k.created_at, k.disabled, "
+            " COALESCE(SUM(CASE WHEN d.state = 'pending' THEN d.amount END), 0), "
+            " COALESCE(SUM(CASE WHEN d.state = 'committed' THEN d.amount END), 0) "
+            "FROM keys k LEFT JOIN debits d ON d.key_id = k.id GROUP BY k.id ORDER BY k.created_at")
+        return [KeyInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The key's id when ``key`` is a valid enabled key, else None. Constant-time in the secret."""
+        if not key or len(key) > 200:
+            return None
+        parts = split_key(key)
+        key_id, secret = parts if parts else ("", key)
+        rows = self._read("SELECT secret_sha256, disabled FROM keys WHERE id = ?", (key_id,)) if parts else []
+        stored, disabled = rows[0] if rows else (_DUMMY_HASH, 1)
+        ok = hmac.compare_digest(_hash(secret).encode(), stored.encode())
+        return key_id if ok and rows and not disabled else None
+
+    def balance(self, key_id: str) -> int:
+        rows = self._read("SELECT credits FROM keys WHERE id = ?", (key_id,))
+        return rows[0][0] if rows else 0
+
+    # -- the journal ----------------------------------------------------------------------------
+    def debit(self, key_id: str, amount: int, note: str = "") -> tuple[int, int]:
+        """Take ``amount`` credits atomically. Returns (debit id, credits left); raises InsufficientCredits."""
+        owner = self.instance_id or f"cli-{os.getpid()}"
+        with self._tx() as db:
+            row = db.execute("UPDATE keys SET credits = credits - ? WHERE id = ? AND credits >= ? AND disabled = 0 "
+                             "RETURNING credits", (amount, key_id, amount)).fetchone()
+            if row is None:
+                left = db.execute("SELECT credits FROM keys WHERE id = ?", (key_id,)).fetchone()
+                raise InsufficientCredits(left[0] if left else 0, amount)
+            cur = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at) "
+                             "VALUES (?, ?, 'pending', ?, ?, ?)", (key_id, amount, owner, note, time.time()))
+            return cur.lastrowid, row[0]
+
+    def commit(self, debit_id: int) -> bool:
+        """pending -> committed. False when the debit was already settled (e.g. refunded by recovery)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE debits SET state = 'committed', settled_at = ? WHERE id = ? AND state = 'pending'",
+                             (time.time(), debit_id))
+            return cur.rowcount == 1
+
+    def refund(self, debit_id: int, note: str = "") -> bool:
+        """pending -> refunded, credits given back. False when already settled (refunds happen once)."""
+        with self._tx() as db:
+            return self._refund_in_tx(db, debit_id, note)
+
+    @staticmethod
+    def _refund_in_tx(db, debit_id: int, note: str) -> bool:
+        row = db.execute("UPDATE debits SET state = 'refunded', settled_at = ?, note = note || ? "
+                         "WHERE id = ? AND state = 'pending' RETURNING key_id, amount",
+                         (time.time(), f" refund: {note}" if note else " refund", debit_id)).fetchone()
+        if row is None:
+            return False
+        db.execute("UPDATE keys SET credits = credits + ? WHERE id = ?", (row[1], row[0]))
+        return True
+
+    def pending(self) -> list[tuple[int, str, int, str]]:
+        return self._read("SELECT id, key_id, amount, owner FROM debits WHERE state = 'pending' ORDER BY id")
+
+    # -- server instances and recovery ----------------------------------------------------------
+    def register_instance(self) -> str:
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        _LIVE_HERE.add(self.instance_id)
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO instances (id, host, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+                       (self.instance_id, socket.gethostname(), os.getpid(), now, now))
+        return self.instance_id
+
+    def heartbeat(self) -> None:
+        if self.instance_id:
+            with self._tx() as db:
+                db.execute("UPDATE instances SET heartbeat_at = ? WHERE id = ?", (time.time(), self.instance_id))
+
+    def unregister_instance(self) -> None:
+        if self.instance_id:
+            _LIVE_HERE.discard(self.instance_id)
+            with self._tx() as db:
+                db.execute("UPDATE instances SET stopped_at = ? WHERE id = ?", (time.time(), self.instance_id))
+
+    def _owner_gone(self, owner: str, inst: dict, now: float) -> bool:
+        if owner == self.instance_id:
+            return False
+        row = inst.get(owner)
+        if row is None:  # a CLI debit or an instance row that no longer exists
+            return True
+        host, pid, heartbeat_at, stopped_at = row
+        if stopped_at is not None:
+            return True
+        if host == socket.gethostname():
+            if pid == os.getpid():  # our pid, not one of our instances: a restart that got the same pid
+                return owner not in _LIVE_HERE
+            if not _pid_alive(pid):
+                return True
+        return now - heartbeat_at > self.stale_after_s
+
+    def recover(self) -> int:
+        """Refund pending debits whose server is gone. Returns how many were refunded."""
+        now = time.time()
+        with self._tx() as db:
+            inst = {r[0]: r[1:] for r in db.execute("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances")}
+            pend = db.execute("SELECT id, owner FROM debits WHERE state = 'pending'").fetchall()
+            n = 0
+            for debit_id, owner in pend:
+                if self._owner_gone(owner, inst, now):
+                    n += self._refund_in_tx(db, debit_id, "server stopped before finishing")
+            # Forget instances that stopped long ago and own nothing pending.
+            db.execute("DELETE FROM instances WHERE id != ? AND (stopped_at IS NOT NULL OR heartbeat_at < ?) "
+                       "AND id NOT IN (SELECT owner FROM debits WHERE state = 'pending')",
+                       (self.instance_id or "", now - 7 * 86400))
+        return n

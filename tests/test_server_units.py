@@ -1,0 +1,334 @@
+"""Server building blocks in-process: URL fetch policy (SSRF), image input checks, the credit journal.
+
+No traffic leaves 127.0.0.1: refused URLs are checked with an injected resolver and a connector that
+fails the test if it is ever called; the one real fetch goes to a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from PIL import Image  # noqa: E402
+
+from sd3trt.server import fetch as F  # noqa: E402
+from sd3trt.server import inputs  # noqa: E402
+from sd3trt.server.keystore import InsufficientCredits, KeyStore  # noqa: E402
+
+
+def no_connect(ip, port, timeout):
+    raise AssertionError(f"a connection to {ip}:{port} was attempted; the URL should have been refused first")
+
+
+def fake_dns(table):
+    def resolve(host, port):
+        if host not in table:
+            raise AssertionError(f"unexpected DNS lookup of {host}")
+        return table[host]
+    return resolve
+
+
+PRIVATE = {
+    "loopback.test": ["127.0.0.1"],
+    "loopback6.test": ["::1"],
+    "private10.test": ["10.1.2.3"],
+    "private192.test": ["192.168.0.10"],
+    "private172.test": ["172.16.5.4"],
+    "cgnat.test": ["100.64.0.1"],
+    "metadata.test": ["169.254.169.254"],
+    "linklocal6.test": ["fe80::1"],
+    "ula6.test": ["fd00::1"],
+    "multicast.test": ["224.0.0.251"],
+    "multicast6.test": ["ff02::1"],
+    "unspecified.test": ["0.0.0.0"],
+    "mapped.test": ["::ffff:10.0.0.1"],
+    "nat64.test": ["64:ff9b::a9fe:a9fe"],  # 169.254.169.254 through NAT64
+    "sixtofour.test": ["2002:c0a8:0001::1"],  # 192.168.0.1 through 6to4
+    "mixed.test": ["93.184.215.14", "10.0.0.1"],  # one private answer is enough to refuse
+    "broadcast.test": ["255.255.255.255"],
+    "docs.test": ["192.0.2.1"],
+}
+
+
+@pytest.mark.parametrize("host", sorted(PRIVATE))
+def test_fetch_refuses_non_public_addresses_before_connecting(host):
+    policy = F.FetchPolicy()
+    with pytest.raises(F.FetchError) as e:
+        F.fetch(f"http://{host}/cat.png", policy, resolve=fake_dns(PRIVATE), connect=no_connect)
+    assert e.value.status == 400 and e.value.code == "url_refused"
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/x.png", "http://[::1]:8080/x.png", "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/", "http://0.0.0.0:80/", "http://[::ffff:127.0.0.1]/", "http://2130706433/",
+])
+def test_fetch_refuses_ip_literals_with_the_real_resolver(url):
+    # IP literals resolve without DNS; the policy refuses them before any socket is opened.
+    with pytest.raises(F.FetchError) as e:
+        F.fetch(url, F.FetchPolicy(), connect=no_connect)
+    assert e.value.code == "url_refused"
+
+
+@pytest.mark.parametrize("url,code", [
+    ("file:///etc/passwd", "url_refused"),
+    ("ftp://example.test/x.png", "url_refused"),
+    ("gopher://example.test/", "url_refused"),
+    ("http://user:pw@example.test/x.png", "url_refused"),
+    ("http:///nohost", "bad_image_url"),
+    ("http://example.test:99999/", "bad_image_url"),
+])
+def test_fetch_refuses_bad_urls(url, code):
+    with pytest.raises(F.FetchError) as e:
+        F.fetch(url, F.FetchPolicy(), resolve=fake_dns({}), connect=no_connect)
+    assert e.value.code == code
+
+
+def test_fetch_disabled():
+    with pytest.raises(F.FetchError, match="base64"):
+        F.fetch("http://example.test/", F.FetchPolicy(enabled=False), resolve=fake_dns({}), connect=no_connect)
+
+
+def test_public_address_is_contacted_at_the_vetted_ip():
+    """A public answer is allowed, and the socket goes to that address (no second resolution)."""
+    seen = []
+
+    def connect(ip, port, timeout):
+        seen.append((ip, port))
+        raise OSError("test: stop here")
+
+    with pytest.raises(F.FetchError) as e:
+        F.fetch("https://images.example.test/a.png", F.FetchPolicy(),
+                resolve=fake_dns({"images.example.test": ["93.184.215.14"]}), connect=connect)
+    assert e.value.code == "url_unreachable"
+    assert seen == [("93.184.215.14", 443)]
+
+
+def test_allowlist_by_name_and_network():
+    policy = F.FetchPolicy(allow_hosts=("imgstore.internal", "10.20.0.0/16"))
+    assert F.vet("imgstore.internal", ["10.9.9.9"], policy) == ["10.9.9.9"]
+    assert F.vet("other.internal", ["10.20.3.4"], policy) == ["10.20.3.4"]
+    with pytest.raises(F.FetchError):
+        F.vet("other.internal", ["10.21.3.4"], policy)
+
+
+# -- a local image server (127.0.0.1 only) for redirects, limits and timeouts ----------------------------
+
+def png_bytes(w=64, h=64, color=(200, 40, 40)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Handler(BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):  # noqa: N802
+        status, headers, body = self.routes.get(self.path, (404, {}, b""))
+        if callable(body):
+            body = body()
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_site():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = httpd.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    Handler.routes = {
+        "/ok.png": (200, {"Content-Type": "image/png"}, png_bytes()),
+        "/big.png": (200, {"Content-Type": "image/png"}, b"x" * 5000),
+        "/to-ok": (302, {"Location": "/ok.png"}, b""),
+        "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/meta-data/"}, b""),
+        "/to-private": (301, {"Location": "http://10.0.0.1/x.png"}, b""),
+        "/loop": (302, {"Location": "/loop"}, b""),
+        "/missing": (404, {}, b"nope"),
+    }
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield base
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def guarded_connect(ip, port, timeout):
+    assert ip == "127.0.0.1", f"only 127.0.0.1 may be contacted in tests, not {ip}"
+    return F.default_connect(ip, port, timeout)
+
+
+def local_policy(**kw):
+    return F.FetchPolicy(allow_hosts=("127.0.0.1",), **kw)
+
+
+def test_fetch_from_allowlisted_local_server(image_site):
+    data = F.fetch(f"{image_site}/ok.png", local_policy(), connect=guarded_connect)
+    assert Image.open(io.BytesIO(data)).size == (64, 64)
+    assert F.fetch(f"{image_site}/to-ok", local_policy(), connect=guarded_connect) == data
+    # Without the allowlist the same URL is loopback and refused.
+    with pytest.raises(F.FetchError, match="loopback"):
+        F.fetch(f"{image_site}/ok.png", F.FetchPolicy(), connect=no_connect)
+
+
+@pytest.mark.parametrize("path,code,status", [
+    ("/to-metadata", "url_refused", 400),
+    ("/to-private", "url_refused", 400),
+    ("/loop", "bad_image_url", 400),
+    ("/missing", "url_failed", 400),
+    ("/big.png", "image_too_large", 413),
+])
+def test_fetch_redirects_and_limits(image_site, path, code, status):
+    with pytest.raises(F.FetchError) as e:
+        F.fetch(f"{image_site}{path}", local_policy(max_bytes=1000), connect=guarded_connect)
+    assert (e.value.code, e.value.status) == (code, status), str(e.value)
+
+
+def test_fetch_timeout():
+    """A server that accepts and never answers: the fetch gives up after timeout_s."""
+    import socket
+    import time
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(F.FetchError) as e:
+            F.fetch(f"http://127.0.0.1:{port}/slow.png", local_policy(timeout_s=0.5), connect=guarded_connect)
+        assert e.value.code == "url_timeout"
+        assert time.monotonic() - t0 < 3
+    finally:
+        lsock.close()
+
+
+# -- image inputs ------------------------------------------------------------------------------------------
+
+def test_base64_variants():
+    raw = png_bytes()
+    enc = base64.b64encode(raw).decode()
+    assert inputs.decode_base64(enc, 10**6) == raw
+    assert inputs.decode_base64("data:image/png;base64," + enc, 10**6) == raw
+    assert inputs.decode_base64("\n".join(enc[i:i + 76] for i in range(0, len(enc), 76)), 10**6) == raw
+    assert inputs.decode_base64(enc.rstrip("="), 10**6) == raw
+    for bad in ("not base64!!", "%%%%", "@@@@"):
+        with pytest.raises(inputs.InputError) as e:
+            inputs.decode_base64(bad, 10**6)
+        assert e.value.code == "bad_base64"
+    with pytest.raises(inputs.InputError) as e:
+        inputs.decode_base64(enc, 100)
+    assert e.value.status == 413
+
+
+def test_image_checks(tmp_path):
+    im = inputs.open_image(png_bytes(32, 16), max_pixels=1000)
+    assert im.size == (32, 16)
+    with pytest.raises(inputs.InputError) as e:
+        inputs.open_image(png_bytes(64, 64), max_pixels=1000)
+    assert e.value.status == 413
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    with pytest.raises(inputs.InputError, match="GIF images are not accepted") as e:
+        inputs.open_image(gif.getvalue(), 10**6)
+    assert e.value.status == 400
+    with pytest.raises(inputs.InputError, match="not an image"):
+        inputs.open_image(b"hello, this is text", 10**6)
+    with pytest.raises(inputs.InputError, match="corrupt|truncated"):
+        inputs.open_image(png_bytes()[:60], 10**6)
+
+
+# -- the credit journal ------------------------------------------------------------------------------------
+
+def test_keys_hashed_and_authenticated(tmp_path):
+    store = KeyStore(tmp_path / "k.db")
+    key = store.create_key(3, name="t")
+    key_id = key.split("_")[1]
+    assert store.authenticate(key) == key_id
+    assert store.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+    assert store.authenticate("sd3_" + key_id + "_wrong") is None
+    assert store.authenticate("garbage") is None and store.authenticate("") is None and store.authenticate(None) is None
+    raw = (tmp_path / "k.db").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("k.db-*"))
+    assert key.split("_", 2)[2].encode() not in raw  # only the hash is stored
+    store.set_disabled(key_id, True)
+    assert store.authenticate(key) is None
+
+
+def test_concurrent_debits_never_overspend(tmp_path):
+    store = KeyStore(tmp_path / "k.db")
+    key_id = store.create_key(10).split("_")[1]
+
+    def one(_):
+        try:
+            return store.debit(key_id, 1)[0]
+        except InsufficientCredits:
+            return None
+
+    with ThreadPoolExecutor(16) as ex:
+        got = [d for d in ex.map(one, range(40)) if d is not None]
+    assert len(got) == 10 and store.balance(key_id) == 0
+    for d in got[:4]:
+        assert store.refund(d) and not store.refund(d) and not store.commit(d)  # settled exactly once
+    for d in got[4:]:
+        assert store.commit(d) and not store.refund(d)
+    assert store.balance(key_id) == 4
+
+
+def test_debits_across_processes(tmp_path):
+    """Two processes and this one share the database: the total taken never exceeds the balance."""
+    db = tmp_path / "k.db"
+    store = KeyStore(db)
+    key_id = store.create_key(25).split("_")[1]
+    code = (
+        "import sys\nfrom sd3trt.server.keystore import KeyStore, InsufficientCredits\n"
+        "s = KeyStore(sys.argv[1]); n = 0\n"
+        "for _ in range(20):\n"
+        "    try: s.debit(sys.argv[2], 1); n += 1\n"
+        "    except InsufficientCredits: pass\n"
+        "print(n)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), key_id], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    mine = 0
+    for _ in range(20):
+        try:
+            store.debit(key_id, 1)
+            mine += 1
+        except InsufficientCredits:
+            pass
+    theirs = sum(int(p.communicate(timeout=60)[0]) for p in procs)
+    assert mine + theirs == 25 and store.balance(key_id) == 0
+
+
+def test_recovery_refunds_only_dead_owners(tmp_path):
+    db = tmp_path / "k.db"
+    live = KeyStore(db)
+    live.register_instance()
+    key_id = live.create_key(10).split("_")[1]
+    mine, _ = live.debit(key_id, 2)
+    # A server process that takes a debit and dies without settling it.
+    code = ("import sys, os\nfrom sd3trt.server.keystore import KeyStore\n"
+            "s = KeyStore(sys.argv[1]); s.register_instance(); s.debit(sys.argv[2], 3)\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(db), key_id], check=True, timeout=60)
+    assert live.balance(key_id) == 5
+    other = KeyStore(db)
+    other.register_instance()
+    assert other.recover() == 1  # the dead process's debit; the live instance's one stays pending
+    assert live.balance(key_id) == 8
+    assert [p[0] for p in live.pending()] == [mine]
+    assert live.commit(mine) and live.balance(key_id) == 8
+    assert os.getpid() > 0
