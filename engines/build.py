@@ -390,8 +390,11 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
         tc_path = Path(opts.timing_cache)
         blob = tc_path.read_bytes() if tc_path.is_file() else b""
         cfg = fl.trt.Builder(_make_logger(fl.trt)).create_builder_config()
-        timing_cache = cfg.create_timing_cache(blob)
-        if timing_cache is None:  # a cache from another TensorRT version: start a new one
+        try:
+            timing_cache = cfg.create_timing_cache(blob)
+        except Exception:
+            timing_cache = None
+        if timing_cache is None:  # damaged, or from another TensorRT version: start a new one
             timing_cache = cfg.create_timing_cache(b"")
     else:
         opts.timing_cache = None

@@ -16,7 +16,6 @@ from sd3trt.export.components import example_inputs, load_source, wrap
 from sd3trt.spec import ModelFacts, component_specs
 
 SUPPORTED_OPSETS = range(17, 21)
-TWO_GB = 2**31 - 1
 
 
 def export_component(
@@ -50,17 +49,9 @@ def export_component(
                 do_constant_folding=True,
             )
         del module
-        model = onnx.load(str(raw), load_external_data=True)
-        model.doc_string = f"sd3trt {component} ({dtype})"
         staged = Path(tmp) / dest.name
         data_name = dest.name + ".data"
-        large = model.ByteSize() > TWO_GB if _fits_proto(model) else True
-        if large:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(staged))
-        del model
+        large = _consolidate(raw, staged, data_name)
         onnx.checker.check_model(str(staged), full_check=False)
         onnx.shape_inference.infer_shapes_path(str(staged), str(staged), check_type=True, strict_mode=False)
         written = [dest]
@@ -74,10 +65,38 @@ def export_component(
     return written
 
 
-def _fits_proto(model: onnx.ModelProto) -> bool:
-    """ByteSize() itself fails past 2 GB on some protobuf builds; treat that as large."""
-    try:
-        model.ByteSize()
-        return True
-    except Exception:
+def _consolidate(raw: Path, staged: Path, data_name: str) -> bool:
+    """Write the exported graph to `staged`; weights go to one external file beside it when the graph is
+    over 2 GB. Tensors are copied one at a time, so peak memory stays at the largest tensor."""
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(raw), load_external_data=False)
+    model.doc_string = "exported by sd3trt"
+    external = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not external:
+        onnx.save_model(model, str(staged))
         return False
+    with open(staged.parent / data_name, "wb") as out:
+        for t in external:
+            info = {e.key: e.value for e in t.external_data}
+            with open(raw.parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                data = f.read(int(info["length"])) if "length" in info else f.read()
+            pad = (-out.tell()) % 4096  # page-aligned tensors let consumers mmap them
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(data)
+            del t.external_data[:]
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(model, str(staged))
+    return True
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t

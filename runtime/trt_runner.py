@@ -201,6 +201,11 @@ class Cuda:
         if ptr:
             (self.rt.cudaFreeHost if host else self.rt.cudaFree)(ptr)
 
+    def close(self) -> None:
+        if self.stream is not None:
+            self.rt.cudaStreamDestroy(self.stream)
+            self.stream = None
+
 
 def _pinned_view(ptr: int, nbytes: int) -> np.ndarray:
     return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(nbytes,))
@@ -214,11 +219,21 @@ class TrtRunner(Runner):
 
     def __init__(self, name: str, entry: dict, engine_path: Path, meta: dict, onnx_path: Path | None = None,
                  runtime_cache: Path | None = None, cuda_graph: bool = False,
-                 weight_streaming_budget: int | None = None, device: int = 0, verify_engine: bool = True):
+                 weight_streaming_budget: int | None = None, device: int = 0, verify_engine: bool = False):
         # Host-side view of the manifest entry (bf16 travels as float32), for Runner.check.
         host = {k: [dict(t, dtype=HOST_DTYPE.get(t["dtype"], t["dtype"])) for t in meta["io"][k]] for k in ("inputs", "outputs")}
         super().__init__(name, host)
-        self._released = True
+        self._released = True  # nothing to free yet
+        self.dev: dict[str, int] = {}
+        self.pinned: dict[str, int] = {}
+        self.nbytes: dict[str, int] = {}
+        self.scratch = 0
+        self.contexts: dict[int, object] = {}
+        self.graphs: dict[tuple, object] = {}
+        self.cuda_graph = cuda_graph
+        self.runtime_cache_path = Path(runtime_cache) if runtime_cache else None
+        self.runtime_cache = None
+        self.engine = None
         self.meta = meta
         self.build = meta["build"]
         self.profiles = EngineProfiles.from_metadata(meta)
@@ -231,17 +246,20 @@ class TrtRunner(Runner):
         trt = self.trt = fl.trt
         # 2. A GPU and a driver.
         self.cuda = cuda = Cuda(device)
+        self._released = False  # from here on close() frees what exists
         _check_target(meta, cuda)
         # 3. The engine file.
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise Sd3trtError(f"engine {engine_path} is missing; re-run `sd3trt build` for build {self.build!r}")
         data = engine_path.read_bytes()
-        if verify_engine and meta.get("engine_sha256"):
+        stale = len(data) != meta.get("engine_bytes", len(data))
+        if not stale and verify_engine and meta.get("engine_sha256"):  # opt-in: hashing GBs takes seconds
             import hashlib
 
-            if hashlib.sha256(data).hexdigest() != meta["engine_sha256"]:
-                raise Sd3trtError(f"engine {engine_path} does not match its metadata (sha256); re-run `sd3trt build --force`")
+            stale = hashlib.sha256(data).hexdigest() != meta["engine_sha256"]
+        if stale:
+            raise Sd3trtError(f"engine {engine_path} does not match its metadata; re-run `sd3trt build --force`")
         self.logger = _logger(trt)
         self.runtime = trt.Runtime(self.logger)
         self._explain_invalid(data, engine_path)
@@ -260,10 +278,6 @@ class TrtRunner(Runner):
         self._check_engine_bindings()
 
         # 4. Buffers: device at the largest profile shape, pinned host staging of the same size.
-        self._released = False
-        self.dev: dict[str, int] = {}
-        self.pinned: dict[str, int] = {}
-        self.nbytes: dict[str, int] = {}
         for tname, nbytes in self._max_bytes().items():
             self.nbytes[tname] = nbytes
             self.dev[tname] = cuda.malloc(nbytes)
@@ -271,11 +285,6 @@ class TrtRunner(Runner):
         n_prof = self.engine.num_optimization_profiles
         self.scratch_bytes = max(_profile_memory(self.engine, i) for i in range(n_prof))
         self.scratch = cuda.malloc(self.scratch_bytes)
-        self.contexts: dict[int, object] = {}
-        self.cuda_graph = cuda_graph
-        self.graphs: dict[tuple, object] = {}
-        self.runtime_cache_path = Path(runtime_cache) if runtime_cache else None
-        self.runtime_cache = None
 
     # ---------------------------------------------------------------- construction helpers
 
@@ -443,9 +452,10 @@ class TrtRunner(Runner):
         cuda.check(rt.cudaStreamBeginCapture(cuda.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
         ok = ctx.execute_async_v3(cuda.stream_handle)
         graph = cuda.check(rt.cudaStreamEndCapture(cuda.stream), "cudaStreamEndCapture")
-        if not ok:
-            return None
-        return cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        try:
+            return cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate") if ok else None
+        finally:
+            rt.cudaGraphDestroy(graph)
 
     # ---------------------------------------------------------------- lifetime
 
@@ -469,6 +479,9 @@ class TrtRunner(Runner):
         except Sd3trtError:
             pass
         self.save_runtime_cache()
+        for g in self.graphs.values():
+            if g is not None:
+                self.cuda.rt.cudaGraphExecDestroy(g)
         self.graphs.clear()
         self.contexts.clear()
         self.engine = None
@@ -476,8 +489,10 @@ class TrtRunner(Runner):
             self.cuda.free(p)
         for p in self.pinned.values():
             self.cuda.free(p, host=True)
-        self.cuda.free(getattr(self, "scratch", 0))
+        self.cuda.free(self.scratch)
+        self.scratch = 0
         self.dev, self.pinned = {}, {}
+        self.cuda.close()
 
     def __del__(self):
         try:

@@ -41,6 +41,7 @@ from sd3trt.server.worker import Draining, Job, Output, QueueFull, Worker
 log = logging.getLogger("sd3trt.server")
 
 PATH = "/v1/stable-diffusion-3-large-img2img"
+PROBES = ("/healthz", "/readyz", "/metrics")  # logged at debug level: orchestrators poll them
 MAX_SEED = 2**63 - 1
 
 
@@ -147,13 +148,12 @@ class LimitsAndMetrics:
                         length = int(v)
                     except ValueError:
                         length = -1
-            if length is not None and (length < 0 or length > self.limit):
-                msg = ("the Content-Length header is invalid" if length < 0
-                       else f"the request body is larger than {self.limit} bytes")
-                resp = error_response(413 if length > 0 else 400, "body_too_large" if length > 0 else "bad_request",
-                                      msg)
-                await resp(scope, receive, send_wrapper)
-                return
+            if length is not None and length < 0:
+                return await error_response(400, "bad_request", "the Content-Length header is invalid")(
+                    scope, receive, send_wrapper)
+            if length is not None and length > self.limit:
+                return await error_response(413, "body_too_large", f"the request body is larger than {self.limit} "
+                                            "bytes")(scope, receive, send_wrapper)
             seen = 0
 
             async def limited_receive():
@@ -169,9 +169,10 @@ class LimitsAndMetrics:
         finally:
             dt = time.perf_counter() - t0
             self.metrics.request(scope.get("method", "?"), route, status["code"], dt)
-            log.info("%s %s %s %.3fs rid=%s key=%s", scope.get("method"), route if route != "other" else "-",
-                     status["code"], dt, scope.get("state", {}).get("request_id", "-"),
-                     scope.get("state", {}).get("key_id", "-"))
+            state = scope.get("state", {})
+            log.log(logging.DEBUG if route in PROBES else logging.INFO, "%s %s %s %.3fs rid=%s key=%s",
+                    scope.get("method"), route if route != "other" else "-", status["code"], dt,
+                    state.get("request_id", "-"), state.get("key_id", "-"))
 
 
 class Server:
@@ -347,7 +348,7 @@ class Server:
 
         try:
             data = json.loads(body, parse_constant=no_constants)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_field", "the request body must be a JSON object")
@@ -372,7 +373,7 @@ class Server:
         cfg = self.cfg
         try:
             if inputs.is_url(value):
-                data = await run_in_threadpool(fetch, value, self._fetch_policy())
+                data = await run_in_threadpool(fetch, value, cfg.fetch, cfg.max_image_bytes)
             else:
                 data = inputs.decode_base64(value, cfg.max_image_bytes)
             image = await run_in_threadpool(inputs.open_image, data, cfg.max_pixels, cfg.input_formats)
@@ -384,12 +385,6 @@ class Server:
         except Sd3trtError as e:
             raise ApiError(422, "invalid_field", str(e), field="image") from None
         return image
-
-    def _fetch_policy(self) -> FetchPolicy:
-        p = self.cfg.fetch
-        if p.max_bytes > self.cfg.max_image_bytes:
-            p = FetchPolicy(p.enabled, self.cfg.max_image_bytes, p.timeout_s, p.max_redirects, p.allow_hosts)
-        return p
 
 
 _FIELD_MSG = {
@@ -430,10 +425,6 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     async def _api_error(request: Request, e: ApiError):
         return error_response(e.status, e.code, e.message, e.field, e.headers)
 
-    @app.exception_handler(BodyTooLarge)
-    async def _too_large(request: Request, e: BodyTooLarge):
-        return error_response(413, "body_too_large", f"the request body is larger than {cfg.body_limit()} bytes")
-
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed"}
@@ -446,7 +437,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         log.error("unhandled %s: %s", type(e).__name__, str(e)[:300])
         return error_response(500, "internal_error", "the server failed while processing the request")
 
-    schema = Img2ImgRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema = Img2ImgRequest.model_json_schema()
     image_content = {t: {"schema": {"type": "string", "format": "binary"}} for t in imgs.MEDIA_TYPES.values()}
     image_content["text/plain"] = {"schema": {"type": "string", "description": "base64 (with base64: true)"}}
     err_schema = {"application/json": {"schema": {"type": "object", "properties": {

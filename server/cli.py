@@ -47,8 +47,8 @@ def _serve(a) -> None:
         queue_size=a.queue_size, max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
         max_pixels=a.max_pixels, max_prompt_chars=a.max_prompt_chars, max_steps=a.max_steps,
         input_formats=formats,
-        fetch=FetchPolicy(enabled=not a.no_url_fetch, max_bytes=a.max_image_bytes, timeout_s=a.fetch_timeout,
-                          max_redirects=a.fetch_max_redirects, allow_hosts=tuple(a.allow_fetch_host)),
+        fetch=FetchPolicy(enabled=not a.no_url_fetch, timeout_s=a.fetch_timeout, max_redirects=a.fetch_max_redirects,
+                          allow_hosts=tuple(a.allow_fetch_host)),
         graceful_timeout_s=a.graceful_timeout,
     )
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,

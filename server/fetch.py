@@ -8,7 +8,7 @@ Rules (all checked before any connection is opened):
     still use the name), so a second DNS answer (rebinding) cannot redirect it;
   * redirects are followed by hand, at most ``max_redirects``, each hop vetted like the first;
   * the body is capped at ``max_bytes`` (Content-Length and while reading) and the whole fetch at
-    ``timeout_s``.
+    ``policy.timeout_s``.
 
 ``resolve`` and ``connect`` are injectable so tests can prove that refusal happens before any
 connection (no traffic leaves the machine).
@@ -43,7 +43,6 @@ class FetchError(Exception):
 @dataclass
 class FetchPolicy:
     enabled: bool = True
-    max_bytes: int = 20 * 1024 * 1024
     timeout_s: float = 10.0
     max_redirects: int = 3
     # Host names (exact, case-insensitive), IP addresses or CIDR networks that may be non-public.
@@ -133,13 +132,13 @@ class _Conn(http.client.HTTPConnection):
         raise http.client.NotConnected()
 
 
-def fetch(url: str, policy: FetchPolicy, resolve: Resolver = default_resolve,
+def fetch(url: str, policy: FetchPolicy, max_bytes: int, resolve: Resolver = default_resolve,
           connect: Connector = default_connect) -> bytes:
     if not policy.enabled:
         raise FetchError("this server does not fetch image URLs; send the image as base64", code="url_refused")
     deadline = time.monotonic() + policy.timeout_s
     for hop in range(policy.max_redirects + 1):
-        status, location, body = _fetch_once(url, policy, resolve, connect, deadline)
+        status, location, body = _fetch_once(url, policy, max_bytes, resolve, connect, deadline)
         if status in REDIRECTS:
             if not location:
                 raise FetchError(f"the image URL redirected (HTTP {status}) without a Location")
@@ -156,7 +155,7 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _fetch_once(url: str, policy: FetchPolicy, resolve: Resolver, connect: Connector,
+def _fetch_once(url: str, policy: FetchPolicy, max_bytes: int, resolve: Resolver, connect: Connector,
                 deadline: float) -> tuple[int, str | None, bytes]:
     if len(url) > 4096:
         raise FetchError("the image URL is longer than 4096 characters")
@@ -203,8 +202,8 @@ def _fetch_once(url: str, policy: FetchPolicy, resolve: Resolver, connect: Conne
         if resp.status != 200:
             raise FetchError(f"the image URL answered HTTP {resp.status}", code="url_failed")
         length = resp.getheader("Content-Length")
-        if length and length.isdigit() and int(length) > policy.max_bytes:
-            raise FetchError(f"the image at the URL is larger than {policy.max_bytes} bytes", status=413,
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise FetchError(f"the image at the URL is larger than {max_bytes} bytes", status=413,
                              code="image_too_large")
         chunks, total = [], 0
         while True:
@@ -213,8 +212,8 @@ def _fetch_once(url: str, policy: FetchPolicy, resolve: Resolver, connect: Conne
             if not chunk:
                 break
             total += len(chunk)
-            if total > policy.max_bytes:
-                raise FetchError(f"the image at the URL is larger than {policy.max_bytes} bytes", status=413,
+            if total > max_bytes:
+                raise FetchError(f"the image at the URL is larger than {max_bytes} bytes", status=413,
                                  code="image_too_large")
             chunks.append(chunk)
         return 200, None, b"".join(chunks)

@@ -26,7 +26,6 @@ def config_from_env(env=os.environ) -> ServerConfig:
     SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES, SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1."""
     defaults = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
     allow = tuple(h.strip() for h in env.get("SD3TRT_ALLOW_FETCH_HOSTS", "").split(",") if h.strip())
-    max_image = int(env.get("SD3TRT_MAX_IMAGE_BYTES", defaults.max_image_bytes))
     return ServerConfig(
         bundle=Path(env["SD3TRT_BUNDLE"]),
         db=Path(env.get("SD3TRT_DB", str(defaults.db))),
@@ -34,8 +33,8 @@ def config_from_env(env=os.environ) -> ServerConfig:
         queue_size=int(env.get("SD3TRT_QUEUE_SIZE", defaults.queue_size)),
         credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", defaults.credits_per_image)),
         max_pixels=int(env.get("SD3TRT_MAX_PIXELS", defaults.max_pixels)),
-        max_image_bytes=max_image,
-        fetch=FetchPolicy(enabled=env.get("SD3TRT_NO_URL_FETCH", "") != "1", max_bytes=max_image, allow_hosts=allow),
+        max_image_bytes=int(env.get("SD3TRT_MAX_IMAGE_BYTES", defaults.max_image_bytes)),
+        fetch=FetchPolicy(enabled=env.get("SD3TRT_NO_URL_FETCH", "") != "1", allow_hosts=allow),
     )
 
 

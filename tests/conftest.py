@@ -14,6 +14,7 @@ VARIANTS = {
     "sd3": dict(),
     "sd35": dict(sd35=True),
     "no_t5": dict(with_t5=False),
+    "p1c8": dict(patch_size=1, latent_channels=8, num_layers=1),
 }
 
 

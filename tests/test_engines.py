@@ -451,3 +451,19 @@ def test_engine_files_match_their_digests(fp32_bf16_build):
     bundle_dir, entry = fp32_bf16_build
     for rel, digest in entry["files"].items():
         assert hashlib.sha256((bundle_dir / rel).read_bytes()).hexdigest() == digest
+
+
+def test_sd35_transformer_bf16(tiny_factory, tmp_path):
+    """SD3.5: q/k RMSNorm and dual attention layers go through the autocast pass and build for real."""
+    bundle_dir = _copy_bundle(tiny_factory("sd35")[1], tmp_path / "bundle")
+    bundle = load_bundle(bundle_dir)
+    src = load_graph(bundle.onnx_path("transformer"))
+    mixed, _ = autocast(src, "fp16")
+    feeds = _feeds(bundle, "transformer", request_dims(bundle.facts, 2, 64, 48, 12))
+    (ref,), (got,) = _session(src).run(None, feeds), _session(mixed).run(None, feeds)
+    assert float(np.abs(ref - got).max() / np.abs(ref).max()) < 1e-2
+    entry = build_engines(bundle_dir, BuildOptions("bf16", components=("transformer",), compute_capabilities=("8.9",),
+                                                   request=REQUEST), log=_quiet)
+    meta = _meta(bundle_dir, entry, "transformer")
+    assert meta["precision_source"] == "autocast" and meta["engine_bytes"] > 100_000
+    load_bundle(bundle_dir, verify_checksums=True)

@@ -33,6 +33,7 @@ CASES = [
     ("sd3", 64, 64, 0.9, 6, 7.0, "", 1, " ".join(["very long prompt"] * 60)),
     ("sd35", 64, 96, 0.8, 5, 7.0, "ugly", 1, "a castle on a hill"),
     ("no_t5", 64, 64, 0.6, 4, 5.0, "ugly", 1, "a castle on a hill"),
+    ("p1c8", 40, 56, 0.7, 4, 7.0, None, 1, "patch size 1, 8 latent channels, one layer"),
 ]
 
 
@@ -42,8 +43,9 @@ def test_matches_diffusers(tiny_factory, case):
     model_dir, bundle_dir = tiny_factory(variant)
     image = picture(w, h)
     rng = np.random.default_rng(123)
-    latents = rng.standard_normal((n, 16, h // 8, w // 8), dtype=np.float32)
-    posterior = rng.standard_normal((1, 16, h // 8, w // 8), dtype=np.float32)
+    c = 8 if variant == "p1c8" else 16
+    latents = rng.standard_normal((n, c, h // 8, w // 8), dtype=np.float32)
+    posterior = rng.standard_normal((1, c, h // 8, w // 8), dtype=np.float32)
 
     ref_u8, ref_float = run_reference(model_dir, image, prompt, negative, strength, steps, guidance, n, latents, posterior)
     pipe = Img2Img.from_bundle(bundle_dir)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -64,7 +67,7 @@ PRIVATE = {
 def test_fetch_refuses_non_public_addresses_before_connecting(host):
     policy = F.FetchPolicy()
     with pytest.raises(F.FetchError) as e:
-        F.fetch(f"http://{host}/cat.png", policy, resolve=fake_dns(PRIVATE), connect=no_connect)
+        F.fetch(f"http://{host}/cat.png", policy, 10**6, resolve=fake_dns(PRIVATE), connect=no_connect)
     assert e.value.status == 400 and e.value.code == "url_refused"
 
 
@@ -75,7 +78,7 @@ def test_fetch_refuses_non_public_addresses_before_connecting(host):
 def test_fetch_refuses_ip_literals_with_the_real_resolver(url):
     # IP literals resolve without DNS; the policy refuses them before any socket is opened.
     with pytest.raises(F.FetchError) as e:
-        F.fetch(url, F.FetchPolicy(), connect=no_connect)
+        F.fetch(url, F.FetchPolicy(), 10**6, connect=no_connect)
     assert e.value.code == "url_refused"
 
 
@@ -89,13 +92,13 @@ def test_fetch_refuses_ip_literals_with_the_real_resolver(url):
 ])
 def test_fetch_refuses_bad_urls(url, code):
     with pytest.raises(F.FetchError) as e:
-        F.fetch(url, F.FetchPolicy(), resolve=fake_dns({}), connect=no_connect)
+        F.fetch(url, F.FetchPolicy(), 10**6, resolve=fake_dns({}), connect=no_connect)
     assert e.value.code == code
 
 
 def test_fetch_disabled():
     with pytest.raises(F.FetchError, match="base64"):
-        F.fetch("http://example.test/", F.FetchPolicy(enabled=False), resolve=fake_dns({}), connect=no_connect)
+        F.fetch("http://example.test/", F.FetchPolicy(enabled=False), 10**6, resolve=fake_dns({}), connect=no_connect)
 
 
 def test_public_address_is_contacted_at_the_vetted_ip():
@@ -107,7 +110,7 @@ def test_public_address_is_contacted_at_the_vetted_ip():
         raise OSError("test: stop here")
 
     with pytest.raises(F.FetchError) as e:
-        F.fetch("https://images.example.test/a.png", F.FetchPolicy(),
+        F.fetch("https://images.example.test/a.png", F.FetchPolicy(), 10**6,
                 resolve=fake_dns({"images.example.test": ["93.184.215.14"]}), connect=connect)
     assert e.value.code == "url_unreachable"
     assert seen == [("93.184.215.14", 443)]
@@ -178,12 +181,12 @@ def local_policy(**kw):
 
 
 def test_fetch_from_allowlisted_local_server(image_site):
-    data = F.fetch(f"{image_site}/ok.png", local_policy(), connect=guarded_connect)
+    data = F.fetch(f"{image_site}/ok.png", local_policy(), 10**6, connect=guarded_connect)
     assert Image.open(io.BytesIO(data)).size == (64, 64)
-    assert F.fetch(f"{image_site}/to-ok", local_policy(), connect=guarded_connect) == data
+    assert F.fetch(f"{image_site}/to-ok", local_policy(), 10**6, connect=guarded_connect) == data
     # Without the allowlist the same URL is loopback and refused.
     with pytest.raises(F.FetchError, match="loopback"):
-        F.fetch(f"{image_site}/ok.png", F.FetchPolicy(), connect=no_connect)
+        F.fetch(f"{image_site}/ok.png", F.FetchPolicy(), 10**6, connect=no_connect)
 
 
 @pytest.mark.parametrize("path,code,status", [
@@ -195,15 +198,12 @@ def test_fetch_from_allowlisted_local_server(image_site):
 ])
 def test_fetch_redirects_and_limits(image_site, path, code, status):
     with pytest.raises(F.FetchError) as e:
-        F.fetch(f"{image_site}{path}", local_policy(max_bytes=1000), connect=guarded_connect)
+        F.fetch(f"{image_site}{path}", local_policy(), 1000, connect=guarded_connect)
     assert (e.value.code, e.value.status) == (code, status), str(e.value)
 
 
 def test_fetch_timeout():
     """A server that accepts and never answers: the fetch gives up after timeout_s."""
-    import socket
-    import time
-
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -211,7 +211,7 @@ def test_fetch_timeout():
     try:
         t0 = time.monotonic()
         with pytest.raises(F.FetchError) as e:
-            F.fetch(f"http://127.0.0.1:{port}/slow.png", local_policy(timeout_s=0.5), connect=guarded_connect)
+            F.fetch(f"http://127.0.0.1:{port}/slow.png", local_policy(timeout_s=0.5), 10**6, connect=guarded_connect)
         assert e.value.code == "url_timeout"
         assert time.monotonic() - t0 < 3
     finally:
@@ -331,4 +331,11 @@ def test_recovery_refunds_only_dead_owners(tmp_path):
     assert live.balance(key_id) == 8
     assert [p[0] for p in live.pending()] == [mine]
     assert live.commit(mine) and live.balance(key_id) == 8
-    assert os.getpid() > 0
+    # A predecessor that had our pid (a restart in a container gets pid 1 again) and a fresh heartbeat:
+    # not an instance of this process, so gone.
+    with sqlite3.connect(db) as c:
+        c.execute("INSERT INTO instances VALUES ('old', ?, ?, 0, ?, NULL)", (socket.gethostname(), os.getpid(), time.time()))
+        c.execute("UPDATE keys SET credits = credits - 1 WHERE id = ?", (key_id,))
+        c.execute("INSERT INTO debits (key_id, amount, state, owner, created_at) VALUES (?, 1, 'pending', 'old', 0)",
+                  (key_id,))
+    assert other.recover() == 1 and live.balance(key_id) == 8
