@@ -59,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
     add_export(sub)
+    from sd3trt.engines.cli import add_build_command
     from sd3trt.runtime.cli import add_runtime_commands
 
+    add_build_command(sub)
     add_runtime_commands(sub)
     return parser
 

@@ -285,7 +285,8 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
             return meta
 
     t0 = time.perf_counter()
-    graph, prec_report = apply_precision(load_graph(onnx_path), bundle.dtype, opts.precision, opts.keep_fp32)
+    graph, prec_report = apply_precision(load_graph(onnx_path), bundle.dtype, opts.precision, opts.keep_fp32,
+                                         inplace=True)
     graph_bytes = graph.SerializeToString()
     del graph
     logger = _make_logger(trt)

@@ -129,10 +129,15 @@ def _check_no_subgraphs(model: onnx.ModelProto) -> None:
             )
 
 
-def keep_fp32_islands(model: onnx.ModelProto, low: str, ops=DEFAULT_KEEP_FP32) -> tuple[onnx.ModelProto, dict]:
+def _copy(model: onnx.ModelProto, inplace: bool) -> onnx.ModelProto:
+    return model if inplace else onnx.ModelProto.FromString(model.SerializeToString())
+
+
+def keep_fp32_islands(model: onnx.ModelProto, low: str, ops=DEFAULT_KEEP_FP32,
+                      inplace: bool = False) -> tuple[onnx.ModelProto, dict]:
     """Run the `ops` nodes whose data input is in the low type in fp32 (Casts around them)."""
     low_t = LOW_TYPES[low]
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = _copy(model, inplace)
     types = elem_types(model)
     rw = _Rewriter(model)
     counts: collections.Counter = collections.Counter()
@@ -152,10 +157,12 @@ def keep_fp32_islands(model: onnx.ModelProto, low: str, ops=DEFAULT_KEEP_FP32) -
     return rw.finish(), {"pass": "fp32_islands", "fp32_ops": dict(counts), "casts_added": rw.n_casts}
 
 
-def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32) -> tuple[onnx.ModelProto, dict]:
-    """fp32 graph -> mixed graph: GEMM-like ops and what follows them in `low`, the rest fp32; fp32 I/O."""
+def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32,
+             inplace: bool = False) -> tuple[onnx.ModelProto, dict]:
+    """fp32 graph -> mixed graph: GEMM-like ops and what follows them in `low`, the rest fp32; fp32 I/O.
+    `keep_fp32` op types stay fp32 even where they would follow a low input."""
     low_t = LOW_TYPES[low]
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = _copy(model, inplace)
     _check_no_subgraphs(model)
     types = elem_types(model)
     g = model.graph
@@ -185,8 +192,9 @@ def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32) -> t
             for i in t_inputs:
                 if node.input[i] not in low_tensors:
                     node.input[i] = rw.cast(node.input[i], low_t)
-            for o in node.output:
-                if types.get(o) == TensorProto.FLOAT:
+            for k, o in enumerate(node.output):
+                # outputs of these ops carry T; untyped ones (inference gave up) are assumed float too
+                if o and types.get(o, TensorProto.FLOAT) == TensorProto.FLOAT and not (op == "MaxPool" and k):
                     low_tensors.add(o)
             counts["low"] += 1
         else:
@@ -220,10 +228,12 @@ def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32) -> t
     return rw.finish(), report
 
 
-def apply_precision(model: onnx.ModelProto, bundle_dtype: str, precision: str, keep_fp32=DEFAULT_KEEP_FP32):
+def apply_precision(model: onnx.ModelProto, bundle_dtype: str, precision: str, keep_fp32=DEFAULT_KEEP_FP32,
+                    inplace: bool = False):
     """The graph TensorRT should parse for `precision`, and a report for the engine metadata.
 
     Callers have already refused the combinations export must provide (see build.check_precision).
+    `inplace` edits `model` itself (the builder's fresh copy) instead of a copy.
     """
     keep_fp32 = tuple(keep_fp32)
     if precision == "fp32":
@@ -231,7 +241,7 @@ def apply_precision(model: onnx.ModelProto, bundle_dtype: str, precision: str, k
     if bundle_dtype == precision:
         if not keep_fp32:
             return model, {"pass": "none", "note": f"{precision} graph as exported, no fp32 islands requested"}
-        return keep_fp32_islands(model, precision, keep_fp32)
+        return keep_fp32_islands(model, precision, keep_fp32, inplace)
     if bundle_dtype == "fp32":
-        return autocast(model, precision, keep_fp32)
+        return autocast(model, precision, keep_fp32, inplace)
     raise Sd3trtError(f"no precision pass from a {bundle_dtype} graph to {precision}")

@@ -75,6 +75,13 @@ def _save_tokenizer(model_dir: Path, out: Path, name: str, max_length: int) -> d
     return {"dir": f"tokenizers/{name}", "max_length": max_length, "files": files}
 
 
+def _old_manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def export_bundle(
     model_dir: Path,
     out: Path,
@@ -94,6 +101,7 @@ def export_bundle(
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise Sd3trtError(f"{out} already exists; pass --overwrite to update it (unchanged components are kept)")
     out.mkdir(parents=True, exist_ok=True)
+    old = _old_manifest(out)
     (out / MANIFEST).unlink(missing_ok=True)  # the bundle is incomplete until the new manifest lands
 
     specs = component_specs(facts)
@@ -140,7 +148,8 @@ def export_bundle(
         "scheduler": scheduler,
         "tokenizers": tokenizers,
         "components": entries,
-        "engines": {},
+        # Engines stay valid only if every graph they were built from is byte-identical.
+        "engines": old.get("engines", {}) if old.get("components") == entries else {},
     }
     write_json_atomic(out / MANIFEST, manifest)
     log(f"bundle written: {out / MANIFEST}")

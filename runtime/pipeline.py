@@ -58,16 +58,18 @@ class Timer:
 
 class Img2Img:
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", low_memory: bool = False,
-                 runner_factory: Callable[[str], Runner] | None = None, threads: int = 0):
+                 runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
+                 engine_build: str | None = None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if bundle.dtype == "bf16" and backend == "onnxruntime":
+        if bundle.dtype == "bf16" and backend.startswith("onnxruntime"):
             raise Sd3trtError("ONNX Runtime cannot run a bf16 bundle on CPU; export with --dtype fp32 or fp16")
         self.bundle = bundle
         self.facts = bundle.facts
         self.backend = backend
         self.low_memory = low_memory
         self.threads = threads
+        self.engine_build = engine_build  # which `sd3trt build` output the tensorrt backend uses
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._factory = runner_factory or self._default_factory
         self._runners: dict[str, Runner] = {}
@@ -84,8 +86,13 @@ class Img2Img:
         if self.backend == "tensorrt":
             from sd3trt.runtime.trt_runner import TrtRunner
 
-            return TrtRunner.from_bundle(self.bundle, name)
-        return OrtRunner(name, entry, self.bundle.onnx_path(name), threads=self.threads)
+            return TrtRunner.from_bundle(self.bundle, name, build=self.engine_build)
+        providers = None
+        if self.backend != "onnxruntime":
+            from sd3trt.runtime.trt_runner import ort_gpu_providers
+
+            providers = ort_gpu_providers("cuda" if self.backend == "onnxruntime-cuda" else "tensorrt", self.bundle)
+        return OrtRunner(name, entry, self.bundle.onnx_path(name), providers=providers, threads=self.threads)
 
     def runner(self, name: str) -> Runner:
         if name not in self._runners:
@@ -148,11 +155,15 @@ class Img2Img:
         timesteps, sigma_all = sch.set_timesteps(self.scheduler_config, None if sigmas else steps, sigmas=sigmas, mu=mu)
         timesteps, sigma_run = sch.img2img_timesteps(timesteps, sigma_all, len(timesteps), strength)
 
+        cfg = guidance_scale > 1.0
+        if self.backend == "tensorrt":  # refuse a request the engines' profiles cannot take, before any runs
+            from sd3trt.runtime.trt_runner import check_request
+
+            check_request(self.bundle, height, width, num_images, cfg, max_sequence_length, self.engine_build)
         latent_shape = (num_images, f.latent_channels, lh, lw)
         noise = self._noise(noise, seed, latent_shape)
 
         t0 = time.perf_counter()
-        cfg = guidance_scale > 1.0
         pos = self.prompts.encode(prompt, max_sequence_length)
         warnings = list(pos.truncated)
         embeds = np.repeat(pos.embeds, num_images, axis=0)

@@ -12,7 +12,7 @@ import numpy as np
 
 from sd3trt.errors import Sd3trtError
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
 
 class Runner:
@@ -58,7 +58,7 @@ class Runner:
 class OrtRunner(Runner):
     """ONNX Runtime session (CPU by default; CUDA/TensorRT execution providers when installed)."""
 
-    def __init__(self, name: str, entry: dict, path: Path, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, name: str, entry: dict, path: Path, providers: list | None = None, threads: int = 0):
         super().__init__(name, entry)
         import onnxruntime as ort
 
@@ -66,7 +66,8 @@ class OrtRunner(Runner):
             raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
-        unknown = [p for p in providers if p not in available]
+        unknown = [p if isinstance(p, str) else p[0] for p in providers]  # names or (name, options)
+        unknown = [p for p in unknown if p not in available]
         if unknown:
             raise Sd3trtError(
                 f"ONNX Runtime execution provider(s) {unknown} are not available here (available: {available}); "

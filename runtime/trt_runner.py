@@ -31,6 +31,8 @@ from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, concrete_shape, request_d
 
 ENV_BUILD = "SD3TRT_ENGINE_BUILD"  # which engines/<build> to use when a bundle holds several
 ENV_CACHE = "SD3TRT_CACHE_DIR"  # where runtime caches go when the bundle is read-only
+ENV_CUDA_GRAPH = "SD3TRT_CUDA_GRAPH"  # 1: capture the transformer step in a CUDA graph per shape
+ENV_WS_BUDGET = "SD3TRT_WEIGHT_STREAMING_BUDGET"  # bytes of weights kept on the GPU (weight-streaming builds)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 HOST_DTYPE = {"bfloat16": "float32"}  # numpy has no bf16: the host side of a bf16 tensor is float32
 DIAGNOSTICS = {
@@ -294,6 +296,11 @@ class TrtRunner(Runner):
         meta = read_metadata(bundle, build_name, entry, name)
         engine_path = bundle.path(entry["components"][name]["engine"])
         kw.setdefault("runtime_cache", _runtime_cache_path(engine_path, meta))
+        if os.environ.get(ENV_CUDA_GRAPH, "") not in ("", "0"):
+            kw.setdefault("cuda_graph", name == "transformer")  # fixed shapes across the denoising loop
+        budget = os.environ.get(ENV_WS_BUDGET)
+        if budget and meta.get("options", {}).get("weight_streaming"):
+            kw.setdefault("weight_streaming_budget", int(float(budget)))
         return cls(name, bundle.component(name), engine_path, meta, onnx_path=bundle.onnx_path(name), **kw)
 
     def _explain_invalid(self, data: bytes, engine_path: Path) -> None:

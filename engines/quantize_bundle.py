@@ -1,0 +1,149 @@
+"""`sd3trt quantize`: calibrate, quantize, gate, and record a quantized transformer in the bundle.
+
+    entry = quantize_bundle("bundle", "int8")     # onnx/transformer.int8.onnx + manifest["quantized"]
+
+1. calibration inputs: recorded img2img runs of the bundle (engines/calibrate.py, cached npz);
+2. ranges of every candidate layer's input on the fitting runs (method max / percentile / mse);
+3. the Q/DQ graph (engines/quantize.py) written to a temporary file beside the bundle's graphs;
+4. the accuracy gate (engines/accuracy.py) on the held-out runs: transformer cosine/SNR and image PSNR;
+5. on a pass (or with force=True, recorded as failed), the graph moves into place as
+   onnx/transformer.<precision>.onnx (+ .data past 2 GB), with onnx/transformer.<precision>.json (the
+   per-layer report), and manifest.json gains quantized["transformer.<precision>"], rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import sd3trt
+from sd3trt.engines import accuracy as acc
+from sd3trt.engines.calibrate import CalibSettings, activation_ranges, collect
+from sd3trt.engines.quantize import DEFAULT_KEEP, PRECISIONS, plan_layers, quantize_model
+from sd3trt.engines.quantized import SECTION, key
+from sd3trt.errors import Sd3trtError
+from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, write_json_atomic
+
+TWO_GB = 2**31 - 1
+
+
+def _save(model, dest: Path) -> list[Path]:
+    """Save `model` at `dest` (external data past 2 GB); returns the files written."""
+    import onnx
+
+    try:
+        large = model.ByteSize() > TWO_GB
+    except Exception:
+        large = True
+    if large:
+        onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dest.name + ".data", size_threshold=1024)
+        onnx.checker.check_model(str(dest))
+        return [dest, dest.parent / (dest.name + ".data")]
+    onnx.save_model(model, str(dest))
+    onnx.checker.check_model(str(dest))
+    return [dest]
+
+
+def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibSettings(), method: str = "max",
+                    percentile: float = 99.99, keep=DEFAULT_KEEP, attention: bool = False, per_channel: bool = True,
+                    image_gate: bool = True, thresholds: dict | None = None, force: bool = False, threads: int = 0,
+                    cache_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Returns the manifest entry written. Raises Sd3trtError when the gate fails (unless force)."""
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise Sd3trtError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    bundle = load_bundle(Path(bundle_dir))
+    if bundle.dtype != "fp32":
+        raise Sd3trtError(
+            f"quantization starts from an fp32 bundle (its transformer is also the accuracy reference); {bundle.root} "
+            f"is {bundle.dtype}, re-export with `sd3trt export --dtype fp32`"
+        )
+    src_entry = bundle.component("transformer")
+    src_path = bundle.onnx_path("transformer")
+    t_start = time.perf_counter()
+
+    data = collect(bundle, settings, cache_dir=cache_dir, threads=threads, log=log)
+    settings = CalibSettings(**data.settings)
+    fit, held = data.split()
+
+    graph = onnx.load(str(src_path), load_external_data=False)
+    plan = plan_layers(graph, keep=keep, attention=attention)
+    del graph
+    cov = plan.coverage()
+    log(f"quantize: {cov['linear_quantized']}/{cov['linear_layers']} linear layers "
+        f"({100 * cov['weight_fraction_quantized']:.1f}% of linear weights) and {cov['attention_quantized']} "
+        f"attention matmuls to {precision}; kept: {len(cov['kept'])}")
+    taps = plan.taps()
+    if attention:
+        model_g = onnx.load(str(src_path), load_external_data=False)
+        nodes = {n.name: n for n in model_g.graph.node}
+        taps += [nodes[l.node].input[1] for l in plan.layers if l.kind == "attention"]
+        taps = list(dict.fromkeys(taps))
+        del model_g
+    t0 = time.perf_counter()
+    ranges = activation_ranges(src_path, taps, data, fit, method=method, percentile=percentile,
+                               precision=precision, threads=threads, log=log)
+    log(f"calibration: ranges of {len(taps)} tensors ({method}) from {len(fit)} calls in {time.perf_counter() - t0:.1f} s")
+
+    model = onnx.load(str(src_path), load_external_data=True)
+    qmodel, layer_report = quantize_model(model, precision, plan, ranges, per_channel=per_channel)
+    del model
+    onnx_dir = src_path.parent
+    name = f"transformer.{precision}.onnx"
+    with tempfile.TemporaryDirectory(dir=onnx_dir, prefix=f".{name}.") as tmp:
+        staged = _save(qmodel, Path(tmp) / name)
+        del qmodel
+        log(f"quantize: graph written ({sum(p.stat().st_size for p in staged) / 2**20:.1f} MiB); running the accuracy gate")
+        figures = {"transformer": acc.transformer_accuracy(src_path, staged[0], data, held, threads)}
+        log(f"accuracy: transformer on {len(held)} held-out calls: cosine min {figures['transformer']['cosine']['min']:.5f}, "
+            f"SNR min {figures['transformer']['snr_db']['min']:.2f} dB")
+        if image_gate:
+            runs = sorted({int(data.run[i]) for i in held})
+            figures["image"] = acc.image_accuracy(bundle, staged[0], settings, runs, threads, log)
+        th = thresholds or acc.THRESHOLDS[precision]
+        passed, failures = acc.gate(precision, figures, th)
+        if not passed and not force:
+            raise Sd3trtError(
+                f"the {precision} transformer fails the accuracy gate ({'; '.join(failures)}); keep more layers in "
+                "higher precision (--keep), try --method percentile or mse, or pass --force to record it anyway"
+            )
+        # Into place: the graph (and its data), then the report, then the manifest (last, atomically).
+        files = {}
+        for p in staged:
+            os.replace(p, onnx_dir / p.name)
+            files[f"onnx/{p.name}"] = sha256_file(onnx_dir / p.name)
+        if len(staged) == 1:
+            (onnx_dir / (name + ".data")).unlink(missing_ok=True)
+    entry = {
+        "component": "transformer", "precision": precision, "file": f"onnx/{name}",
+        "source": {"file": src_entry["file"], "sha256": src_entry["files"][src_entry["file"]]},
+        "format": "onnx-qdq", "opset": 19 if precision == "fp8" else max(bundle.data.get("opset", 17), 13),
+        "scheme": {"activations": "per-tensor symmetric, static (calibrated)",
+                   "weights": f"{'per-output-channel' if per_channel else 'per-tensor'} symmetric",
+                   "type": {"int8": "int8", "fp8": "float8e4m3fn"}[precision]},
+        "method": method, **({"percentile": percentile} if method == "percentile" else {}),
+        "calibration": {"settings": asdict(settings), "key": data.key, "calls_fit": len(fit), "calls_held_out": len(held)},
+        "coverage": cov,
+        "accuracy": {**figures, "thresholds": th, "passed": passed, "failures": failures},
+        "sd3trt_version": sd3trt.__version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    report_rel = f"onnx/transformer.{precision}.json"
+    write_json_atomic(bundle.root / report_rel, {**entry, "layers": layer_report})
+    files[report_rel] = sha256_file(bundle.root / report_rel)
+    entry["files"] = dict(sorted(files.items()))
+
+    manifest = json.loads((bundle.root / MANIFEST).read_text())
+    manifest.setdefault(SECTION, {})[key(precision)] = entry
+    write_json_atomic(bundle.root / MANIFEST, manifest)
+    log(f"quantize: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed in {MANIFEST}")
+    return entry

@@ -1,0 +1,125 @@
+"""`sd3trt quantize`: registered by core/cli.py through `add_quantize_command(subparsers)`.
+
+Nothing heavy at import time (onnx, ONNX Runtime and TensorRT load inside the command).
+Also runnable on its own: `python -m sd3trt.engines.quantize_cli quantize --bundle B --precision int8`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sd3trt.errors import Sd3trtError
+
+EXAMPLES = """examples:
+  sd3trt quantize --bundle B --precision int8                     # CPU INT8 path (ONNX Runtime)
+  sd3trt quantize --bundle B --precision fp8 --method percentile --engine 8.9 --engine-name fp16-rtx-sm89
+  sd3trt quantize --bundle B --precision int8 --keep default,@first_block,@last_block --calib-prompts 16
+"""
+
+
+def _keep(text: str | None) -> tuple[str, ...]:
+    from sd3trt.engines.quantize import DEFAULT_KEEP
+
+    if text is None:
+        return DEFAULT_KEEP
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "default":
+            out += DEFAULT_KEEP
+        elif part and part != "none":
+            out.append(part)
+    return tuple(out)
+
+
+def _quantize(a) -> None:
+    from sd3trt.engines.calibrate import CalibSettings
+    from sd3trt.engines.quantize_bundle import quantize_bundle
+
+    ccs = tuple(c.strip() for v in (a.engine or []) for c in v.split(",") if c.strip())
+    if ccs:  # refuse an impossible target before the (long) calibration
+        from sd3trt.engines.quantize_engine import check_target
+
+        check_target(a.precision, [c for c in ccs if c.lower() != "current"])
+    settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
+                             steps=a.calib_steps, strength=a.calib_strength, size=a.calib_size, seed=a.seed)
+    entry = quantize_bundle(
+        a.bundle, a.precision, settings, method=a.method, percentile=a.percentile, keep=_keep(a.keep),
+        attention=a.attention, per_channel=not a.per_tensor_weights, image_gate=not a.no_image_gate,
+        force=a.force, threads=a.threads,
+    )
+    acc = entry["accuracy"]
+    cov = entry["coverage"]
+    summary = {
+        "file": entry["file"], "precision": entry["precision"], "method": entry["method"],
+        "quantized_layers": cov["linear_quantized"] + cov["attention_quantized"],
+        "kept_layers": len(cov["kept"]), "weight_fraction_quantized": cov["weight_fraction_quantized"],
+        "transformer": {k: acc["transformer"][k] for k in ("cosine", "snr_db")},
+        "image_psnr_db": acc.get("image", {}).get("psnr_db"), "thresholds": acc["thresholds"], "passed": acc["passed"],
+    }
+    print(json.dumps(summary, indent=2))
+    if ccs:
+        from sd3trt.engines.quantize_engine import build_quantized_engine
+
+        build_quantized_engine(a.bundle, a.precision, compute_capabilities=ccs, low=a.engine_low,
+                               name=a.engine_name, flavour=a.flavour)
+
+
+def add_quantize_command(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "quantize", help="quantize the transformer to INT8 or FP8 (calibration, Q/DQ ONNX, accuracy gate)",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
+    p.add_argument("--precision", required=True, choices=("int8", "fp8"),
+                   help="int8: Ampere-class GPUs and CPUs (ONNX Runtime); fp8: Ada/Hopper/Blackwell (SM 8.9+)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-prompts", type=int, default=8, help="img2img runs recorded (default 8)")
+    g.add_argument("--holdout", type=int, default=0, help="runs kept for the accuracy gate (default a quarter, >= 1)")
+    g.add_argument("--calib-steps", type=int, default=10, help="denoising steps per run (default 10)")
+    g.add_argument("--calib-strength", type=float, default=0.9, help="img2img strength of the runs (default 0.9)")
+    g.add_argument("--calib-size", type=int, default=512, help="image side in px (default 512, capped by the model)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--method", choices=("max", "percentile", "mse"), default="max",
+                   help="activation range: max |x|, a percentile of |x|, or the least-error clip (default max)")
+    g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+    g = p.add_argument_group("layers")
+    g.add_argument("--keep", help="layers kept in float: comma-separated globs over module paths, 'default' for the "
+                                  "built-in list, @first_block/@last_block, or none (default: the built-in list)")
+    g.add_argument("--attention", action="store_true", help="also quantize the attention matmuls (QK^T, PV)")
+    g.add_argument("--per-tensor-weights", action="store_true", help="one scale per weight instead of per channel")
+    g = p.add_argument_group("gate")
+    g.add_argument("--no-image-gate", action="store_true", help="skip the end-to-end image comparison")
+    g.add_argument("--force", action="store_true", help="record the result even when it fails the gate")
+    g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
+    g = p.add_argument_group("TensorRT engine (optional)")
+    g.add_argument("--engine", action="append", metavar="CC",
+                   help="also build the quantized transformer engine for these compute capabilities, e.g. 8.9")
+    g.add_argument("--engine-name", help="engine build to add it to (default <precision>-<rtx|trt>-<target>)")
+    g.add_argument("--engine-low", choices=("fp16", "bf16"), default="fp16",
+                   help="type of the layers around the quantized ones (default fp16)")
+    g.add_argument("--flavour", choices=("auto", "tensorrt", "tensorrt_rtx"), default=None)
+    p.set_defaults(func=_quantize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sd3trt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_quantize_command(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except Sd3trtError as e:
+        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sd3trt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
