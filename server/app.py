@@ -78,6 +78,7 @@ class ServerConfig:
     bundle: Path | None
     db: Path
     backend: str = "onnxruntime"
+    engine_build: str | None = None  # tensorrt backend: which `sd3trt build` output
     host: str = "127.0.0.1"
     port: int = 8000
     low_memory: bool = False
@@ -116,6 +117,15 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     if field:
         body["field"] = field
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def queue_full() -> ApiError:
+    return ApiError(429, "queue_full", "the server is busy (queue full); retry shortly", headers={"Retry-After": "2"})
+
+
+def shutting_down(what: str) -> ApiError:
+    return ApiError(503, "shutting_down", f"the server shut down before this request {what}; no credits were taken, "
+                    "retry later", headers={"Retry-After": "5"})
 
 
 class BodyTooLarge(Exception):
@@ -184,7 +194,7 @@ class Server:
         self.metrics = Metrics()
         self.store: KeyStore | None = None
         self.draining = False
-        self.facts = None
+        self.bundle = None  # set by the worker once the pipeline is built
         self.worker = Worker(self._load, self._render, cfg.queue_size, on_done=self.metrics.observe_inference)
         self.metrics.gauge("queue_depth", "Requests waiting for the inference worker.", self.worker.depth)
         self.metrics.gauge("inflight", "Requests being generated now.", self.worker.busy)
@@ -195,9 +205,9 @@ class Server:
     def _load(self) -> Img2Img:
         """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
         pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
-                                   threads=self.cfg.threads)
+                                   threads=self.cfg.threads, engine_build=self.cfg.engine_build)
         pipe.load_all()
-        self.facts = pipe.facts
+        self.bundle = pipe.bundle
         return pipe
 
     def _render(self, pipe, job: Job) -> Output:
@@ -265,7 +275,7 @@ class Server:
         cfg = self.cfg
         rid = secrets.token_hex(6)
         request.scope.setdefault("state", {})["request_id"] = rid
-        key_id = self.store.authenticate(x_api_key) if self.store else None
+        key_id = self.store.authenticate(x_api_key)
         if key_id is None:
             raise ApiError(401, "unauthorized", "missing or unknown API key; send it in the x-api-key header")
         request.scope["state"]["key_id"] = key_id
@@ -284,9 +294,9 @@ class Server:
                 raise ApiError(413, "body_too_large", f"the request body is larger than {cfg.body_limit()} bytes") from None
             req = self._parse(raw)
             image = await self._image(req.image)
+            self._check_fits(req, image)
             if self.worker.full():
-                raise ApiError(429, "queue_full", "the server is busy (queue full); retry shortly",
-                               headers={"Retry-After": "2"})
+                raise queue_full()
         except ApiError as e:
             e.headers = {**credits_hdr(), **e.headers}
             raise
@@ -307,33 +317,27 @@ class Server:
             try:
                 self.worker.submit(job)
             except QueueFull:
-                raise ApiError(429, "queue_full", "the server is busy (queue full); retry shortly",
-                               headers={"Retry-After": "2"}) from None
+                raise queue_full() from None
             except Draining:
-                raise ApiError(503, "not_ready", "the server is shutting down; retry later",
-                               headers={"Retry-After": "5"}) from None
+                raise shutting_down("ran") from None
             try:
                 out: Output = await job.future
             except asyncio.CancelledError:
                 if not self.draining:
                     raise
-                # uvicorn's shutdown gave up waiting for this one: refund and still answer the client
-                raise ApiError(503, "shutting_down", "the server shut down before this request finished; "
-                                                     "no credits were taken, retry later",
-                               headers={"Retry-After": "5"}) from None
+                raise shutting_down("finished") from None  # uvicorn's shutdown gave up waiting for it
             except Draining:
-                raise ApiError(503, "shutting_down", "the server shut down before this request ran; "
-                                                     "no credits were taken, retry later",
-                               headers={"Retry-After": "5"}) from None
+                raise shutting_down("ran") from None
             except Exception as e:  # noqa: BLE001 - any generation failure is the server's
                 self.metrics.inc("inference_failures")
                 log.error("generation failed rid=%s: %s: %s", rid, type(e).__name__, str(e)[:300])
                 raise ApiError(500, "generation_failed",
                                f"the server failed while generating (request {rid}); no credits were taken") from None
-            if not self.store.commit(debit_id):
-                log.warning("rid=%s: debit %s was settled by recovery before the image was ready", rid, debit_id)
             settled = True
-            self.metrics.inc("credits_debited", cost)
+            if self.store.commit(debit_id):
+                self.metrics.inc("credits_debited", cost)
+            else:  # recovery judged this server gone (stale heartbeat) and refunded it: the image is free
+                log.warning("rid=%s: debit %s was refunded by recovery before the image was ready", rid, debit_id)
             self.metrics.inc("images_generated")
         except ApiError as e:
             self._refund(job, debit_id, cost)
@@ -392,12 +396,20 @@ class Server:
             image = await run_in_threadpool(inputs.open_image, data, cfg.max_pixels, cfg.input_formats)
         except (inputs.InputError, FetchError) as e:
             raise ApiError(e.status, e.code, str(e), field="image") from None
-        try:  # the runtime's size rules (multiple of 16, the engines' side limit), before any credit moves
-            imgs.target_size(image.width, image.height, multiple=self.facts.pixel_multiple,
-                             max_side=self.facts.max_image_side)
+        return image
+
+    def _check_fits(self, req: Img2ImgRequest, image) -> None:
+        """The runtime's own size rules and (tensorrt) the engines' profiles, before any credit moves."""
+        facts = self.bundle.facts
+        try:
+            width, height = imgs.target_size(image.width, image.height, multiple=facts.pixel_multiple,
+                                             max_side=facts.max_image_side)
+            if self.cfg.backend == "tensorrt":
+                from sd3trt.runtime.trt_runner import check_request
+
+                check_request(self.bundle, height, width, 1, req.guidance_scale > 1.0, build=self.cfg.engine_build)
         except Sd3trtError as e:
             raise ApiError(422, "invalid_field", str(e), field="image") from None
-        return image
 
 
 _FIELD_MSG = {

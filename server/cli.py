@@ -43,7 +43,7 @@ def _serve(a) -> None:
     if unknown:
         raise Sd3trtError(f"--input-formats {','.join(unknown)} not supported; choose from png, jpeg, webp")
     cfg = ServerConfig(
-        bundle=Path(a.bundle), db=Path(a.db), backend=a.backend, host=a.host, port=a.port,
+        bundle=Path(a.bundle), db=Path(a.db), backend=a.backend, engine_build=a.engines, host=a.host, port=a.port,
         low_memory=a.low_memory, threads=a.threads, credits_per_image=a.credits_per_image,
         queue_size=a.queue_size, max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
         max_pixels=a.max_pixels, max_prompt_chars=a.max_prompt_chars, max_steps=a.max_steps,
@@ -101,11 +101,14 @@ def _keys_enable(a, disabled: bool) -> None:
 
 
 def add_server_commands(sub) -> None:
+    from sd3trt.runtime.runners import BACKENDS
+
     p = sub.add_parser("serve", help="serve the hosted SD3-Large img2img HTTP API over a bundle",
                        description="HTTP server compatible with the hosted SD3-Large img2img API "
                                    "(POST /v1/stable-diffusion-3-large-img2img). Needs the server extra.")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt"))
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=DEFAULT_DB, help="SQLite key/credit database (default: $SD3TRT_DB or %(default)s)")

@@ -22,7 +22,7 @@ from sd3trt.server.fetch import FetchPolicy
 
 
 def config_from_env(env=os.environ) -> ServerConfig:
-    """SD3TRT_BUNDLE (required), SD3TRT_DB, SD3TRT_BACKEND, SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE,
+    """SD3TRT_BUNDLE (required), SD3TRT_DB, SD3TRT_BACKEND, SD3TRT_ENGINES, SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE,
     SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES, SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1."""
     defaults = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
     allow = tuple(h.strip() for h in env.get("SD3TRT_ALLOW_FETCH_HOSTS", "").split(",") if h.strip())
@@ -30,6 +30,7 @@ def config_from_env(env=os.environ) -> ServerConfig:
         bundle=Path(env["SD3TRT_BUNDLE"]),
         db=Path(env.get("SD3TRT_DB", str(defaults.db))),
         backend=env.get("SD3TRT_BACKEND", defaults.backend),
+        engine_build=env.get("SD3TRT_ENGINES") or None,
         queue_size=int(env.get("SD3TRT_QUEUE_SIZE", defaults.queue_size)),
         credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", defaults.credits_per_image)),
         max_pixels=int(env.get("SD3TRT_MAX_PIXELS", defaults.max_pixels)),

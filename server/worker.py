@@ -126,7 +126,8 @@ class Worker:
             self._cond.notify_all()
         for job in left:
             self._resolve(job, exc=Draining())
-        self._thread.join(timeout=max(0.1, deadline - time.monotonic()) + 1)
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(0.1, deadline - time.monotonic()) + 1)
         return left
 
     # -- the worker thread -----------------------------------------------------------------------

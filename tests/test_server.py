@@ -225,7 +225,7 @@ def test_reference_example_client_unchanged_but_the_url(server, tmp_path):
     headers = {'x-api-key': api_key}
 
     response = requests.post(url, json=data, headers=headers)
-    print(response.content[:16])  # The response is the generated image
+    print(response.content)  # The response is the generated image
     # --- end of the example ---
 
     assert response.status_code == 200, response.text
@@ -287,6 +287,8 @@ BAD = {
     "truncated png": (dict(image=b64(png()[:80])), 400, "bad_image"),
     "decompression bomb": (dict(image=b64(png(2048, 2048, (0, 0, 0)))), 413, "image_too_large"),
     "huge dimensions": (dict(image=b64(png_header_only(100_000, 100_000))), 413, "image_too_large"),
+    "image smaller than 16 px": (dict(image=b64(png(8, 8))), 422, "invalid_field"),
+    "image side over the model's limit": (dict(image=b64(png(1024, 32))), 422, "invalid_field"),  # tiny: 512
     "image bytes over the limit": (dict(image=b64(os.urandom(MAX_IMAGE_BYTES + 100))), 413, "image_too_large"),
     "ssrf metadata": (dict(image="http://169.254.169.254/latest/meta-data/"), 400, "url_refused"),
     "ssrf private": (dict(image="http://10.0.0.1/cat.png"), 400, "url_refused"),
