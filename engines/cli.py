@@ -6,10 +6,8 @@ Also runnable on its own: `python -m sd3trt.engines.cli build --bundle B --preci
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from sd3trt.errors import Sd3trtError
 
 EXAMPLES = """examples:
   sd3trt build --bundle B --precision fp16 --image-size 512:1024:1536 --batch 1:2 --cfg both
@@ -83,23 +81,3 @@ def add_build_command(sub) -> argparse.ArgumentParser:
 
 def _default_keep() -> tuple[str, ...]:
     return ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "RMSNormalization")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sd3trt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_build_command(sub)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except Sd3trtError as e:
-        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sd3trt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

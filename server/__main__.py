@@ -2,6 +2,6 @@
 
 import sys
 
-from sd3trt.server.cli import main
+from sd3trt.cli import main
 
 sys.exit(main())

@@ -162,18 +162,3 @@ def add_server_commands(sub) -> None:
     en.set_defaults(func=lambda a: _keys_enable(a, False))
     for q in (add, ls, top, dis, en):
         q.add_argument("--db", default=DEFAULT_DB, help="SQLite key/credit database (default: $SD3TRT_DB or %(default)s)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sd3trt.server", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_server_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except Sd3trtError as e:
-        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0

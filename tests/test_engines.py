@@ -22,6 +22,7 @@ import pytest
 
 trt = pytest.importorskip("tensorrt_rtx")
 
+from sd3trt.cli import main as sd3trt_main  # noqa: E402
 from sd3trt.engines import cli as build_cli  # noqa: E402
 from sd3trt.engines.build import BuildOptions, build_engines, check_precision, parse_size, unsupported_nodes  # noqa: E402
 from sd3trt.engines.flavour import load_flavour  # noqa: E402
@@ -443,7 +444,7 @@ def test_cli_build_command(fp16_bundle, capsys):
     assert enc["precision_pass"]["fp32_ops"] == {}  # InstanceNormalization not requested -> left in fp16
     assert build_cli._default_keep() == DEFAULT_KEEP_FP32
     # errors: one line on stderr, exit status 2
-    assert build_cli.main(["build", "--bundle", str(fp16_bundle), "--precision", "fp32"]) == 2
+    assert sd3trt_main(["build", "--bundle", str(fp16_bundle), "--precision", "fp32"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sd3trt build: error: fp32 engines need a bundle exported in fp32") and err.count("\n") == 1
 
