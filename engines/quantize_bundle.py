@@ -51,6 +51,19 @@ def _save(model, dest: Path) -> list[Path]:
     return [dest]
 
 
+def _set_entry(root: Path, name: str, entry: dict | None) -> None:
+    """Add, replace (entry) or remove (None) manifest.json's quantized[name], re-reading it first."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    section = manifest.setdefault(SECTION, {})
+    if entry is None and name not in section:
+        return
+    if entry is None:
+        del section[name]
+    else:
+        section[name] = entry
+    write_json_atomic(root / MANIFEST, manifest)
+
+
 def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibSettings(), method: str = "max",
                     percentile: float = 99.99, keep=DEFAULT_KEEP, attention: bool = False, per_channel: bool = True,
                     image_gate: bool = True, thresholds: dict | None = None, force: bool = False, threads: int = 0,
@@ -115,7 +128,9 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
                 f"the {precision} transformer fails the accuracy gate ({'; '.join(failures)}); keep more layers in "
                 "higher precision (--keep), try --method percentile or mse, or pass --force to record it anyway"
             )
-        # Into place: the graph (and its data), then the report, then the manifest (last, atomically).
+        # Into place: unlist the old entry, move the graph (and its data), write the report, then list the
+        # new entry (manifest rewritten atomically each time): the manifest never names a file in flux.
+        _set_entry(bundle.root, key(precision), None)
         files = {}
         for p in staged:
             os.replace(p, onnx_dir / p.name)
@@ -142,8 +157,6 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
     files[report_rel] = sha256_file(bundle.root / report_rel)
     entry["files"] = dict(sorted(files.items()))
 
-    manifest = json.loads((bundle.root / MANIFEST).read_text())
-    manifest.setdefault(SECTION, {})[key(precision)] = entry
-    write_json_atomic(bundle.root / MANIFEST, manifest)
+    _set_entry(bundle.root, key(precision), entry)
     log(f"quantize: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed in {MANIFEST}")
     return entry

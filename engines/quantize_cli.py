@@ -45,10 +45,16 @@ def _quantize(a) -> None:
         check_target(a.precision, [c for c in ccs if c.lower() != "current"])
     settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
                              steps=a.calib_steps, strength=a.calib_strength, size=a.calib_size, seed=a.seed)
+    from sd3trt.engines.accuracy import THRESHOLDS
+
+    th = dict(THRESHOLDS[a.precision])
+    for k, v in (("cosine", a.min_cosine), ("snr_db", a.min_snr_db), ("psnr_db", a.min_psnr_db)):
+        if v is not None:
+            th[k] = v
     entry = quantize_bundle(
         a.bundle, a.precision, settings, method=a.method, percentile=a.percentile, keep=_keep(a.keep),
         attention=a.attention, per_channel=not a.per_tensor_weights, image_gate=not a.no_image_gate,
-        force=a.force, threads=a.threads,
+        thresholds=th, force=a.force, threads=a.threads,
     )
     acc = entry["accuracy"]
     cov = entry["coverage"]
@@ -92,6 +98,9 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--per-tensor-weights", action="store_true", help="one scale per weight instead of per channel")
     g = p.add_argument_group("gate")
     g.add_argument("--no-image-gate", action="store_true", help="skip the end-to-end image comparison")
+    g.add_argument("--min-cosine", type=float, help="gate: worst transformer cosine similarity (default per precision)")
+    g.add_argument("--min-snr-db", type=float, help="gate: worst transformer SNR in dB (default per precision)")
+    g.add_argument("--min-psnr-db", type=float, help="gate: worst end-to-end image PSNR in dB (default per precision)")
     g.add_argument("--force", action="store_true", help="record the result even when it fails the gate")
     g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
     g = p.add_argument_group("TensorRT engine (optional)")

@@ -1,0 +1,320 @@
+"""The benchmark orchestrator: model, workload, peaks, one subprocess per system, projection, report.
+
+    cfg = BenchConfig(model="medium-width", steps=8, reps=2)
+    report = run_bench(cfg)          # also writes <out>/<name>.json, .md, .png
+
+Every system runs in a fresh Python process (sd3trt.benchmarks.worker): its peak RSS is its own, and its
+cold start is measured from the moment the orchestrator launches it to its first image. Systems run one
+after another, never side by side, and the 1-minute load average before each run is recorded with it, so
+a run disturbed by other work on the machine can be recognised in the results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sd3trt.benchmarks import models as mdl
+from sd3trt.benchmarks import systems as sysm
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_PROMPT = "a watercolor painting of a lighthouse on a rocky shore at sunset, soft light, detailed"
+DEFAULT_NEGATIVE = "blurry, low quality, deformed"
+
+
+@dataclass
+class BenchConfig:
+    model: str = "medium-width"
+    layers: int = 2
+    encoder_layers: int = 2
+    model_dir: str | None = None  # bench an existing diffusers model instead of a generated one
+    bundle_dir: str | None = None  # ... and its sd3trt bundle (exported into the cache when not given)
+    width: int = 512
+    height: int = 512
+    steps: int = 28
+    strength: float = 0.6
+    guidance: float = 7.0
+    num_images: int = 1
+    reps: int = 3
+    warmup: int = 0  # warm runs after the first (cold) image, before the measured ones
+    systems: list = field(default_factory=lambda: list(sysm.DEFAULT_SYSTEMS))
+    compile: bool = False
+    quantize: bool = False
+    threads: int = 0  # 0: every usable CPU
+    device: str = "auto"  # diffusers' device: auto | cpu | cuda
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: str = DEFAULT_NEGATIVE
+    max_sequence_length: int = 256
+    seed: int = 0
+    cache_dir: str | None = None
+    out_dir: str | None = None
+    machine: str | None = None
+    name: str | None = None
+    project_layers: int = 0  # 0: no projection; else a second model with this many layers per component
+    project_to: str = "sd3-medium"
+    project_reps: int = 1
+    project_systems: list | None = None  # default: every system that ran, low-memory mode excepted
+    timeout_s: float = 3600.0
+    gate_psnr_db: float = 25.0
+    peak_budget_s: float = 20.0
+    peaks: bool = True
+    prompt_cache: bool = False
+    keep_work: bool = False
+    quick: bool = False
+
+
+QUICK = dict(model="tiny", layers=2, width=64, height=64, steps=4, reps=2, warmup=0, project_layers=0,
+             peak_budget_s=3.0, timeout_s=300.0)
+
+
+def quick_config(**overrides) -> BenchConfig:
+    return BenchConfig(**{**QUICK, "quick": True, **overrides})
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _threads(cfg: BenchConfig) -> int:
+    if cfg.threads:
+        return cfg.threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _device(cfg: BenchConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if sysm._gpu_present() else "cpu"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sd3trt" / "bench"
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run_subprocess(args: list[str], threads: int, timeout_s: float) -> tuple[int | None, float]:
+    """Run a child with stdout/stderr passed through (progress lines). Returns (returncode or None on timeout, seconds)."""
+    t0 = time.time()
+    proc = subprocess.Popen(args, env=_env(threads), start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = None
+    return rc, time.time() - t0
+
+
+def run_system(system: str, job: dict, work: Path, threads: int, timeout_s: float) -> dict:
+    """One worker process; its result dict (status ok / failed / timeout)."""
+    job = dict(job, system=system, result=str(work / f"{system}.result.json"), image_out=str(work / f"{system}.npy"))
+    job_path = work / f"{system}.job.json"
+    job["spawn_time"] = time.time()
+    job_path.write_text(json.dumps(job))
+    rc, secs = _run_subprocess([sys.executable, "-m", "sd3trt.benchmarks.worker", str(job_path)], threads, timeout_s)
+    try:
+        res = json.loads(Path(job["result"]).read_text())
+    except (OSError, ValueError):
+        res = {"system": system, "status": "failed", "error": f"the worker left no result (exit code {rc})"}
+    if rc is None:
+        res = {**res, "status": "timeout", "error": f"stopped after the {timeout_s:.0f} s limit (--timeout)"}
+    res["wall_s"] = secs
+    if res["status"] == "ok" and Path(job["image_out"]).is_file():
+        res["image_npy"] = job["image_out"]
+    return res
+
+
+def measure_peaks(cfg: BenchConfig, work: Path, threads: int) -> dict:
+    out = work / "peaks.json"
+    log(f"measuring matmul peaks (fp32 / bf16 / int8, {threads} threads, ~{cfg.peak_budget_s:.0f} s) ...")
+    rc, _ = _run_subprocess([sys.executable, "-m", "sd3trt.benchmarks.peak", str(out), str(threads),
+                             str(cfg.peak_budget_s)], threads, max(120.0, cfg.peak_budget_s * 6))
+    try:
+        return json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {"error": f"the peak measurement failed (exit code {rc})", "peaks": {}}
+
+
+def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
+    if "sd3trt-ort-int8" not in cfg.systems or not cfg.quantize:
+        return
+    from sd3trt.errors import Sd3trtError
+    from sd3trt.manifest import load_bundle
+
+    try:
+        from sd3trt.engines.quantized import quantized_entry
+
+        quantized_entry(load_bundle(bundle), "int8")
+        return
+    except ImportError:
+        return
+    except Sd3trtError:
+        pass
+    from sd3trt.engines.calibrate import CalibSettings
+    from sd3trt.engines.quantize_bundle import quantize_bundle
+
+    settings = CalibSettings(size=min(cfg.width, cfg.height))
+    if cfg.quick:
+        settings = CalibSettings(prompts=3, holdout=1, steps=3, size=min(cfg.width, cfg.height))
+    log(f"quantizing the transformer of {bundle} to int8 (sd3trt quantize; calibration runs first) ...")
+    try:
+        quantize_bundle(bundle, "int8", settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
+    except Sd3trtError as e:
+        log(f"  quantize failed: {e}")
+
+
+def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:
+    import numpy as np
+
+    from sd3trt.benchmarks.noise import make_noise, picture
+    from sd3trt.manifest import load_bundle
+
+    facts = load_bundle(bundle).facts
+    m = facts.pixel_multiple
+    w, h = cfg.width - cfg.width % m, cfg.height - cfg.height % m
+    if (w, h) != (cfg.width, cfg.height):
+        raise ValueError(f"image size {cfg.width}x{cfg.height} must be a multiple of {m} (VAE x patch)")
+    picture(w, h, cfg.seed).save(work / "input.png")
+    noise = make_noise(cfg.num_images, facts.latent_channels, h // facts.vae_scale_factor, w // facts.vae_scale_factor,
+                       cfg.seed + 1)
+    np.savez(work / "noise.npz", **noise)
+    return {
+        "image": str(work / "input.png"), "noise": str(work / "noise.npz"), "prompt": cfg.prompt,
+        "negative_prompt": cfg.negative_prompt, "steps": cfg.steps, "strength": cfg.strength,
+        "guidance": cfg.guidance, "num_images": cfg.num_images, "max_sequence_length": cfg.max_sequence_length,
+        "prompt_cache": cfg.prompt_cache,
+    }
+
+
+def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, work: Path, threads: int,
+                 device: str, reps: int, label: str) -> dict:
+    base = _workload(cfg, bundle, work)
+    base.update(model_dir=str(model), bundle_dir=str(bundle), reps=reps, warmup=cfg.warmup, threads=threads,
+                device=device)
+    flags = _cpu_flags()
+    out = {}
+    runnable = []
+    for s in names:
+        reason = sysm.skip_reason(s, bundle, flags, cfg.compile, device)
+        if reason:
+            out[s] = {"system": s, "status": "skipped", "reason": reason}
+            log(f"{label}{s}: skipped - {reason}")
+        else:
+            runnable.append(s)
+    for i, s in enumerate(runnable, 1):
+        load = os.getloadavg()[0]
+        log(f"{label}[{i}/{len(runnable)}] {s}: starting ({sysm.SYSTEMS[s]}; load average {load:.2f})")
+        res = run_system(s, base, work, threads, cfg.timeout_s)
+        res["loadavg_1m_at_start"] = load
+        out[s] = res
+        if res["status"] != "ok":
+            log(f"{label}{s}: {res['status']} - {res.get('error')}")
+    return out
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
+
+
+def _cpu_flags() -> list[str]:
+    from sd3trt.benchmarks.machine import _cpuinfo
+
+    return _cpuinfo().get("flags", [])
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    from sd3trt.benchmarks import machine as mach
+    from sd3trt.benchmarks import report as rep
+
+    t_start = time.time()
+    desc = mach.describe()
+    threads, device = _threads(cfg), _device(cfg)
+    machine = cfg.machine or mach.slug(desc)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else RESULTS_DIR / machine
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if cfg.model in mdl.GPU_SHAPES and device == "cpu" and not cfg.model_dir:
+        log(f"warning: {cfg.model} is the full architecture (tens of GB of weights), meant for a GPU machine")
+    log(f"machine {machine}: {desc['cpu']['model']}, {desc['cpu']['usable_cpus']} CPUs "
+        f"({' '.join(desc['cpu']['key_flags'])}), {desc['memory_gib']} GiB; {threads} threads; diffusers on {device}")
+
+    spec = mdl.ModelSpec(cfg.model, cfg.layers, cfg.encoder_layers, cfg.seed)
+    if cfg.model_dir:
+        model = Path(cfg.model_dir)
+        bundle = Path(cfg.bundle_dir) if cfg.bundle_dir else cache / f"external-{_digest(model)}" / "bundle-fp32"
+        if not cfg.bundle_dir:
+            from sd3trt.export.bundle import export_bundle
+            from sd3trt.errors import Sd3trtError
+            from sd3trt.manifest import load_bundle
+
+            try:
+                load_bundle(bundle)
+            except Sd3trtError:
+                export_bundle(model, bundle, overwrite=True, log=lambda s: log("  export " + s))
+    else:
+        model, bundle = mdl.prepare(spec, cache, log)
+    _maybe_quantize(cfg, bundle)
+
+    work = Path(tempfile.mkdtemp(prefix="sd3trt-bench-", dir=cache if cache.is_dir() else None))
+    try:
+        peaks = measure_peaks(cfg, work, threads) if cfg.peaks else {"skipped": "--no-peaks", "peaks": {}}
+        results = _run_systems(cfg, cfg.systems, model, bundle, work, threads, device, cfg.reps, "")
+        accuracy = rep.accuracy(results, cfg.gate_psnr_db)
+        projection = None
+        if cfg.project_layers and not cfg.model_dir and cfg.project_layers != cfg.layers:
+            projection = _projection(cfg, spec, cache, work, threads, device, results)
+    finally:
+        if not cfg.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work files kept in {work}")
+
+    tr_cfg = mdl.transformer_config(model)
+    report = rep.build_report(
+        cfg=asdict(cfg), machine=machine, desc=desc, threads=threads, device=device, model_spec=asdict(spec),
+        model_depth=spec.depth if not cfg.model_dir else None, transformer_config=tr_cfg, bundle=str(bundle),
+        peaks=peaks, results=results, accuracy=accuracy, projection=projection,
+        bf16_note=sysm.bf16_note(desc["cpu"]["flags"], device), seconds=time.time() - t_start,
+    )
+    name = cfg.name or rep.default_name(cfg, spec)
+    paths = rep.write_outputs(report, out_dir, name)
+    for p in paths.values():
+        if p:
+            log(f"wrote {p}")
+    print("\n" + rep.headline(report), flush=True)
+    return report
+
+
+def _projection(cfg: BenchConfig, spec: mdl.ModelSpec, cache: Path, work: Path, threads: int, device: str,
+                base_results: dict) -> dict:
+    """Per-layer cost from a second model with more layers; per component and system, scaled to full depth."""
+    from sd3trt.benchmarks import report as rep
+
+    spec2 = spec.with_layers(cfg.project_layers, cfg.project_layers)
+    log(f"projection: a {spec2.key} model for per-layer costs (components measured at two depths) ...")
+    model2, bundle2 = mdl.prepare(spec2, cache, log)
+    names = [s for s, r in base_results.items() if r["status"] == "ok" and not s.endswith("-lowmem")
+             and (cfg.project_systems is None or s in cfg.project_systems)]
+    work2 = work / "projection"
+    work2.mkdir()
+    res2 = _run_systems(cfg, names, model2, bundle2, work2, threads, device, cfg.project_reps, "projection: ")
+    return rep.project(cfg, spec, spec2, base_results, res2, mdl.FULL_DEPTH[cfg.project_to], cfg.project_to)

@@ -1,0 +1,108 @@
+"""The systems a benchmark compares, and why one cannot run here (a skip with a reason, never a silent gap)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+SYSTEMS = {
+    "diffusers-fp32": "diffusers StableDiffusion3Img2ImgPipeline, eager PyTorch, float32",
+    "diffusers-bf16": "diffusers, eager PyTorch, bfloat16 weights and activations",
+    "diffusers-compile-fp32": "diffusers, transformer through torch.compile (inductor), float32",
+    "diffusers-compile-bf16": "diffusers, transformer through torch.compile (inductor), bfloat16",
+    "sd3trt-ort-fp32": "sd3trt runtime on ONNX Runtime (CPU), fp32 bundle, engines loaded at start",
+    "sd3trt-ort-fp32-lowmem": "sd3trt on ONNX Runtime, fp32, low_memory=True (each engine loaded only while needed)",
+    "sd3trt-ort-int8": "sd3trt on ONNX Runtime, INT8 Q/DQ transformer from `sd3trt quantize`, other engines fp32",
+    "sd3trt-trt": "sd3trt runtime on TensorRT engines from `sd3trt build` (GPU)",
+}
+DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "sd3trt-ort-fp32",
+                   "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-trt")
+DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
+# What the transformer computes in, for "fraction of the matmul peak of its precision".
+PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",
+             "diffusers-compile-bf16": "bf16", "sd3trt-ort-fp32": "fp32", "sd3trt-ort-fp32-lowmem": "fp32",
+             "sd3trt-ort-int8": "int8", "sd3trt-trt": "gpu"}
+
+
+def parse_systems(text: str | None, compile_: bool) -> list[str]:
+    if not text:
+        return list(DEFAULT_SYSTEMS)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if compile_ and "diffusers-compile-fp32" not in names:
+        names.append("diffusers-compile-fp32")
+    return names
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _gpu_present() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: bool, device: str) -> str | None:
+    """None when `system` can run here; otherwise one sentence saying why not and what would enable it."""
+    if system.startswith("diffusers-"):
+        if not (_has("torch") and _has("diffusers") and _has("transformers")):
+            return "torch/diffusers/transformers are not installed (pip install -e '.[export]')"
+        if system.startswith("diffusers-compile-"):
+            if not compile_:
+                return "torch.compile takes minutes to compile the transformer; pass --compile to include it"
+            if device == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+                return "torch.compile (inductor) needs a C++ compiler on CPU and none is on PATH"
+        return None
+    from sd3trt.errors import Sd3trtError
+    from sd3trt.manifest import load_bundle
+
+    try:
+        bundle = load_bundle(bundle_dir)
+    except Sd3trtError as e:
+        return f"no usable bundle: {e}"
+    if system.startswith("sd3trt-ort"):
+        if not _has("onnxruntime"):
+            return "onnxruntime is not installed"
+        if bundle.dtype == "bf16":
+            return "ONNX Runtime cannot run a bf16 bundle on CPU"
+    if system == "sd3trt-ort-int8":
+        if not _has("sd3trt.engines.quantized"):
+            return "sd3trt.engines.quantized is not available (the INT8 transformer path is not installed)"
+        from sd3trt.engines.quantized import quantized_entry
+
+        try:
+            entry = quantized_entry(bundle, "int8")
+        except Sd3trtError as e:
+            return f"{e} (or pass --quantize to let the benchmark do it)"
+        if not entry.get("accuracy", {}).get("passed", False):
+            return "the bundle's int8 transformer failed its accuracy gate (recorded with --force); not benchmarked"
+    if system == "sd3trt-trt":
+        if not _gpu_present():
+            return "TensorRT needs an NVIDIA GPU and none is present on this machine"
+        if not (_has("tensorrt") or _has("tensorrt_rtx")):
+            return "neither tensorrt nor tensorrt_rtx is installed (pip install -e '.[engines]')"
+        if not bundle.data.get("engines"):
+            return f"the bundle has no TensorRT engines; build them with `sd3trt build --bundle {bundle.root}`"
+    return None
+
+
+def bf16_note(cpu_flags: list[str], device: str) -> str | None:
+    if device != "cpu":
+        return None
+    if "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags:
+        return None
+    return ("this CPU has no native bf16 instructions (no AVX512_BF16 / AMX), so PyTorch bf16 matmuls fall back "
+            "to slow conversion kernels; diffusers-bf16 is far slower than fp32 here")

@@ -1,0 +1,305 @@
+"""One system of a benchmark, in its own process: `python -m sd3trt.benchmarks.worker JOB.json`.
+
+A process of its own per system keeps the peak RSS (ru_maxrss) of one system from mixing with
+another's, and makes the cold start (process start to first image) real. The job file (written by
+sd3trt.benchmarks.run) names the system, the model/bundle, the workload and where to write the result.
+
+Module-level imports are the standard library and numpy only: an sd3trt system must not pay for torch.
+
+Per run the worker records wall time end to end, and per component the time spent inside the engine
+calls (diffusers: the text encoders' and transformer's forward, vae.encode / vae.decode; sd3trt: each
+runner's engine execution, input validation excluded). For sd3trt also the runtime's own overhead:
+end to end minus engine execution minus engine loading (loading happens inside runs in low-memory mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+COMPONENTS = ("clip_l", "clip_g", "t5", "vae_encoder", "transformer", "vae_decoder")
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mib() -> float | None:
+    """This program's peak resident set: VmHWM (per address space, so it starts afresh at exec).
+
+    ru_maxrss is not used as the figure: Linux carries it across fork and execve, so a worker would
+    report at least the RSS its parent (the orchestrator, with torch loaded) had when it forked.
+    """
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def ru_maxrss_mib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Clock:
+    """Time per component call within the current run."""
+
+    def __init__(self, sync=None):
+        self.calls: dict[str, list[float]] = {}
+        self.sync = sync
+
+    def reset(self) -> None:
+        self.calls = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.calls.setdefault(name, []).append(seconds)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            if self.sync:
+                self.sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.sync:
+                    self.sync()
+                self.add(name, time.perf_counter() - t0)
+
+        return timed
+
+
+# ---------------------------------------------------------------------------------------------- diffusers
+
+
+class DiffusersSystem:
+    def __init__(self, job: dict, dtype: str, compile_transformer: bool):
+        import torch
+        from diffusers import StableDiffusion3Img2ImgPipeline
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        self.torch = torch
+        self.job = job
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])
+        device = job.get("device", "cpu")
+        self.device = device
+        tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(job["model_dir"], dtype=tdtype)
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        if compile_transformer:
+            pipe.transformer = torch.compile(pipe.transformer)
+        self.clock = Clock(sync=torch.cuda.synchronize if device.startswith("cuda") else None)
+        modules = {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3,
+                   "transformer": pipe.transformer}
+        for name, m in modules.items():
+            if m is not None:
+                m.forward = self.clock.wrap(name, m.forward)
+        pipe.vae.encode = self.clock.wrap("vae_encoder", pipe.vae.encode)
+        pipe.vae.decode = self.clock.wrap("vae_decoder", pipe.vae.decode)
+        self.pipe = pipe
+
+    def run(self, image, noise: dict) -> tuple[np.ndarray, dict]:
+        from sd3trt.benchmarks.noise import injected_noise
+
+        j = self.job
+        self.clock.reset()
+        with injected_noise(noise["latents"], noise["posterior"]), self.torch.no_grad():
+            t0 = time.perf_counter()
+            out = self.pipe(
+                prompt=j["prompt"], negative_prompt=j["negative_prompt"], image=image, strength=j["strength"],
+                num_inference_steps=j["steps"], guidance_scale=j["guidance"], num_images_per_prompt=j["num_images"],
+                height=image.height, width=image.width, max_sequence_length=j["max_sequence_length"], output_type="np",
+            ).images
+            total = time.perf_counter() - t0
+        return np.asarray(out, dtype=np.float32), {"total_s": total, "calls": self.clock.calls}
+
+
+# ---------------------------------------------------------------------------------------------- sd3trt
+
+
+class TimedRunner:
+    """Wraps a runtime Runner: validation outside, engine execution (`_run`) inside the timed window."""
+
+    def __init__(self, inner, clock: Clock):
+        self.inner = inner
+        self.clock = clock
+        self.name = inner.name
+        self.inputs = inner.inputs
+        self.outputs = inner.outputs
+
+    def check(self, feeds):
+        self.inner.check(feeds)
+
+    def run(self, feeds):
+        self.inner.check(feeds)
+        t0 = time.perf_counter()
+        out = self.inner._run(feeds)
+        self.clock.add(self.name, time.perf_counter() - t0)
+        return out
+
+    def close(self):
+        self.inner.close()
+
+
+class Sd3trtSystem:
+    def __init__(self, job: dict, backend: str, low_memory: bool, transformer_precision: str | None):
+        from sd3trt.manifest import load_bundle
+        from sd3trt.runtime.pipeline import Img2Img
+        from sd3trt.runtime.runners import OrtRunner
+
+        self.job = job
+        bundle = load_bundle(Path(job["bundle_dir"]))
+        threads = int(job.get("threads") or 0)
+        tr_path = None
+        if transformer_precision:
+            from sd3trt.engines.quantized import quantized_onnx_path
+
+            tr_path = quantized_onnx_path(bundle, transformer_precision)
+        self.clock = Clock()
+        self.loads: list[float] = []
+
+        def factory(name: str):
+            t0 = time.perf_counter()
+            if backend == "tensorrt":
+                from sd3trt.runtime.trt_runner import TrtRunner
+
+                inner = TrtRunner.from_bundle(bundle, name)
+            else:
+                path = tr_path if (name == "transformer" and tr_path) else bundle.onnx_path(name)
+                inner = OrtRunner(name, bundle.component(name), path, threads=threads)
+            self.loads.append(time.perf_counter() - t0)
+            return TimedRunner(inner, self.clock)
+
+        self.pipe = Img2Img(bundle, backend=backend, low_memory=low_memory, runner_factory=factory, threads=threads)
+        if not low_memory:
+            self.pipe.load_all()  # like a server at start; the cold start counts it either way
+
+    def run(self, image, noise: dict) -> tuple[np.ndarray, dict]:
+        from sd3trt.runtime.pipeline import Noise
+
+        j = self.job
+        self.clock.reset()
+        self.loads.clear()
+        if not j.get("prompt_cache"):
+            self.pipe.prompts.cache.clear()  # like diffusers, encode the prompts on every request
+        t0 = time.perf_counter()
+        res = self.pipe(
+            image, j["prompt"], negative_prompt=j["negative_prompt"], strength=j["strength"], steps=j["steps"],
+            guidance_scale=j["guidance"], num_images=j["num_images"],
+            noise=Noise(noise["latents"], noise["posterior"]), max_sequence_length=j["max_sequence_length"],
+        )
+        total = time.perf_counter() - t0
+        out = np.clip(res.decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+        return out, {"total_s": total, "calls": self.clock.calls, "load_s": float(sum(self.loads)),
+                     "stages": dict(res.timings)}
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def make_system(job: dict):
+    name = job["system"]
+    if name.startswith("diffusers-"):
+        compile_ = name.startswith("diffusers-compile-")
+        return DiffusersSystem(job, name.rsplit("-", 1)[1], compile_)
+    if name == "sd3trt-ort-fp32":
+        return Sd3trtSystem(job, "onnxruntime", False, None)
+    if name == "sd3trt-ort-fp32-lowmem":
+        return Sd3trtSystem(job, "onnxruntime", True, None)
+    if name == "sd3trt-ort-int8":
+        return Sd3trtSystem(job, "onnxruntime", False, "int8")
+    if name == "sd3trt-trt":
+        return Sd3trtSystem(job, "tensorrt", False, None)
+    raise ValueError(f"unknown system {name}")
+
+
+def run_job(job: dict) -> dict:
+    from PIL import Image
+
+    t_spawn = float(job["spawn_time"])
+    name = job["system"]
+    result: dict = {"system": name, "status": "ok", "pid": os.getpid()}
+    t_start = time.time()
+    result["python_start_s"] = t_start - t_spawn  # interpreter start-up and the worker's own imports
+    with Image.open(job["image"]) as im:
+        image = im.convert("RGB")
+    with np.load(job["noise"]) as z:
+        noise = {"latents": z["latents"], "posterior": z["posterior"]}
+
+    t0 = time.time()
+    system = make_system(job)
+    t_loaded = time.time()
+    result["load_s"] = t_loaded - t0
+    result["rss_after_load_mib"] = _proc_status_mib("VmRSS")
+    log(f"  {name}: loaded in {t_loaded - t0:.1f} s (process start to loaded {t_loaded - t_spawn:.1f} s); first image ...")
+
+    out, first = system.run(image, noise)
+    t_first = time.time()
+    result["cold_start_s"] = t_first - t_spawn
+    result["first_image_s"] = first["total_s"]
+    np.save(job["image_out"], out)
+    log(f"  {name}: first image {first['total_s']:.2f} s, cold start {result['cold_start_s']:.1f} s")
+
+    for i in range(int(job.get("warmup", 0))):
+        _, r = system.run(image, noise)
+        log(f"  {name}: warm-up {i + 1}/{job['warmup']} {r['total_s']:.2f} s")
+    runs = []
+    for i in range(int(job["reps"])):
+        load = os.getloadavg()[0]
+        _, r = system.run(image, noise)
+        r["loadavg_1m_before"] = load
+        runs.append(r)
+        tr = r["calls"].get("transformer", [])
+        per = f", transformer {np.median(tr):.3f} s/call" if tr else ""
+        log(f"  {name}: run {i + 1}/{job['reps']} {r['total_s']:.2f} s{per}")
+    result["first_run"] = first
+    result["runs"] = runs
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["ru_maxrss_mib"] = ru_maxrss_mib()  # includes the parent's RSS at fork (see peak_rss_mib)
+    result["torch_loaded"] = "torch" in sys.modules
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(argv[0]).read_text())
+    try:
+        result = run_job(job)
+    except BaseException as e:  # the orchestrator reports the failure; the table lists it as failed
+        result = {"system": job.get("system"), "status": "failed",
+                  "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                  "traceback": traceback.format_exc()[-4000:], "peak_rss_mib": peak_rss_mib()}
+        log(result["traceback"])
+    tmp = Path(job["result"]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, job["result"])
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Q/DQ quantization of the transformer's linear layers: the graph pass (onnx + numpy, no ONNX Runtime).
+
+    plan = plan_layers(model, keep=DEFAULT_KEEP)              # which layers, which kept and why
+    qmodel, report = quantize_model(model, "int8", plan, act_amax)
+
+What the pass writes, for each quantized layer (MatMul, or Gemm rewritten as MatMul + Add):
+
+    x --QuantizeLinear(s_x, 0)--> x_q --DequantizeLinear(s_x)--> MatMul <--DequantizeLinear(s_w[N], axis=1)-- W_q
+
+* activations: per-tensor symmetric scale from calibration (`amax / qmax`), zero point 0; one Q/DQ
+  pair per consuming layer (ONNX Runtime fuses Q -> DQ -> MatMul <- DQ <- W into its integer GEMM,
+  MatMulIntegerToFloat, only when the Q feeds that one DQ; TensorRT fuses either form);
+* weights: stored quantized (int8, or float8e4m3fn) in the [K, N] layout MatMul takes, so no
+  Transpose sits between a weight and its DQ (TensorRT wants DQ(weight) feeding the GEMM directly, and
+  ONNX Runtime CPU then evaluates float8 graphs as they are), with per-output-channel scales (axis 1)
+  by default. Gemm(transB=1) weights are transposed here, in numpy.
+* nothing else changes: normalizations, the patch-embedding Conv, attention softmax, and every layer
+  the keep-list names stay in the graph's float type.
+
+INT8 Q/DQ graphs keep the bundle's opset (>= 13); FP8 needs opset 19 (float8 types), so the graph is
+converted to 19 first. Layer names are the diffusers module paths, recovered from the exporter's node
+names (`/transformer/transformer_blocks.0/attn/to_q/MatMul` -> `transformer_blocks.0.attn.to_q`);
+attention matmuls are `<block>.attn.qk` (Q K^T) and `<block>.attn.pv` (softmax V).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sd3trt.errors import Sd3trtError
+
+PRECISIONS = ("int8", "fp8")
+QTYPES = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
+QMAX = {"int8": 127.0, "fp8": 448.0}
+MIN_OPSET = {"int8": 13, "fp8": 19}
+FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+# Layers that stay in the graph's float type unless the caller says otherwise, from measurement (the
+# sensitivity table in engines/accuracy.py): quantizing proj_out costs 14-28 dB of output SNR, the
+# timestep/text embedding MLPs and norm_out up to 11 dB in FP8; the per-block adaLN modulation costs
+# little on random weights but runs at M = batch rows, so keeping it costs memory, not time.
+DEFAULT_KEEP = (
+    "time_text_embed.*",  # timestep and pooled-text embedding MLPs
+    "*norm1.linear",  # adaLN modulation of each block (image stream)
+    "*norm1_context.linear",  # adaLN modulation of each block (text stream)
+    "norm_out.linear",  # final adaLN modulation
+    "proj_out",  # final projection to patches
+)
+# Not MatMul/Gemm, so never quantized by this pass; listed in the coverage report for completeness.
+NEVER = {"Conv": "patch embedding (Conv)", "LayerNormalization": "normalization"}
+
+
+@dataclass
+class Layer:
+    name: str  # diffusers module path, e.g. "transformer_blocks.0.attn.to_q"
+    node: str  # ONNX node name
+    op: str  # "MatMul" | "Gemm"
+    kind: str  # "linear" | "attention"
+    activation: str  # tensor name of the data input
+    weight: str | None = None  # initializer name (linear layers)
+    weight_shape: tuple = ()  # [K, N] as the (rewritten) MatMul takes it
+    quantize: bool = True
+    reason: str = ""  # why it is kept, when it is
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.weight_shape)) if self.weight_shape else 0
+
+
+@dataclass
+class Plan:
+    layers: list[Layer]
+    other: dict = field(default_factory=dict)  # op_type -> count of compute nodes this pass never touches
+    keep: tuple = ()
+    attention: bool = False
+
+    @property
+    def quantized(self) -> list[Layer]:
+        return [l for l in self.layers if l.quantize]
+
+    @property
+    def kept(self) -> list[Layer]:
+        return [l for l in self.layers if not l.quantize]
+
+    def taps(self) -> list[str]:
+        """Activation tensors whose range calibration must measure (every candidate, kept or not)."""
+        return list(dict.fromkeys(l.activation for l in self.layers))
+
+    def coverage(self) -> dict:
+        lin = [l for l in self.layers if l.kind == "linear"]
+        total = sum(l.params for l in lin)
+        done = sum(l.params for l in lin if l.quantize)
+        return {
+            "quantized": [l.name for l in self.quantized],
+            "kept": {l.name: l.reason for l in self.kept},
+            "not_linear": {NEVER.get(op, op): n for op, n in sorted(self.other.items())},
+            "linear_layers": len(lin),
+            "linear_quantized": sum(l.quantize for l in lin),
+            "attention_matmuls": sum(l.kind == "attention" for l in self.layers),
+            "attention_quantized": sum(l.quantize and l.kind == "attention" for l in self.layers),
+            "weight_params": total,
+            "weight_params_quantized": done,
+            "weight_fraction_quantized": round(done / total, 4) if total else 0.0,
+            "keep_patterns": list(self.keep),
+        }
+
+
+# --------------------------------------------------------------------------- finding layers
+
+
+def layer_name(node: onnx.NodeProto, index: int) -> str:
+    """`/transformer/transformer_blocks.0/attn/to_q/MatMul` -> `transformer_blocks.0.attn.to_q`."""
+    parts = [p for p in node.name.split("/") if p]
+    if len(parts) < 2:
+        return node.name or f"{node.op_type}_{index}"
+    if parts[0] == "transformer":  # the export wrapper's attribute
+        parts = parts[1:]
+    return ".".join(parts[:-1]) or f"{node.op_type}_{index}"
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def expand_keep(patterns, names: list[str]) -> tuple[str, ...]:
+    """`@first_block` / `@last_block` -> the glob of the first / last transformer block."""
+    blocks = sorted({int(m.group(1)) for n in names if (m := re.match(r"transformer_blocks\.(\d+)\.", n))})
+    out = []
+    for p in patterns:
+        p = p.strip()
+        if not p:
+            continue
+        if p in ("@first_block", "@last_block"):
+            if blocks:
+                out.append(f"transformer_blocks.{blocks[0] if p == '@first_block' else blocks[-1]}.*")
+        elif p.startswith("@"):
+            raise Sd3trtError(f"unknown keep-list token {p!r}; use a layer glob, @first_block or @last_block")
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def plan_layers(model: onnx.ModelProto, keep=DEFAULT_KEEP, attention: bool = False) -> Plan:
+    """Every MatMul/Gemm of the graph as a Layer; `quantize` False (with a reason) for kept ones."""
+    inits = {i.name: i for i in model.graph.initializer}
+    prod = _producers(model)
+    layers: list[Layer] = []
+    other: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type in NEVER:
+            other[node.op_type] = other.get(node.op_type, 0) + 1
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        name = layer_name(node, i)
+        a, b = node.input[0], node.input[1]
+        if b in inits:
+            dims = tuple(inits[b].dims)
+            layer = Layer(name, node.name, node.op_type, "linear", a, b)
+            if node.op_type == "Gemm":
+                if _attr(node, "transA", 0) or abs(_attr(node, "alpha", 1.0) - 1.0) > 0 or (
+                    len(node.input) > 2 and node.input[2] and abs(_attr(node, "beta", 1.0) - 1.0) > 0
+                ):
+                    layer.quantize, layer.reason = False, "Gemm with transA/alpha/beta (not rewritten)"
+                dims = dims[::-1] if _attr(node, "transB", 0) else dims
+            if len(dims) != 2:
+                layer.quantize, layer.reason = False, f"weight of rank {len(dims)}"
+            layer.weight_shape = dims
+        elif a not in inits and b not in inits:
+            src = prod.get(a)
+            suffix = "pv" if src is not None and src.op_type == "Softmax" else "qk"
+            layer = Layer(f"{name}.{suffix}", node.name, node.op_type, "attention", a)
+            if not attention:
+                layer.quantize, layer.reason = False, "attention matmul (quantize with attention=True)"
+        else:
+            continue  # constant data input: not a layer
+        layers.append(layer)
+    keep = expand_keep(keep, [l.name for l in layers])
+    for layer in layers:
+        if layer.quantize:
+            hit = next((p for p in keep if fnmatch.fnmatchcase(layer.name, p)), None)
+            if hit:
+                layer.quantize, layer.reason = False, f"keep-list {hit!r}"
+    seen: dict[str, int] = {}
+    for layer in layers:  # unique names (a module called twice would repeat)
+        if layer.name in seen:
+            seen[layer.name] += 1
+            layer.name = f"{layer.name}#{seen[layer.name]}"
+        else:
+            seen[layer.name] = 0
+    return Plan(layers, other, keep, attention)
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def to_fp8(x: np.ndarray) -> np.ndarray:
+    """float32 -> float8 e4m3fn (round to nearest even, saturating at +-448, as QuantizeLinear does)."""
+    import ml_dtypes
+
+    return np.clip(x, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
+
+
+def quantize_weight(w: np.ndarray, precision: str, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float weight -> (quantized [K, N], scale [N] or scalar), symmetric, zero point 0."""
+    w = w.astype(np.float32)
+    amax = np.abs(w).max(axis=0) if per_channel else np.abs(w).max()
+    scale = np.maximum(amax, 1e-12).astype(np.float32) / np.float32(QMAX[precision])
+    if precision == "int8":
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    else:
+        q = to_fp8(w / scale)
+    return q, scale.astype(np.float32)
+
+
+def fake_quant(x: np.ndarray, scale, precision: str) -> np.ndarray:
+    """Q then DQ in numpy (reference for tests)."""
+    if precision == "int8":
+        return (np.clip(np.rint(x / scale), -128, 127) * scale).astype(np.float32)
+    return (to_fp8(x / scale).astype(np.float32) * scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Convert to `opset` (FP8 needs 19) with ONNX's version converter; a no-op when already there."""
+    if _opset(model) >= opset:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as e:
+        raise Sd3trtError(
+            f"cannot convert the transformer graph to opset {opset} for float8 ({str(e).splitlines()[0][:200]}); "
+            f"re-export with `sd3trt export --opset {opset}`"
+        ) from None
+
+
+def _elem_types(model: onnx.ModelProto, names) -> dict[str, int]:
+    want = set(names)
+    types = {i.name: i.data_type for i in model.graph.initializer if i.name in want}
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if vi.name in want and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    if want - set(types):
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            if vi.name in want and vi.type.tensor_type.elem_type:
+                types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    return types
+
+
+def quantize_model(model: onnx.ModelProto, precision: str, plan: Plan, act_amax: dict[str, float],
+                   per_channel: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `model` with Q/DQ around every planned layer. `act_amax`: tensor name -> calibrated
+    absolute range of each quantized layer's data input (and of both inputs of attention matmuls).
+    Returns (model, per-layer report)."""
+    if precision not in PRECISIONS:
+        raise Sd3trtError(f"unknown quantization precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    todo = plan.quantized
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    nodes_by_name = {n.name: n for n in model.graph.node}
+    needed = {l.activation for l in todo} | {nodes_by_name[l.node].input[1] for l in todo if l.kind == "attention"}
+    missing = sorted(needed - set(act_amax))
+    if missing:
+        raise Sd3trtError(f"no calibrated range for {len(missing)} activation(s) (e.g. {missing[0]}); re-run calibration")
+    if precision == "fp8" or _opset(model) < MIN_OPSET[precision]:
+        model = upgrade_opset(model, MIN_OPSET[precision])
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    by_name = {n.name: n for n in g.node}
+    ftypes = _elem_types(model, needed)
+    qmax = np.float32(QMAX[precision])
+    zero = np.zeros((), np.int8) if precision == "int8" else to_fp8(np.zeros((), np.float32))
+    used = {n for node in g.node for n in list(node.input) + list(node.output)} | set(inits)
+    new_inits: list[onnx.TensorProto] = []
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}.{k}"
+        used.add(name)
+        return name
+
+    def const(name: str, arr: np.ndarray) -> str:
+        name = fresh(name)
+        new_inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def act_qdq(x: str, layer: Layer, out: list) -> tuple[str, float]:
+        """Q -> DQ of activation x for one layer. One pair per consumer, not one Q per tensor: ONNX
+        Runtime fuses a Q/DQ pair into its integer GEMM only when the Q feeds a single DQ."""
+        ftype = ftypes.get(x, TensorProto.FLOAT)
+        if ftype not in FLOAT_TYPES:
+            raise Sd3trtError(f"{layer.name}: input {x} is {TensorProto.DataType.Name(ftype)}, not a float; cannot quantize it")
+        scale = np.float32(max(float(act_amax[x]), 1e-8) / qmax)
+        s = const(f"{x}_scale", np.array(scale, FLOAT_TYPES[ftype]))
+        zp = const(f"{x}_zero_point", zero)
+        xq, xdq = fresh(f"{x}_quantized"), fresh(f"{x}_dq_{layer.name}")
+        out.append(helper.make_node("QuantizeLinear", [x, s, zp], [xq], name=fresh(f"{layer.name}/QuantizeLinear")))
+        out.append(helper.make_node("DequantizeLinear", [xq, s, zp], [xdq], name=fresh(f"{layer.name}/DequantizeLinear")))
+        return xdq, float(scale)
+
+    index = {id(n): i for i, n in enumerate(g.node)}
+    replace: dict[int, list[onnx.NodeProto]] = {}  # node index -> nodes that take its place
+    report = {}
+    for layer in todo:
+        node = by_name[layer.node]
+        new: list[onnx.NodeProto] = []
+        xdq, a_scale = act_qdq(layer.activation, layer, new)
+        entry = {"activation": layer.activation, "activation_amax": float(act_amax[layer.activation]),
+                 "activation_scale": a_scale}
+        if layer.kind == "attention":
+            b = node.input[1]
+            bdq, b_scale = act_qdq(b, layer, new)
+            node.input[0], node.input[1] = xdq, bdq
+            entry.update({"b": b, "b_amax": float(act_amax[b]), "b_scale": b_scale})
+            replace[index[id(node)]] = new + [node]
+            report[layer.name] = entry
+            continue
+        w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
+        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+            w = np.ascontiguousarray(w.T)  # stored [K, N]: no Transpose between the weight and its DQ
+        wq, w_scale = quantize_weight(w, precision, per_channel)
+        np_f = FLOAT_TYPES[ftypes.get(layer.activation, TensorProto.FLOAT)]
+        wq_name = const(f"{layer.name}.weight_quantized", wq)
+        ws_name = const(f"{layer.name}.weight_scale", w_scale.astype(np_f))
+        wz_name = const(f"{layer.name}.weight_zero_point",
+                        np.zeros(w_scale.shape, zero.dtype) if per_channel else zero)
+        wdq = fresh(f"{layer.name}.weight_dequantized")
+        new.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq],
+                                    name=fresh(f"{layer.name}/weight_DequantizeLinear"),
+                                    **({"axis": 1} if per_channel else {})))
+        deq = wq.astype(np.float32) * w_scale
+        entry.update({"weight": layer.weight, "weight_shape": list(w.shape), "weight_per_channel": per_channel,
+                      "weight_max_rel_error": float(np.abs(deq - w).max() / max(float(np.abs(w).max()), 1e-12))})
+        if node.op_type == "Gemm":  # -> MatMul (+ Add bias): one pattern for ONNX Runtime's fusion and TensorRT
+            y = node.output[0]
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            mm_out = fresh(f"{y}_matmul") if bias else y
+            new.append(helper.make_node("MatMul", [xdq, wdq], [mm_out], name=fresh(f"{node.name}_as_MatMul")))
+            if bias:
+                new.append(helper.make_node("Add", [mm_out, bias], [y], name=fresh(f"{node.name}_bias_Add")))
+        else:
+            node.input[0], node.input[1] = xdq, wdq
+            new.append(node)
+        replace[index[id(node)]] = new
+        report[layer.name] = entry
+
+    out = []
+    for i, node in enumerate(g.node):
+        out.extend(replace.get(i, [node]))
+    del g.node[:]
+    g.node.extend(out)
+    g.initializer.extend(new_inits)
+    _drop_unused_initializers(model)
+    del g.value_info[:]  # stale after the rewrite; re-inferred on save/load
+    return model, report
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    g = model.graph
+    used = {n for node in g.node for n in node.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)

@@ -1,0 +1,115 @@
+"""The benchmark suite: quick mode end to end on the tiny model (well-formed results, not timings), the
+analytic FLOP count against PyTorch's own count, and the CLI hook's import weight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sd3trt.benchmarks.systems import DEFAULT_SYSTEMS
+
+
+@pytest.fixture(scope="module")
+def quick_result(tiny_sd3, tmp_path_factory):
+    from sd3trt.benchmarks.cli import main
+
+    model, bundle = tiny_sd3
+    out = tmp_path_factory.mktemp("bench")
+    # --quick, made lighter still: 2 steps, 1 measured run, a 1-second peak sweep (well-formedness only).
+    rc = main(["--quick", "--model-dir", str(model), "--bundle", str(bundle), "--out", str(out), "--name", "quick",
+               "--steps", "2", "--reps", "1", "--peak-budget", "1", "--cache-dir", str(out / "cache")])
+    assert rc == 0
+    return out, json.loads((out / "quick.json").read_text())
+
+
+def test_quick_json_is_well_formed(quick_result):
+    _, rep = quick_result
+    for key in ("schema", "machine", "threads", "config", "model", "workload", "transformer_flops_per_call", "peaks",
+                "systems", "accuracy", "targets", "notes", "raw"):
+        assert key in rep, key
+    m = rep["machine"]
+    assert m["cpu"]["model"] and m["cpu"]["logical_cpus"] >= 1 and isinstance(m["cpu"]["flags"], list)
+    for lib in ("python", "numpy", "torch", "diffusers", "onnxruntime"):
+        assert lib in m["versions"], lib
+    assert rep["peaks"]["peaks"]["fp32"]["gflops"] > 0
+    assert rep["transformer_flops_per_call"]["total"] > 0
+    assert rep["workload"]["transformer_calls"] == 2  # 2 steps at strength 0.6: int(2 - 1.2) = 0 skipped
+
+
+def test_every_system_ran_or_says_why_not(quick_result):
+    _, rep = quick_result
+    systems = rep["systems"]
+    assert set(DEFAULT_SYSTEMS) <= set(systems)
+    for name, s in systems.items():
+        assert s["status"] in ("ok", "skipped"), (name, s)
+        if s["status"] == "skipped":
+            assert len(s["reason"]) > 20, name
+            continue
+        assert s["e2e_s"]["p50"] > 0 and s["e2e_s"]["n"] == 1
+        assert s["cold_start_s"] >= s["e2e_s"]["min"] * 0.5
+        assert s["peak_rss_mib"] > 0
+        assert s["transformer_call_s"]["n"] == rep["workload"]["transformer_calls"]
+        assert set(s["components_s"]) >= {"clip_l", "clip_g", "t5", "vae_encoder", "transformer", "vae_decoder"}
+        assert 0 <= s["outside_engines_frac"]["p50"] < 1
+        assert s["transformer_gflops"] > 0
+    for name in ("diffusers-fp32", "sd3trt-ort-fp32", "sd3trt-ort-fp32-lowmem"):
+        assert systems[name]["status"] == "ok", name
+    # Same weights, prompt and injected noise: the fp32 systems agree with diffusers fp32 (plumbing check).
+    acc = rep["accuracy"]["systems"]
+    assert acc["diffusers-fp32"]["identical"]
+    assert acc["sd3trt-ort-fp32"]["max_levels"] <= 1 and acc["sd3trt-ort-fp32"]["gated"]
+    assert acc["sd3trt-ort-fp32-lowmem"]["max_levels"] <= 1
+    # The sd3trt workers ran without torch (so their RSS is the runtime's own).
+    assert rep["raw"]["sd3trt-ort-fp32"]["torch_loaded"] is False
+    assert rep["raw"]["diffusers-fp32"]["torch_loaded"] is True
+
+
+def test_markdown_table_and_plot(quick_result):
+    out, rep = quick_result
+    md = (out / "quick.md").read_text()
+    assert "| system | end to end p50 (s) |" in md and "speed-up vs diffusers-fp32" in md
+    assert "| system | peak RSS (MiB) |" in md
+    for name, s in rep["systems"].items():
+        assert name in md
+        if s["status"] == "skipped":
+            assert s["reason"][:40] in md
+    assert "## Targets" in md
+    if rep["files"]["plot"]:
+        assert (out / "quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize("sd35", [False, True], ids=["sd3", "sd35-dual-attention"])
+def test_flop_count_matches_pytorch(sd35):
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sd3trt.benchmarks.flops import transformer_call_flops
+
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, qk_norm="rms_norm" if sd35 else None, dual_attention_layers=(0,) if sd35 else (),
+    ).eval()
+    args = dict(hidden_states=torch.randn(2, 16, 16, 24), encoder_hidden_states=torch.randn(2, 90, 96),
+                pooled_projections=torch.randn(2, 64), timestep=torch.tensor([1.0, 2.0]))
+    # The math SDPA backend decomposes attention into bmm, which the counter sees.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        m(**args)
+    assert transformer_call_flops(dict(m.config), 16, 24, 90, 2)["total"] == fc.get_total_flops()
+
+
+def test_cli_hook_is_light_and_registers_bench():
+    code = ("import argparse, sys; from sd3trt.benchmarks.cli import add_bench_command; "
+            "p = argparse.ArgumentParser(); s = p.add_subparsers(dest='c'); add_bench_command(s); "
+            "a = p.parse_args(['bench', '--quick', '--systems', 'sd3trt-ort-fp32']); "
+            "heavy = [m for m in ('torch', 'diffusers', 'onnxruntime', 'onnx', 'transformers') if m in sys.modules]; "
+            "print(a.c, a.quick, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "bench True []"
