@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--quantize", action="store_true",
                    help="create the bundle's INT8 transformer (sd3trt quantize, with calibration) if it is missing")
     r.add_argument("--reps", type=int, default=None, help="measured warm runs per system (default 3; quick: 2)")
+    r.add_argument("--system-reps", default="", metavar="SYSTEM=N,...",
+                   help="measured runs for particular systems, e.g. diffusers-bf16=1 for a slow one")
     r.add_argument("--warmup", type=int, default=0, help="extra warm-up runs after the first (cold) image")
     r.add_argument("--threads", type=int, default=0, help="threads for every system (default: all usable CPUs)")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="diffusers' device")
@@ -99,6 +101,13 @@ def config_from_args(a):
     try:
         names = parse_systems(a.systems, a.compile)
         project_systems = parse_systems(a.project_systems, False) if a.project_systems else None
+        system_reps = {}
+        for item in filter(None, (x.strip() for x in a.system_reps.split(","))):
+            k, _, v = item.partition("=")
+            parse_systems(k, False)
+            system_reps[k] = int(v)
+            if system_reps[k] < 1:
+                raise ValueError(f"--system-reps {item}: at least 1 run")
     except ValueError as e:
         raise Sd3trtError(str(e)) from None
     for v, what in ((w, "width"), (h, "height"), (a.num_images, "--num-images")):
@@ -113,7 +122,7 @@ def config_from_args(a):
         negative_prompt=a.negative_prompt if a.negative_prompt is not None else DEFAULT_NEGATIVE,
         max_sequence_length=a.max_sequence_length, seed=a.seed, cache_dir=a.cache_dir, out_dir=a.out,
         machine=a.machine, name=a.name, project_layers=project, project_to=a.project_to, project_reps=a.project_reps,
-        project_systems=project_systems,
+        project_systems=project_systems, system_reps=system_reps,
         timeout_s=a.timeout or base.get("timeout_s", 3600.0), gate_psnr_db=a.gate_psnr,
         peak_budget_s=a.peak_budget or base.get("peak_budget_s", 20.0), peaks=not a.no_peaks,
         prompt_cache=a.prompt_cache, keep_work=a.keep_work, quick=a.quick,

@@ -60,6 +60,7 @@ class BenchConfig:
     project_layers: int = 0  # 0: no projection; else a second model with this many layers per component
     project_to: str = "sd3-medium"
     project_reps: int = 1
+    system_reps: dict = field(default_factory=dict)  # per-system measured runs (slow systems), else `reps`
     project_systems: list | None = None  # default: every system that ran, low-memory mode excepted
     timeout_s: float = 3600.0
     gate_psnr_db: float = 25.0
@@ -134,8 +135,14 @@ def run_system(system: str, job: dict, work: Path, threads: int, timeout_s: floa
         res = json.loads(Path(job["result"]).read_text())
     except (OSError, ValueError):
         res = {"system": system, "status": "failed", "error": f"the worker left no result (exit code {rc})"}
-    if rc is None:
-        res = {**res, "status": "timeout", "error": f"stopped after the {timeout_s:.0f} s limit (--timeout)"}
+    if rc is None or res.get("status") == "running":
+        done = ""
+        if res.get("first_image_s"):
+            done = f"; its first image took {res['first_image_s']:.1f} s and {len(res.get('runs', []))} measured runs finished"
+        elif res.get("load_s"):
+            done = f"; it loaded in {res['load_s']:.1f} s but finished no image"
+        why = f"stopped after the {timeout_s:.0f} s limit (--timeout)" if rc is None else f"the worker exited ({rc})"
+        res = {**res, "status": "timeout" if rc is None else "failed", "error": why + done}
     res["wall_s"] = secs
     if res["status"] == "ok" and Path(job["image_out"]).is_file():
         res["image_npy"] = job["image_out"]
@@ -205,7 +212,7 @@ def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:
 
 
 def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, work: Path, threads: int,
-                 device: str, reps: int, label: str) -> dict:
+                 device: str, reps: int, label: str, system_reps: dict | None = None) -> dict:
     base = _workload(cfg, bundle, work)
     base.update(model_dir=str(model), bundle_dir=str(bundle), reps=reps, warmup=cfg.warmup, threads=threads,
                 device=device)
@@ -222,7 +229,8 @@ def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, 
     for i, s in enumerate(runnable, 1):
         load = os.getloadavg()[0]
         log(f"{label}[{i}/{len(runnable)}] {s}: starting ({sysm.SYSTEMS[s]}; load average {load:.2f})")
-        res = run_system(s, base, work, threads, cfg.timeout_s)
+        job = dict(base, reps=(system_reps or {}).get(s, reps))
+        res = run_system(s, job, work, threads, cfg.timeout_s)
         res["loadavg_1m_at_start"] = load
         out[s] = res
         if res["status"] != "ok":
@@ -277,7 +285,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     work = Path(tempfile.mkdtemp(prefix="sd3trt-bench-", dir=cache if cache.is_dir() else None))
     try:
         peaks = measure_peaks(cfg, work, threads) if cfg.peaks else {"skipped": "--no-peaks", "peaks": {}}
-        results = _run_systems(cfg, cfg.systems, model, bundle, work, threads, device, cfg.reps, "")
+        results = _run_systems(cfg, cfg.systems, model, bundle, work, threads, device, cfg.reps, "", cfg.system_reps)
         accuracy = rep.accuracy(results, cfg.gate_psnr_db)
         projection = None
         if cfg.project_layers and not cfg.model_dir and cfg.project_layers != cfg.layers:

@@ -59,18 +59,24 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+SLOW_CALL_S = 10.0  # calls slower than this are reported as they finish (progress on slow systems)
+
+
 class Clock:
     """Time per component call within the current run."""
 
-    def __init__(self, sync=None):
+    def __init__(self, sync=None, label: str = ""):
         self.calls: dict[str, list[float]] = {}
         self.sync = sync
+        self.label = label
 
     def reset(self) -> None:
         self.calls = {}
 
     def add(self, name: str, seconds: float) -> None:
         self.calls.setdefault(name, []).append(seconds)
+        if seconds > SLOW_CALL_S:
+            log(f"  {self.label}: {name} call {len(self.calls[name])}: {seconds:.1f} s")
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -113,7 +119,7 @@ class DiffusersSystem:
         pipe.set_progress_bar_config(disable=True)
         if compile_transformer:
             pipe.transformer = torch.compile(pipe.transformer)
-        self.clock = Clock(sync=torch.cuda.synchronize if device.startswith("cuda") else None)
+        self.clock = Clock(sync=torch.cuda.synchronize if device.startswith("cuda") else None, label=job["system"])
         modules = {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3,
                    "transformer": pipe.transformer}
         for name, m in modules.items():
@@ -180,7 +186,7 @@ class Sd3trtSystem:
             from sd3trt.engines.quantized import quantized_onnx_path
 
             tr_path = quantized_onnx_path(bundle, transformer_precision)
-        self.clock = Clock()
+        self.clock = Clock(label=job["system"])
         self.loads: list[float] = []
 
         def factory(name: str):
@@ -238,12 +244,20 @@ def make_system(job: dict):
     raise ValueError(f"unknown system {name}")
 
 
+def _save(job: dict, result: dict) -> None:
+    tmp = Path(job["result"]).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, job["result"])
+
+
 def run_job(job: dict) -> dict:
+    """Runs the system; the result file is rewritten after each phase (status "running"), so a worker
+    stopped by the time limit still leaves what it measured."""
     from PIL import Image
 
     t_spawn = float(job["spawn_time"])
     name = job["system"]
-    result: dict = {"system": name, "status": "ok", "pid": os.getpid()}
+    result: dict = {"system": name, "status": "running", "pid": os.getpid()}
     t_start = time.time()
     result["python_start_s"] = t_start - t_spawn  # interpreter start-up and the worker's own imports
     with Image.open(job["image"]) as im:
@@ -256,6 +270,7 @@ def run_job(job: dict) -> dict:
     t_loaded = time.time()
     result["load_s"] = t_loaded - t0
     result["rss_after_load_mib"] = _proc_status_mib("VmRSS")
+    _save(job, result)
     log(f"  {name}: loaded in {t_loaded - t0:.1f} s (process start to loaded {t_loaded - t_spawn:.1f} s); first image ...")
 
     out, first = system.run(image, noise)
@@ -263,6 +278,8 @@ def run_job(job: dict) -> dict:
     result["cold_start_s"] = t_first - t_spawn
     result["first_image_s"] = first["total_s"]
     np.save(job["image_out"], out)
+    result["first_run"] = first
+    _save(job, result)
     log(f"  {name}: first image {first['total_s']:.2f} s, cold start {result['cold_start_s']:.1f} s")
 
     for i in range(int(job.get("warmup", 0))):
@@ -274,11 +291,13 @@ def run_job(job: dict) -> dict:
         _, r = system.run(image, noise)
         r["loadavg_1m_before"] = load
         runs.append(r)
+        result["runs"] = runs
+        _save(job, result)
         tr = r["calls"].get("transformer", [])
         per = f", transformer {np.median(tr):.3f} s/call" if tr else ""
         log(f"  {name}: run {i + 1}/{job['reps']} {r['total_s']:.2f} s{per}")
-    result["first_run"] = first
     result["runs"] = runs
+    result["status"] = "ok"
     result["peak_rss_mib"] = peak_rss_mib()
     result["ru_maxrss_mib"] = ru_maxrss_mib()  # includes the parent's RSS at fork (see peak_rss_mib)
     result["torch_loaded"] = "torch" in sys.modules
@@ -295,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                   "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                   "traceback": traceback.format_exc()[-4000:], "peak_rss_mib": peak_rss_mib()}
         log(result["traceback"])
-    tmp = Path(job["result"]).with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, job["result"])
+    _save(job, result)
     return 0 if result["status"] == "ok" else 1
 
 

@@ -60,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_tiny(sub)
     add_export(sub)
     from sd3trt.engines.cli import add_build_command
+    from sd3trt.engines.quantize_cli import add_quantize_command
     from sd3trt.runtime.cli import add_runtime_commands
 
     from sd3trt.server.cli import add_server_commands
 
     add_build_command(sub)
+    add_quantize_command(sub)
     add_runtime_commands(sub)
     add_server_commands(sub)
     return parser

@@ -89,7 +89,7 @@ class Bundle:
     def all_files(self) -> dict[str, str]:
         """Every file the manifest lists, relative path -> sha256."""
         files = {}
-        for section in ("components", "tokenizers", "engines"):
+        for section in ("components", "tokenizers", "engines", "quantized"):
             for entry in self.data.get(section, {}).values():
                 files.update(entry.get("files", {}))
         return files

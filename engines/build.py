@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,8 @@ from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, write_bytes_atom
 from sd3trt.spec import COMPONENTS
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-LATER_PRECISIONS = ("fp8", "int8", "fp4", "int4")
+LATER_PRECISIONS = ("fp4", "int4")
+QUANTIZED_PRECISIONS = ("int8", "fp8")  # the transformer from `sd3trt quantize`, the rest in fp16/bf16
 META_FORMAT = "sd3trt-engine"
 META_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -66,7 +67,7 @@ class BuildOptions:
 def check_precision(bundle_dtype: str, precision: str) -> str:
     """How the graph for `precision` comes from the bundle: "as-exported" or "autocast"; else a clear error."""
     if precision in LATER_PRECISIONS:
-        raise Sd3trtError(f"--precision {precision} is not supported yet; use fp16, bf16 or fp32")
+        raise Sd3trtError(f"--precision {precision} is not supported yet; use fp16, bf16, fp32, int8 or fp8")
     if precision not in PRECISIONS:
         raise Sd3trtError(f"unknown --precision {precision!r}; use fp16, bf16 or fp32")
     if bundle_dtype == precision:
@@ -369,6 +370,8 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
 
 def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     """Build every (selected) component; returns the manifest's new engines[<build>] entry."""
+    if opts.precision in QUANTIZED_PRECISIONS:
+        return _build_quantized(Path(bundle_dir), opts, log)
     bundle = load_bundle(Path(bundle_dir))
     check_precision(bundle.dtype, opts.precision)
     opts.request = opts.request.validated(bundle.facts)
@@ -430,3 +433,26 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
     write_json_atomic(bundle.root / MANIFEST, manifest)
     log(f"build {name!r} done in {time.perf_counter() - t0:.1f} s; manifest updated")
     return engines[name]
+
+
+def _build_quantized(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None]) -> dict:
+    """int8/fp8: the quantized transformer (Q/DQ graph from `sd3trt quantize`) in a strongly typed engine,
+    every other component in the bundle's fp16 (or bf16 from an fp32 bundle)."""
+    from sd3trt.engines.quantize_engine import build_quantized_engine
+    from sd3trt.engines.quantized import check_target, quantized_entry
+
+    bundle = load_bundle(bundle_dir)
+    quantized_entry(bundle, opts.precision)  # refuses a missing or stale quantized graph, naming the fix
+    check_target(opts.precision, list(opts.compute_capabilities))
+    fl = load_flavour(opts.flavour)
+    _, target = resolve_targets(fl, tuple(opts.compute_capabilities))
+    name = opts.name or default_build_name(opts.precision, fl, target)
+    low = bundle.dtype if bundle.dtype in ("fp16", "bf16") else "bf16"
+    wanted = list(opts.components) if opts.components else [c for c in COMPONENTS if bundle.has(c)]
+    others = tuple(c for c in wanted if c != "transformer")
+    if others:
+        build_engines(bundle_dir, replace(opts, precision=low, name=name, components=others), log)
+    if "transformer" in wanted:
+        build_quantized_engine(bundle_dir, opts.precision, opts.compute_capabilities, low, opts.request, name,
+                               opts.flavour, opts.opt_level, log)
+    return json.loads((bundle_dir / MANIFEST).read_text())["engines"][name]

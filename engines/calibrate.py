@@ -214,15 +214,15 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
                 return data
         except (OSError, ValueError, KeyError):
             pass  # damaged or old: record again
+    from sd3trt.runtime.runners import OrtRunner
+
     sink = {"enc": [], "pooled": [], "hidden": [], "t": [], "context": [], "run": [], "current_run": 0}
-    pipe = Img2Img(bundle, threads=threads)
-    inner = pipe._factory
 
     def factory(name: str):
-        r = inner(name)
+        r = OrtRunner(name, bundle.component(name), bundle.onnx_path(name), threads=threads)
         return _Recorder(r, sink) if name == "transformer" else r
 
-    pipe._factory = factory
+    pipe = Img2Img(bundle, runner_factory=factory, threads=threads)
     for i in range(settings.prompts):
         sink["current_run"] = i
         pipe(**run_inputs(settings, i))

@@ -1,7 +1,4 @@
-"""`sd3trt build`: registered by core/cli.py through `add_build_command(subparsers)`.
-
-Also runnable on its own: `python -m sd3trt.engines.cli build --bundle B --precision fp16 ...`.
-"""
+"""`sd3trt build`: registered by core/cli.py through `add_build_command(subparsers)`."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   sd3trt build --bundle B --precision fp16 --image-size 512:1024:1536 --batch 1:2 --cfg both
   sd3trt build --bundle B --precision bf16 --compute-capability 8.9 --static --image-size 1024
+  sd3trt quantize --bundle B --precision fp8 && sd3trt build --bundle B --precision fp8 --compute-capability 8.9
 """
 
 
@@ -45,8 +43,9 @@ def add_build_command(sub) -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by `sd3trt export`")
-    p.add_argument("--precision", required=True, help="fp16 | bf16 | fp32 (fp16/fp32 need a bundle exported in that "
-                   "dtype; bf16 takes a bf16 bundle or derives from an fp32 one)")
+    p.add_argument("--precision", required=True,
+                   help="fp16 | bf16 | fp32 | int8 | fp8 (int8/fp8 after `sd3trt quantize`; fp16/fp32 need a "
+                   "bundle exported in that dtype; bf16 takes a bf16 bundle or derives from an fp32 one)")
     p.add_argument("--name", help="build name: engines/<name>/ (default <precision>-<rtx|trt>-<target>)")
     p.add_argument("--components", help="comma-separated subset (default: every component of the bundle)")
     g = p.add_argument_group("shapes (optimization profiles)")

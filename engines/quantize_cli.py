@@ -1,17 +1,14 @@
 """`sd3trt quantize`: registered by core/cli.py through `add_quantize_command(subparsers)`.
 
 Nothing heavy at import time (onnx, ONNX Runtime and TensorRT load inside the command).
-Also runnable on its own: `python -m sd3trt.engines.quantize_cli quantize --bundle B --precision int8`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from sd3trt.errors import Sd3trtError
 
 EXAMPLES = """examples:
   sd3trt quantize --bundle B --precision int8                     # CPU INT8 path (ONNX Runtime)
@@ -112,23 +109,3 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--flavour", choices=("auto", "tensorrt", "tensorrt_rtx"), default=None)
     p.set_defaults(func=_quantize)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sd3trt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_quantize_command(sub)
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except Sd3trtError as e:
-        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"sd3trt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

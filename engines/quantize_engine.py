@@ -79,13 +79,14 @@ def lower_qdq(model: onnx.ModelProto, low: str = "fp16") -> tuple[onnx.ModelProt
     drop: set[int] = set()
     counts = {"dq_folded": 0, "q_folded": 0, "q_cast_added": 0}
     new_nodes: dict[int, list] = {}
+    bypassed: list = []  # Casts (low -> fp32) that fed a Q; dropped below when nothing else reads them
     for node in g.node:
         if node.op_type == "DequantizeLinear":
             users = consumers.get(node.output[0], [])
             if node.output[0] in outputs or len(users) != 1:
                 continue
             cast = users[0]
-            if cast.op_type != "Cast" or helper.get_attribute_value(cast.attribute[0]) != low_t:
+            if cast.op_type != "Cast" or next((a.i for a in cast.attribute if a.name == "to"), None) != low_t:
                 continue
             node.input[1] = _low_scale(model, node.input[1], low_t, cache, inits)
             node.output[0] = cast.output[0]
@@ -96,8 +97,7 @@ def lower_qdq(model: onnx.ModelProto, low: str = "fp16") -> tuple[onnx.ModelProt
             if src is not None and src.op_type == "Cast" and types.get(src.input[0]) == low_t:
                 node.input[0] = src.input[0]
                 counts["q_folded"] += 1
-                if all(u is node or id(u) in drop for u in consumers.get(src.output[0], [])) and src.output[0] not in outputs:
-                    drop.add(id(src))
+                bypassed.append(src)
             elif types.get(node.input[0]) != low_t:
                 cast_out = f"{node.input[0]}/{low}_for_q"
                 new_nodes.setdefault(id(node), []).append(
@@ -105,6 +105,8 @@ def lower_qdq(model: onnx.ModelProto, low: str = "fp16") -> tuple[onnx.ModelProt
                 node.input[0] = cast_out
                 counts["q_cast_added"] += 1
             node.input[1] = _low_scale(model, node.input[1], low_t, cache, inits)
+    still_read = {i for n in g.node for i in n.input} | outputs
+    drop |= {id(c) for c in bypassed if c.output[0] not in still_read}
     out = []
     for n in g.node:
         if id(n) in drop:

@@ -40,7 +40,8 @@ def run_img2img(a) -> None:
     from sd3trt.runtime.pipeline import Img2Img
 
     imgs.format_from_path(a.out)  # an unknown output format fails before any work
-    pipe = Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines)
+    pipe = Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
+                               transformer_precision=a.precision)
     noise = _read_noise(a.noise) if a.noise else None
     res = pipe(
         a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
@@ -104,6 +105,8 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--max-sequence-length", type=int, default=256)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit on input pixels")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
+                   help="transformer precision on ONNX Runtime (int8/fp8 need `sd3trt quantize` first)")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
     p.add_argument("--out", type=Path, required=True, help="output image (.png, .jpg, .webp)")

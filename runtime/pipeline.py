@@ -59,7 +59,7 @@ class Timer:
 class Img2Img:
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", low_memory: bool = False,
                  runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
-                 engine_build: str | None = None):
+                 engine_build: str | None = None, transformer_precision: str = "fp32"):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if bundle.dtype == "bf16" and backend.startswith("onnxruntime"):
@@ -70,6 +70,13 @@ class Img2Img:
         self.low_memory = low_memory
         self.threads = threads
         self.engine_build = engine_build  # which `sd3trt build` output the tensorrt backend uses
+        # int8 / fp8: the quantized transformer made by `sd3trt quantize` (ONNX Runtime); TensorRT engines
+        # carry their precision in the build chosen with engine_build.
+        self.transformer_onnx = bundle.onnx_path("transformer")
+        if transformer_precision != "fp32" and backend != "tensorrt":
+            from sd3trt.engines.quantized import quantized_onnx_path
+
+            self.transformer_onnx = quantized_onnx_path(bundle, transformer_precision)
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._factory = runner_factory or self._default_factory
         self._runners: dict[str, Runner] = {}
@@ -92,7 +99,8 @@ class Img2Img:
             from sd3trt.runtime.trt_runner import ort_gpu_providers
 
             providers = ort_gpu_providers("cuda" if self.backend == "onnxruntime-cuda" else "tensorrt", self.bundle)
-        return OrtRunner(name, entry, self.bundle.onnx_path(name), providers=providers, threads=self.threads)
+        path = self.transformer_onnx if name == "transformer" else self.bundle.onnx_path(name)
+        return OrtRunner(name, entry, path, providers=providers, threads=self.threads)
 
     def runner(self, name: str) -> Runner:
         if name not in self._runners:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibData, CalibSettings, activation_ranges, collect, picture
@@ -313,6 +313,8 @@ def test_lowering_keeps_qdq_next_to_the_gemms(qbundle):
             if n.op_type == "DequantizeLinear":  # ... straight into the GEMM, no Cast in between
                 assert users[n.output[0]] == ["MatMul"]
         assert report["dq_folded"] == 44 and report["q_folded"] + report["q_cast_added"] == 22
+        read = {i for n in low.graph.node for i in n.input} | {o.name for o in low.graph.output}
+        assert all(any(o in read for o in n.output) for n in low.graph.node)  # no Cast left dangling
         if precision == "int8":  # ORT runs the fp16 INT8 graph: same result as the fp32 Q/DQ graph
             a = _session(qpath).run(None, feeds)[0]
             b = _session(low).run(None, feeds)[0]
@@ -357,19 +359,34 @@ def test_quantized_engine_builds(qbundle, tmp_path, precision, cc):
 # --------------------------------------------------------------------------- command line
 
 
-def test_quantize_command(qbundle, capsys, tmp_path):
-    from sd3trt.engines import quantize_cli
+def _cli(argv: list[str]) -> int:
+    """`sd3trt <argv>` with the quantize command registered (as core/cli.py's dispatcher does)."""
+    import argparse
 
+    from sd3trt.engines.quantize_cli import add_quantize_command
+
+    parser = argparse.ArgumentParser(prog="sd3trt")
+    add_quantize_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except Sd3trtError as e:
+        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def test_quantize_command(qbundle, capsys, tmp_path):
     root = tmp_path / "bundle"
     shutil.copytree(qbundle[0], root)  # with its calibration cache
     argv = ["quantize", "--bundle", str(root), "--precision", "int8", "--calib-prompts", "3", "--holdout", "1",
             "--calib-steps", "3", "--calib-size", "64", "--no-image-gate", "--threads", "2"]
-    assert quantize_cli.main(argv) == 0
+    assert _cli(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"):])
     assert summary["passed"] and summary["file"] == "onnx/transformer.int8.onnx" and summary["quantized_layers"] == 22
     assert "calibration: reusing" in out
-    assert quantize_cli.main(argv[:3] + ["--precision", "fp8", "--engine", "8.6"]) == 2
+    assert _cli(argv[:3] + ["--precision", "fp8", "--engine", "8.6"]) == 2
     assert "FP8 needs compute capability 8.9" in capsys.readouterr().err
 
 
@@ -379,3 +396,26 @@ def test_light_imports():
             "bad = [m for m in ('onnx', 'onnxruntime', 'torch', 'diffusers', 'tensorrt_rtx', 'numpy') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quantized_paths_from_the_command_line(qbundle, tmp_path):
+    """`sd3trt img2img --precision int8` and `sd3trt build --precision int8` on a quantized bundle."""
+    from sd3trt.cli import main as sd3trt_main
+
+    root = tmp_path / "bundle"
+    shutil.copytree(qbundle[0], root)
+    src = tmp_path / "in.png"
+    picture(7, 64).save(src)
+    for p in ("int8", "fp8"):
+        assert sd3trt_main(["img2img", "--bundle", str(root), "--image", str(src), "--prompt", "a boat",
+                            "--steps", "3", "--precision", p, "--out", str(tmp_path / f"{p}.png")]) == 0
+    fp32 = Img2Img(load_bundle(root))(src, "a boat", steps=3, seed=0)
+    int8 = Img2Img(load_bundle(root), transformer_precision="int8")(src, "a boat", steps=3, seed=0)
+    assert not np.array_equal(fp32.decoded, int8.decoded)
+    pytest.importorskip("tensorrt_rtx")
+    assert sd3trt_main(["build", "--bundle", str(root), "--precision", "int8", "--compute-capability", "8.6",
+                        "--image-size", "64:64:128", "--cfg", "on", "--t5-seq", "8:16:32", "--name", "q"]) == 0
+    entry = load_bundle(root, verify_checksums=True).data["engines"]["q"]
+    assert entry["transformer_precision"] == "int8"
+    assert set(entry["components"]) == {"clip_l", "clip_g", "t5", "vae_encoder", "vae_decoder", "transformer"}
+    assert sd3trt_main(["build", "--bundle", str(root), "--precision", "fp8", "--compute-capability", "8.6"]) == 2
