@@ -69,7 +69,7 @@ def check_precision(bundle_dtype: str, precision: str) -> str:
     if precision in LATER_PRECISIONS:
         raise Sd3trtError(f"--precision {precision} is not supported yet; use fp16, bf16, fp32, int8 or fp8")
     if precision not in PRECISIONS:
-        raise Sd3trtError(f"unknown --precision {precision!r}; use fp16, bf16 or fp32")
+        raise Sd3trtError(f"unknown --precision {precision!r}; use fp16, bf16, fp32, int8 or fp8")
     if bundle_dtype == precision:
         return "as-exported"
     if precision == "bf16" and bundle_dtype == "fp32":

@@ -291,7 +291,7 @@ def test_precision_must_match_the_bundle():
     with pytest.raises(Sd3trtError, match=r"sd3trt export --dtype fp32 \(or bf16\)"):
         check_precision("fp16", "bf16")
     with pytest.raises(Sd3trtError, match="not supported yet"):
-        check_precision("fp16", "fp8")
+        check_precision("fp16", "fp4")
 
 
 def test_bad_build_options_are_refused(fp16_bundle, fp32_bundle):
