@@ -63,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sd3trt.engines.quantize_cli import add_quantize_command
     from sd3trt.runtime.cli import add_runtime_commands
 
+    from sd3trt.benchmarks.cli import add_bench_command
     from sd3trt.server.cli import add_server_commands
 
     add_build_command(sub)
     add_quantize_command(sub)
     add_runtime_commands(sub)
     add_server_commands(sub)
+    add_bench_command(sub)
     return parser
 
 
