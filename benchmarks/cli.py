@@ -64,7 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="create the bundle's INT8 transformer (sd3trt quantize, with calibration) if it is missing")
     r.add_argument("--reps", type=int, default=None, help="measured warm runs per system (default 3; quick: 2)")
     r.add_argument("--system-reps", default="", metavar="SYSTEM=N,...",
-                   help="measured runs for particular systems, e.g. diffusers-bf16=1 for a slow one")
+                   help="measured runs for particular systems, e.g. diffusers-bf16=1 for a slow one; 0: its first "
+                        "(cold) image is the only run, reported as such")
+    r.add_argument("--max-other-cpu", type=float, default=0.10,
+                   help="a run during which other processes used more than this share of the CPUs is left out of "
+                        "the statistics and replaced (default 0.10)")
+    r.add_argument("--extra-reps", type=int, default=None,
+                   help="runs allowed per system to replace disturbed ones (default 3; quick: 0)")
     r.add_argument("--warmup", type=int, default=0, help="extra warm-up runs after the first (cold) image")
     r.add_argument("--threads", type=int, default=0, help="threads for every system (default: all usable CPUs)")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="diffusers' device")
@@ -106,8 +112,8 @@ def config_from_args(a):
             k, _, v = item.partition("=")
             parse_systems(k, False)
             system_reps[k] = int(v)
-            if system_reps[k] < 1:
-                raise ValueError(f"--system-reps {item}: at least 1 run")
+            if system_reps[k] < 0:
+                raise ValueError(f"--system-reps {item}: 0 or more runs")
     except ValueError as e:
         raise Sd3trtError(str(e)) from None
     for v, what in ((w, "width"), (h, "height"), (a.num_images, "--num-images")):
@@ -125,7 +131,8 @@ def config_from_args(a):
         project_systems=project_systems, system_reps=system_reps,
         timeout_s=a.timeout or base.get("timeout_s", 3600.0), gate_psnr_db=a.gate_psnr,
         peak_budget_s=a.peak_budget or base.get("peak_budget_s", 20.0), peaks=not a.no_peaks,
-        prompt_cache=a.prompt_cache, keep_work=a.keep_work, quick=a.quick,
+        prompt_cache=a.prompt_cache, keep_work=a.keep_work, quick=a.quick, max_other_cpu=a.max_other_cpu,
+        extra_reps=a.extra_reps if a.extra_reps is not None else base.get("extra_reps", 3),
     )
 
 

@@ -38,11 +38,22 @@ def denoise_calls(steps: int, strength: float) -> int:
     return steps - t_start
 
 
-def summarize(res: dict, flops_per_call: float | None, peaks: dict) -> dict:
+def clean_runs(runs: list[dict], max_other: float) -> tuple[list[dict], bool]:
+    """(the runs to take statistics over, whether they are undisturbed): the runs during which other
+    processes used at most `max_other` of the machine's CPUs; all runs when none qualifies."""
+    clean = [r for r in runs if r.get("other_cpu_frac", 0.0) <= max_other]
+    return (clean, True) if clean else (list(runs), False)
+
+
+def summarize(res: dict, flops_per_call: float | None, peaks: dict, max_other: float = 0.10) -> dict:
     name = res["system"]
     if res.get("status") != "ok":
         return {"status": res.get("status", "failed"), "reason": res.get("reason") or res.get("error")}
-    runs = res["runs"]
+    all_runs = res["runs"]
+    cold_only = not all_runs and bool(res.get("first_run"))
+    if cold_only:  # --system-reps NAME=0: a system too slow for more than its first image
+        all_runs = [res["first_run"]]
+    runs, undisturbed = clean_runs(all_runs, max_other)
     per_run = [{c: float(sum(r["calls"].get(c, []))) for c in COMPONENTS} for r in runs]
     tr_calls = [t for r in runs for t in r["calls"].get("transformer", [])]
     engine = [sum(pr.values()) for pr in per_run]
@@ -67,6 +78,11 @@ def summarize(res: dict, flops_per_call: float | None, peaks: dict) -> dict:
         "peak_rss_mib": res.get("peak_rss_mib"),
         "rss_after_load_mib": res.get("rss_after_load_mib"),
         "loadavg_1m": [r.get("loadavg_1m_before") for r in runs],
+        "cold_only": cold_only,
+        "runs_total": len(all_runs),
+        "runs_used": len(runs),
+        "undisturbed": undisturbed,
+        "other_cpu_frac": [r.get("other_cpu_frac") for r in all_runs],
     }
     prec = sysm.PRECISION.get(name)
     s["precision"] = prec
@@ -162,7 +178,8 @@ def project(cfg, spec, spec2, res1: dict, res2: dict, full_depth: dict, target: 
         r1 = res1.get(name, {})
         if r1.get("status") != "ok" or r2.get("status") != "ok":
             continue
-        s1, s2 = summarize(r1, None, {}), summarize(r2, None, {})
+        lim = getattr(cfg, "max_other_cpu", 0.10)
+        s1, s2 = summarize(r1, None, {}, lim), summarize(r2, None, {}, lim)
         comps = {}
         delta = 0.0
         for c in COMPONENTS:
@@ -214,17 +231,24 @@ def build_report(*, cfg, machine, desc, threads, device, model_spec, model_depth
     batch = cfg["num_images"] * (2 if cfg_on else 1)
     text_seq = CLIP_MAX_LENGTH + cfg["max_sequence_length"]
     fcount = fl.transformer_call_flops(transformer_config, lh, lw, text_seq, batch)
-    summ = {n: summarize(r, fcount["total"], peaks) for n, r in results.items()}
+    max_other = cfg.get("max_other_cpu", 0.10)
+    summ = {n: summarize(r, fcount["total"], peaks, max_other) for n, r in results.items()}
     for n, a in accuracy.get("systems", {}).items():
         if n in summ:
             summ[n]["accuracy"] = a
     notes = []
     if bf16_note and any(n.endswith("bf16") for n in results):
         notes.append(bf16_note)
-    loads = [l for s in summ.values() for l in (s.get("loadavg_1m") or []) if l is not None]
-    if loads and max(loads) > threads * 0.5 + 0.5:
-        notes.append(f"the 1-minute load average reached {max(loads):.1f} on {threads} CPUs during measured runs: "
-                     "other work shared the machine; treat those timings as upper bounds")
+    disturbed = [n for n, s in summ.items() if s.get("status") == "ok" and not s["undisturbed"]]
+    dropped = {n: s["runs_total"] - s["runs_used"] for n, s in summ.items()
+               if s.get("status") == "ok" and s["undisturbed"] and s["runs_total"] > s["runs_used"]}
+    if dropped:
+        notes.append("runs during which other processes used more than "
+                     f"{100 * max_other:.0f}% of the machine's CPUs were measured but left out of the statistics: "
+                     + ", ".join(f"{n} {k}" for n, k in dropped.items()))
+    if disturbed:
+        notes.append("every measured run of " + ", ".join(disturbed) + " was disturbed by other processes (more "
+                     f"than {100 * max_other:.0f}% of the CPUs): treat those timings as upper bounds")
     raw = {}
     for n, r in results.items():
         raw[n] = {k: v for k, v in r.items() if k not in ("image_npy", "traceback")}
@@ -269,7 +293,7 @@ def _p(d, key="p50", spec=".2f"):
 def latency_table(rep: dict) -> str:
     systems = rep["systems"]
     base = [n for n in sysm.DIFFUSERS if systems.get(n, {}).get("status") == "ok"]
-    head = ["system", "end to end p50 (s)", "p90 (s)"] + [f"speed-up vs {b}" for b in base] + [
+    head = ["system", "end to end p50 (s)", "p90 (s)", "min (s)", "runs"] + [f"speed-up vs {b}" for b in base] + [
         "text encoders (s)", "VAE enc (s)", "transformer / call p50 (s)", "p90 (s)", "denoise (s)", "VAE dec (s)",
         "cold start (s)"]
     rows = []
@@ -278,7 +302,12 @@ def latency_table(rep: dict) -> str:
             continue
         c = s["components_s"]
         den = c.get("transformer")
-        row = [n, _p(s["e2e_s"]), _p(s["e2e_s"], "p90")]
+        runs = f"{s['runs_used']}" + ("" if s["runs_used"] == s["runs_total"] else f" of {s['runs_total']}")
+        if s.get("cold_only"):
+            runs = "cold run only"
+        if not s["undisturbed"]:
+            runs += " (disturbed)"
+        row = [n, _p(s["e2e_s"]), _p(s["e2e_s"], "p90"), _p(s["e2e_s"], "min"), runs]
         row += [_f(systems[b]["e2e_s"]["p50"] / s["e2e_s"]["p50"], ".2f", "x") for b in base]
         row += [_p(s["text_encoders_s"]), _p(c.get("vae_encoder")), _p(s["transformer_call_s"], "p50", ".3f"),
                 _p(s["transformer_call_s"], "p90", ".3f"), _p(den), _p(c.get("vae_decoder")), _f(s["cold_start_s"], ".1f")]
@@ -379,6 +408,9 @@ def markdown(rep: dict) -> str:
         out.append(f"- **Note** {n}")
     out += ["", "## Latency (warm runs; components are time inside the engine / module calls per image)", "",
             latency_table(rep), "",
+            "Runs: measured warm runs the statistics use; runs during which other processes used more than "
+            f"{100 * cfg.get('max_other_cpu', 0.1):.0f}% of the machine's CPUs (from /proc/stat) are left out and "
+            "replaced by extra runs where possible (`of N`: N runs made). "
             "Speed-up columns: the diffusers configuration's end-to-end p50 divided by this system's (above 1: faster). "
             "Cold start: process start to first image (imports, loading, first run), in a fresh process.", "",
             "## Per component (p50 of the time inside each engine / module; in brackets: speed-up vs diffusers-fp32)", "",

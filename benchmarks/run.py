@@ -65,6 +65,8 @@ class BenchConfig:
     timeout_s: float = 3600.0
     gate_psnr_db: float = 25.0
     peak_budget_s: float = 20.0
+    max_other_cpu: float = 0.10  # a run during which other processes used more of the machine is "disturbed"
+    extra_reps: int = 3  # runs allowed in addition to `reps` to replace disturbed ones
     peaks: bool = True
     prompt_cache: bool = False
     keep_work: bool = False
@@ -72,7 +74,7 @@ class BenchConfig:
 
 
 QUICK = dict(model="tiny", layers=2, width=64, height=64, steps=4, reps=2, warmup=0, project_layers=0,
-             peak_budget_s=3.0, timeout_s=300.0)
+             peak_budget_s=3.0, timeout_s=300.0, extra_reps=0)
 
 
 def quick_config(**overrides) -> BenchConfig:
@@ -207,7 +209,7 @@ def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:
         "image": str(work / "input.png"), "noise": str(work / "noise.npz"), "prompt": cfg.prompt,
         "negative_prompt": cfg.negative_prompt, "steps": cfg.steps, "strength": cfg.strength,
         "guidance": cfg.guidance, "num_images": cfg.num_images, "max_sequence_length": cfg.max_sequence_length,
-        "prompt_cache": cfg.prompt_cache,
+        "prompt_cache": cfg.prompt_cache, "max_other_cpu": cfg.max_other_cpu, "extra_reps": cfg.extra_reps,
     }
 
 

@@ -55,6 +55,34 @@ def ru_maxrss_mib() -> float:
     return r / 1024 if sys.platform != "darwin" else r / 2**20
 
 
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_snapshot() -> tuple | None:
+    """(wall s, system-wide busy CPU s, steal CPU s, this process's CPU s) for `other_cpu` below."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return time.time(), (user + nice + system + irq + softirq) / _HZ, steal / _HZ, ru.ru_utime + ru.ru_stime
+
+
+def other_cpu(before: tuple | None, after: tuple | None) -> dict:
+    """Share of the machine's CPU capacity used by other processes (and stolen by the hypervisor) between
+    two snapshots: the evidence that a run was disturbed, independent of the load average's lag."""
+    if not before or not after:
+        return {}
+    wall = after[0] - before[0]
+    cap = wall * (os.cpu_count() or 1)
+    if cap <= 0:
+        return {}
+    other = (after[1] - before[1]) - (after[3] - before[3])
+    return {"other_cpu_frac": round(max(other, 0.0) / cap, 4), "steal_frac": round((after[2] - before[2]) / cap, 4)}
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -273,7 +301,9 @@ def run_job(job: dict) -> dict:
     _save(job, result)
     log(f"  {name}: loaded in {t_loaded - t0:.1f} s (process start to loaded {t_loaded - t_spawn:.1f} s); first image ...")
 
+    snap = cpu_snapshot()
     out, first = system.run(image, noise)
+    first.update(other_cpu(snap, cpu_snapshot()))
     t_first = time.time()
     result["cold_start_s"] = t_first - t_spawn
     result["first_image_s"] = first["total_s"]
@@ -286,16 +316,27 @@ def run_job(job: dict) -> dict:
         _, r = system.run(image, noise)
         log(f"  {name}: warm-up {i + 1}/{job['warmup']} {r['total_s']:.2f} s")
     runs = []
-    for i in range(int(job["reps"])):
+    reps = int(job["reps"])
+    # Runs disturbed by other processes (more than max_other_cpu of the machine) do not count towards
+    # `reps`; up to `extra_reps` more runs replace them. All runs are kept; the report filters.
+    limit = float(job.get("max_other_cpu", 1.0))
+    max_runs = reps + int(job.get("extra_reps", 0))
+    clean = 0
+    while clean < reps and len(runs) < max_runs:
         load = os.getloadavg()[0]
+        snap = cpu_snapshot()
         _, r = system.run(image, noise)
+        r.update(other_cpu(snap, cpu_snapshot()))
         r["loadavg_1m_before"] = load
         runs.append(r)
+        disturbed = r.get("other_cpu_frac", 0.0) > limit
+        clean += not disturbed
         result["runs"] = runs
         _save(job, result)
         tr = r["calls"].get("transformer", [])
         per = f", transformer {np.median(tr):.3f} s/call" if tr else ""
-        log(f"  {name}: run {i + 1}/{job['reps']} {r['total_s']:.2f} s{per}")
+        note = f" (disturbed: other processes used {100 * r['other_cpu_frac']:.0f}% of the CPUs; not counted)" if disturbed else ""
+        log(f"  {name}: run {len(runs)} ({clean}/{reps} clean) {r['total_s']:.2f} s{per}{note}")
     result["runs"] = runs
     result["status"] = "ok"
     result["peak_rss_mib"] = peak_rss_mib()
