@@ -162,32 +162,49 @@ def measure_peaks(cfg: BenchConfig, work: Path, threads: int) -> dict:
         return {"error": f"the peak measurement failed (exit code {rc})", "peaks": {}}
 
 
-def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
-    if "sd3trt-ort-int8" not in cfg.systems or not cfg.quantize:
-        return
+def _missing(bundle: Path, precision: str, component: str) -> bool:
     from sd3trt.errors import Sd3trtError
     from sd3trt.manifest import load_bundle
 
     try:
         from sd3trt.engines.quantized import quantized_entry
-
-        quantized_entry(load_bundle(bundle), "int8")
-        return
     except ImportError:
-        return
+        return False
+    try:
+        quantized_entry(load_bundle(bundle), precision, component)
+        return False
     except Sd3trtError:
-        pass
+        return True
+
+
+def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
+    """--quantize: make the INT8 transformer (and, for sd3trt-ort-int8-vae, the INT8 VAE decoder) when missing."""
+    if not cfg.quantize:
+        return
     from sd3trt.engines.calibrate import CalibSettings
-    from sd3trt.engines.quantize_bundle import quantize_bundle
+    from sd3trt.errors import Sd3trtError
 
     settings = CalibSettings(size=min(cfg.width, cfg.height))
     if cfg.quick:
         settings = CalibSettings(prompts=3, holdout=1, steps=3, size=min(cfg.width, cfg.height))
-    log(f"quantizing the transformer of {bundle} to int8 (sd3trt quantize; calibration runs first) ...")
-    try:
-        quantize_bundle(bundle, "int8", settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
-    except Sd3trtError as e:
-        log(f"  quantize failed: {e}")
+    todo = []
+    if {"sd3trt-ort-int8", "sd3trt-ort-int8-vae"} & set(cfg.systems) and _missing(bundle, "int8", "transformer"):
+        todo.append("transformer")
+    if "sd3trt-ort-int8-vae" in cfg.systems and _missing(bundle, "int8", "vae_decoder"):
+        todo.append("vae_decoder")
+    for component in todo:
+        log(f"quantizing the {component} of {bundle} to int8 (sd3trt quantize) ...")
+        try:
+            if component == "transformer":
+                from sd3trt.engines.quantize_bundle import quantize_bundle
+
+                quantize_bundle(bundle, "int8", settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
+            else:
+                from sd3trt.engines.quantize_vae import quantize_vae
+
+                quantize_vae(bundle, component, settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
+        except Sd3trtError as e:
+            log(f"  quantize failed: {e}")
 
 
 def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:

@@ -14,15 +14,17 @@ SYSTEMS = {
     "sd3trt-ort-fp32": "sd3trt runtime on ONNX Runtime (CPU), fp32 bundle, engines loaded at start",
     "sd3trt-ort-fp32-lowmem": "sd3trt on ONNX Runtime, fp32, low_memory=True (each engine loaded only while needed)",
     "sd3trt-ort-int8": "sd3trt on ONNX Runtime, INT8 Q/DQ transformer from `sd3trt quantize`, other engines fp32",
+    "sd3trt-ort-int8-vae": "sd3trt on ONNX Runtime, INT8 transformer and INT8 VAE decoder convolutions "
+                           "(`sd3trt quantize --component vae_decoder`), other engines fp32",
     "sd3trt-trt": "sd3trt runtime on TensorRT engines from `sd3trt build` (GPU)",
 }
 DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "sd3trt-ort-fp32",
-                   "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-trt")
+                   "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-ort-int8-vae", "sd3trt-trt")
 DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
 # What the transformer computes in, for "fraction of the matmul peak of its precision".
 PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",
              "diffusers-compile-bf16": "bf16", "sd3trt-ort-fp32": "fp32", "sd3trt-ort-fp32-lowmem": "fp32",
-             "sd3trt-ort-int8": "int8", "sd3trt-trt": "gpu"}
+             "sd3trt-ort-int8": "int8", "sd3trt-ort-int8-vae": "int8", "sd3trt-trt": "gpu"}
 
 
 def parse_systems(text: str | None, compile_: bool) -> list[str]:
@@ -78,17 +80,18 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
             return "onnxruntime is not installed"
         if bundle.dtype == "bf16":
             return "ONNX Runtime cannot run a bf16 bundle on CPU"
-    if system == "sd3trt-ort-int8":
+    if system in ("sd3trt-ort-int8", "sd3trt-ort-int8-vae"):
         if not _has("sd3trt.engines.quantized"):
-            return "sd3trt.engines.quantized is not available (the INT8 transformer path is not installed)"
+            return "sd3trt.engines.quantized is not available (the INT8 path is not installed)"
         from sd3trt.engines.quantized import quantized_entry
 
-        try:
-            entry = quantized_entry(bundle, "int8")
-        except Sd3trtError as e:
-            return f"{e} (or pass --quantize to let the benchmark do it)"
-        if not entry.get("accuracy", {}).get("passed", False):
-            return "the bundle's int8 transformer failed its accuracy gate (recorded with --force); not benchmarked"
+        for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
+            try:
+                entry = quantized_entry(bundle, "int8", component)
+            except Sd3trtError as e:
+                return f"{e} (or pass --quantize to let the benchmark do it)"
+            if not entry.get("accuracy", {}).get("passed", False):
+                return f"the bundle's int8 {component} failed its accuracy gate (recorded with --force); not benchmarked"
     if system == "sd3trt-trt":
         if not _gpu_present():
             return "TensorRT needs an NVIDIA GPU and none is present on this machine"

@@ -201,7 +201,8 @@ class TimedRunner:
 
 
 class Sd3trtSystem:
-    def __init__(self, job: dict, backend: str, low_memory: bool, transformer_precision: str | None):
+    def __init__(self, job: dict, backend: str, low_memory: bool, transformer_precision: str | None,
+                 vae_precision: str | None = None):
         from sd3trt.manifest import load_bundle
         from sd3trt.runtime.pipeline import Img2Img
         from sd3trt.runtime.runners import OrtRunner
@@ -209,11 +210,15 @@ class Sd3trtSystem:
         self.job = job
         bundle = load_bundle(Path(job["bundle_dir"]))
         threads = int(job.get("threads") or 0)
-        tr_path = None
-        if transformer_precision:
-            from sd3trt.engines.quantized import quantized_onnx_path
+        paths = {}  # component -> quantized graph
+        if transformer_precision or vae_precision:
+            from sd3trt.engines.quantized import quantized_onnx_path, quantized_parts
 
-            tr_path = quantized_onnx_path(bundle, transformer_precision)
+            if transformer_precision:
+                paths["transformer"] = quantized_onnx_path(bundle, transformer_precision)
+            if vae_precision:
+                for c in quantized_parts(bundle, vae_precision, ("vae_decoder", "vae_encoder")):
+                    paths[c] = quantized_onnx_path(bundle, vae_precision, c)
         self.clock = Clock(label=job["system"])
         self.loads: list[float] = []
 
@@ -224,7 +229,7 @@ class Sd3trtSystem:
 
                 inner = TrtRunner.from_bundle(bundle, name)
             else:
-                path = tr_path if (name == "transformer" and tr_path) else bundle.onnx_path(name)
+                path = paths.get(name) or bundle.onnx_path(name)
                 inner = OrtRunner(name, bundle.component(name), path, threads=threads)
             self.loads.append(time.perf_counter() - t0)
             return TimedRunner(inner, self.clock)
@@ -267,6 +272,8 @@ def make_system(job: dict):
         return Sd3trtSystem(job, "onnxruntime", True, None)
     if name == "sd3trt-ort-int8":
         return Sd3trtSystem(job, "onnxruntime", False, "int8")
+    if name == "sd3trt-ort-int8-vae":
+        return Sd3trtSystem(job, "onnxruntime", False, "int8", "int8")
     if name == "sd3trt-trt":
         return Sd3trtSystem(job, "tensorrt", False, None)
     raise ValueError(f"unknown system {name}")

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   sd3trt quantize --bundle B --precision int8                     # CPU INT8 path (ONNX Runtime)
   sd3trt quantize --bundle B --precision fp8 --method percentile --engine 8.9 --engine-name fp16-rtx-sm89
   sd3trt quantize --bundle B --precision int8 --keep default,@first_block,@last_block --calib-prompts 16
+  sd3trt quantize --bundle B --precision int8 --component vae_decoder   # int8 VAE convolutions (CPU)
 """
 
 
@@ -34,6 +35,9 @@ def _keep(text: str | None) -> tuple[str, ...]:
 def _quantize(a) -> None:
     from sd3trt.engines.calibrate import CalibSettings
     from sd3trt.engines.quantize_bundle import quantize_bundle
+
+    if a.component != "transformer":
+        return _quantize_vae(a)
 
     ccs = tuple(c.strip() for v in (a.engine or []) for c in v.split(",") if c.strip())
     if ccs:  # refuse an impossible target before the (long) calibration
@@ -70,6 +74,24 @@ def _quantize(a) -> None:
                                name=a.engine_name, flavour=a.flavour)
 
 
+def _quantize_vae(a) -> None:
+    from sd3trt.engines.calibrate import CalibSettings
+    from sd3trt.engines.quantize_vae import quantize_vae
+    from sd3trt.errors import Sd3trtError
+
+    if a.precision != "int8":
+        raise Sd3trtError(f"the VAE quantizes to int8 only (the ONNX Runtime CPU path), not {a.precision}; "
+                          "GPU engines run the VAE in fp16/bf16")
+    if a.engine:
+        raise Sd3trtError("--engine builds a quantized transformer engine; the int8 VAE is an ONNX Runtime CPU graph")
+    settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
+                             size=a.calib_size, seed=a.seed)
+    th = {"psnr_db": a.min_psnr_db} if a.min_psnr_db is not None else None
+    entry = quantize_vae(a.bundle, a.component, settings, thresholds=th, force=a.force, threads=a.threads)
+    print(json.dumps({"file": entry["file"], "precision": "int8", "component": a.component,
+                      "accuracy": entry["accuracy"], "seconds": entry["seconds"]}, indent=2))
+
+
 def add_quantize_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "quantize", help="quantize the transformer to INT8 or FP8 (calibration, Q/DQ ONNX, accuracy gate)",
@@ -78,6 +100,9 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
     p.add_argument("--precision", required=True, choices=("int8", "fp8"),
                    help="int8: Ampere-class GPUs and CPUs (ONNX Runtime); fp8: Ada/Hopper/Blackwell (SM 8.9+)")
+    p.add_argument("--component", default="transformer", choices=("transformer", "vae_decoder", "vae_encoder"),
+                   help="what to quantize (default transformer); vae_decoder / vae_encoder: int8 convolutions for "
+                        "ONNX Runtime CPU, gated on the decoded image")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib-prompts", type=int, default=8, help="img2img runs recorded (default 8)")
     g.add_argument("--holdout", type=int, default=0, help="runs kept for the accuracy gate (default a quarter, >= 1)")

@@ -1,4 +1,4 @@
-"""Quantized transformers in a bundle: the manifest section and the runtime's way to use them.
+"""Quantized graphs in a bundle (the transformer; the VAE's int8 convolutions): the manifest section and the runtime's way to use them.
 
 Standard library + the runtime's own modules only (no onnx, no torch): `sd3trt.runtime` may import it.
 
@@ -61,33 +61,48 @@ def key(precision: str, component: str = "transformer") -> str:
     return f"{component}.{precision}"
 
 
+def _flag(component: str) -> str:
+    return "" if component == "transformer" else f" --component {component}"
+
+
 def quantized_entry(bundle, precision: str, component: str = "transformer", verify_checksums: bool = False) -> dict:
     """The manifest entry of the bundle's `precision` transformer; an Sd3trtError naming the fix when
     it is missing, stale (made from another export) or damaged."""
     if precision not in PRECISIONS:
-        raise Sd3trtError(f"unknown transformer precision {precision!r}; use {' or '.join(PRECISIONS)}")
+        raise Sd3trtError(f"unknown {component} precision {precision!r}; use {' or '.join(PRECISIONS)}")
     entry = bundle.data.get(SECTION, {}).get(key(precision, component))
     if entry is None:
         raise Sd3trtError(
             f"bundle {bundle.root} has no {precision} {component}; create it with "
-            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}`"
+            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}{_flag(component)}`"
         )
     src = bundle.component(component)
     if entry["source"]["sha256"] != src["files"].get(src["file"]):
         raise Sd3trtError(
             f"the {precision} {component} of {bundle.root} was made from an earlier export; re-run "
-            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}`"
+            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}{_flag(component)}`"
         )
     for rel, digest in entry["files"].items():
         p = bundle.path(rel)
         if not p.is_file():
-            raise Sd3trtError(f"bundle file {p} is missing; re-run `sd3trt quantize --precision {precision}`")
+            raise Sd3trtError(f"bundle file {p} is missing; re-run `sd3trt quantize --precision {precision}{_flag(component)}`")
         if verify_checksums:
             from sd3trt.manifest import sha256_file
 
             if sha256_file(p) != digest:
-                raise Sd3trtError(f"bundle file {p} is corrupted; re-run `sd3trt quantize --precision {precision}`")
+                raise Sd3trtError(f"bundle file {p} is corrupted; re-run `sd3trt quantize --precision {precision}{_flag(component)}`")
     return entry
+
+
+def quantized_parts(bundle, precision: str, components: tuple[str, ...]) -> list[str]:
+    """Which of `components` the bundle lists in `precision`; an Sd3trtError naming the fix when none."""
+    parts = [c for c in components if key(precision, c) in bundle.data.get(SECTION, {})]
+    if not parts:
+        raise Sd3trtError(
+            f"bundle {bundle.root} has no {precision} {' or '.join(components)}; create it with "
+            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}{_flag(components[0])}`"
+        )
+    return parts
 
 
 def quantized_onnx_path(bundle, precision: str, component: str = "transformer") -> Path:

@@ -41,7 +41,7 @@ def run_img2img(a) -> None:
 
     imgs.format_from_path(a.out)  # an unknown output format fails before any work
     pipe = Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
-                               transformer_precision=a.precision)
+                               transformer_precision=a.precision, vae_precision=a.vae_precision)
     noise = _read_noise(a.noise) if a.noise else None
     res = pipe(
         a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
@@ -107,6 +107,8 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
                    help="transformer precision on ONNX Runtime (int8/fp8 need `sd3trt quantize` first)")
+    p.add_argument("--vae-precision", default="fp32", choices=("fp32", "int8"),
+                   help="int8: the VAE's int8 convolutions on ONNX Runtime CPU (`sd3trt quantize --component vae_decoder`)")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
     p.add_argument("--out", type=Path, required=True, help="output image (.png, .jpg, .webp)")

@@ -59,7 +59,7 @@ class Timer:
 class Img2Img:
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", low_memory: bool = False,
                  runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
-                 engine_build: str | None = None, transformer_precision: str = "fp32"):
+                 engine_build: str | None = None, transformer_precision: str = "fp32", vae_precision: str = "fp32"):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if bundle.dtype == "bf16" and backend.startswith("onnxruntime"):
@@ -70,13 +70,19 @@ class Img2Img:
         self.low_memory = low_memory
         self.threads = threads
         self.engine_build = engine_build  # which `sd3trt build` output the tensorrt backend uses
-        # int8 / fp8: the quantized transformer made by `sd3trt quantize` (ONNX Runtime); TensorRT engines
-        # carry their precision in the build chosen with engine_build.
-        self.transformer_onnx = bundle.onnx_path("transformer")
-        if transformer_precision != "fp32" and backend != "tensorrt":
-            from sd3trt.engines.quantized import quantized_onnx_path
+        # int8 / fp8: quantized graphs made by `sd3trt quantize` (ONNX Runtime): the transformer, and the
+        # VAE's int8 convolutions (CPU); TensorRT engines carry their precision in the build (engine_build).
+        self.onnx_paths: dict[str, Path] = {}
+        if vae_precision not in ("fp32", "int8"):
+            raise Sd3trtError(f"unknown VAE precision {vae_precision!r}; use fp32 or int8")
+        if backend != "tensorrt" and (transformer_precision != "fp32" or vae_precision != "fp32"):
+            from sd3trt.engines.quantized import quantized_onnx_path, quantized_parts
 
-            self.transformer_onnx = quantized_onnx_path(bundle, transformer_precision)
+            if transformer_precision != "fp32":
+                self.onnx_paths["transformer"] = quantized_onnx_path(bundle, transformer_precision)
+            if vae_precision != "fp32":  # the VAE parts the bundle has in int8 (the encoder may have failed its gate)
+                for name in quantized_parts(bundle, vae_precision, ("vae_decoder", "vae_encoder")):
+                    self.onnx_paths[name] = quantized_onnx_path(bundle, vae_precision, name)
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._factory = runner_factory or self._default_factory
         self._runners: dict[str, Runner] = {}
@@ -99,7 +105,7 @@ class Img2Img:
             from sd3trt.runtime.trt_runner import ort_gpu_providers
 
             providers = ort_gpu_providers("cuda" if self.backend == "onnxruntime-cuda" else "tensorrt", self.bundle)
-        path = self.transformer_onnx if name == "transformer" else self.bundle.onnx_path(name)
+        path = self.onnx_paths.get(name) or self.bundle.onnx_path(name)
         return OrtRunner(name, entry, path, providers=providers, threads=self.threads)
 
     def runner(self, name: str) -> Runner:

@@ -15,6 +15,20 @@ from sd3trt.errors import Sd3trtError
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
 
+def release_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim; a no-op elsewhere). Loading an ONNX
+    file parses its weights through transient copies that glibc keeps mapped: measured on the
+    medium-width bundle, ~700 MiB of RSS that nothing uses any more."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 class Runner:
     """Base: validation against the manifest's input specs; subclasses implement _run."""
 
@@ -76,12 +90,16 @@ class OrtRunner(Runner):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # No CPU arena: each session's arena keeps its largest activations for life (six sessions: +2.6 GiB
+        # peak RSS on the medium-width bundle at 512 px); plain allocations cost no measurable time there.
+        opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:  # ORT raises its own exception types; name the file and the cure
             raise Sd3trtError(f"{name}: ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}); re-export it") from None
+        release_heap()
 
     def _run(self, feeds):
         outs = self.session.run(self.outputs, feeds)
@@ -89,3 +107,4 @@ class OrtRunner(Runner):
 
     def close(self) -> None:
         self.session = None
+        release_heap()
