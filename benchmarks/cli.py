@@ -82,7 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--project-reps", type=int, default=1, help="measured runs per system at the second depth")
     r.add_argument("--project-to", choices=tuple(models.FULL_DEPTH), default="sd3-medium")
     r.add_argument("--timeout", type=float, default=None, help="seconds per system before it is stopped (default 3600)")
-    r.add_argument("--gate-psnr", type=float, default=25.0, help="accuracy gate: PSNR vs diffusers fp32 (dB)")
+    r.add_argument("--gate-psnr", type=float, default=None,
+                   help=f"accuracy gate: PSNR of the image vs diffusers fp32's, dB (default {systems.GATE_PSNR_DB:g}; "
+                        "with --rebuild: re-apply to a saved result)")
     r.add_argument("--peak-budget", type=float, default=None, help="seconds for the matmul peak measurement")
     r.add_argument("--no-peaks", action="store_true", help="skip the matmul peak measurement")
     r.add_argument("--quick", action="store_true", help="tiny model, 64 px, 4 steps, 2 runs: a couple of minutes")
@@ -96,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a):
     from sd3trt.benchmarks.run import DEFAULT_NEGATIVE, DEFAULT_PROMPT, QUICK, BenchConfig
+    from sd3trt.benchmarks import systems as sysm
     from sd3trt.benchmarks.systems import parse_systems
 
     base = dict(QUICK) if a.quick else {}
@@ -129,7 +132,7 @@ def config_from_args(a):
         max_sequence_length=a.max_sequence_length, seed=a.seed, cache_dir=a.cache_dir, out_dir=a.out,
         machine=a.machine, name=a.name, project_layers=project, project_to=a.project_to, project_reps=a.project_reps,
         project_systems=project_systems, system_reps=system_reps,
-        timeout_s=a.timeout or base.get("timeout_s", 3600.0), gate_psnr_db=a.gate_psnr,
+        timeout_s=a.timeout or base.get("timeout_s", 3600.0), gate_psnr_db=sysm.GATE_PSNR_DB if a.gate_psnr is None else a.gate_psnr,
         peak_budget_s=a.peak_budget or base.get("peak_budget_s", 20.0), peaks=not a.no_peaks,
         prompt_cache=a.prompt_cache, keep_work=a.keep_work, quick=a.quick, max_other_cpu=a.max_other_cpu,
         extra_reps=a.extra_reps if a.extra_reps is not None else base.get("extra_reps", 3),
@@ -140,7 +143,7 @@ def run_command(a) -> None:
     if a.rebuild:
         from sd3trt.benchmarks.report import rebuild
 
-        rebuild(a.rebuild)
+        rebuild(a.rebuild, gate_db=a.gate_psnr)
         print(f"re-rendered {a.rebuild}")
         return
     from sd3trt.benchmarks.run import run_bench

@@ -63,7 +63,7 @@ class BenchConfig:
     system_reps: dict = field(default_factory=dict)  # per-system measured runs (slow systems), else `reps`
     project_systems: list | None = None  # default: every system that ran, low-memory mode excepted
     timeout_s: float = 3600.0
-    gate_psnr_db: float = 25.0
+    gate_psnr_db: float = sysm.GATE_PSNR_DB
     peak_budget_s: float = 20.0
     max_other_cpu: float = 0.10  # a run during which other processes used more of the machine is "disturbed"
     extra_reps: int = 3  # runs allowed in addition to `reps` to replace disturbed ones

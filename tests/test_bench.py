@@ -82,6 +82,24 @@ def test_markdown_table_and_plot(quick_result):
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
+def test_rebuild_applies_another_gate(quick_result, tmp_path):
+    from sd3trt.benchmarks.report import rebuild
+
+    out, rep = quick_result
+    src = tmp_path / "quick.json"
+    src.write_text(json.dumps(rep))
+    # sd3trt fp32 matches diffusers within a level (PSNR far above any gate); an impossible gate fails it.
+    strict = rebuild(src, tmp_path, gate_db=1000.0)
+    assert strict["accuracy"]["gate_psnr_db"] == 1000.0
+    assert strict["accuracy"]["systems"]["diffusers-fp32"]["gated"]  # identical: always within the gate
+    assert not strict["accuracy"]["systems"]["sd3trt-ort-fp32"]["gated"]
+    speed = [t for t in strict["targets"] if "accuracy-gated" in t["target"]]
+    assert speed and speed[0]["met"] is None and "no sd3trt system passed" in speed[0]["measured"]
+    assert "gate: PSNR >= 1000.0 dB" in (tmp_path / "quick.md").read_text()
+    again = rebuild(src, tmp_path, gate_db=20.0)
+    assert again["accuracy"]["systems"]["sd3trt-ort-fp32"]["gated"]
+
+
 @pytest.mark.parametrize("sd35", [False, True], ids=["sd3", "sd35-dual-attention"])
 def test_flop_count_matches_pytorch(sd35):
     import torch
