@@ -515,6 +515,7 @@ def plot_png(rep: dict) -> bytes | None:
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     axes[0].set_xlabel("end to end per image, p50 (s)")
+    axes[0].set_xlim(0, 1.5 * max(s["e2e_s"]["p50"] for _, s in ok))  # room on the right for labels and legend
     axes[0].legend(fontsize=7, loc="lower right")
     rss = [s["peak_rss_mib"] or 0 for _, s in ok]
     axes[1].barh(y, rss, color="#a6d854")
