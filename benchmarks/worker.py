@@ -210,15 +210,6 @@ class Sd3trtSystem:
         self.job = job
         bundle = load_bundle(Path(job["bundle_dir"]))
         threads = int(job.get("threads") or 0)
-        paths = {}  # component -> quantized graph
-        if transformer_precision or vae_precision:
-            from sd3trt.engines.quantized import quantized_onnx_path, quantized_parts
-
-            if transformer_precision:
-                paths["transformer"] = quantized_onnx_path(bundle, transformer_precision)
-            if vae_precision:
-                for c in quantized_parts(bundle, vae_precision, ("vae_decoder", "vae_encoder")):
-                    paths[c] = quantized_onnx_path(bundle, vae_precision, c)
         self.clock = Clock(label=job["system"])
         self.loads: list[float] = []
 
@@ -229,12 +220,13 @@ class Sd3trtSystem:
 
                 inner = TrtRunner.from_bundle(bundle, name)
             else:
-                path = paths.get(name) or bundle.onnx_path(name)
+                path = self.pipe.onnx_paths.get(name) or bundle.onnx_path(name)  # the quantized graphs it chose
                 inner = OrtRunner(name, bundle.component(name), path, threads=threads)
             self.loads.append(time.perf_counter() - t0)
             return TimedRunner(inner, self.clock)
 
-        self.pipe = Img2Img(bundle, backend=backend, low_memory=low_memory, runner_factory=factory, threads=threads)
+        self.pipe = Img2Img(bundle, backend=backend, low_memory=low_memory, runner_factory=factory, threads=threads,
+                            transformer_precision=transformer_precision or "fp32", vae_precision=vae_precision or "fp32")
         if not low_memory:
             self.pipe.load_all()  # like a server at start; the cold start counts it either way
 

@@ -71,7 +71,7 @@ def psnr_db(ref: np.ndarray, test: np.ndarray, peak: float = 1.0) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse))
 
 
-def _session(path: Path, threads: int = 0):
+def session(path: Path, threads: int = 0):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -82,13 +82,13 @@ def _session(path: Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _summary(values: list[float]) -> dict:
+def summary(values: list[float]) -> dict:
     return {"min": round(min(values), 6), "mean": round(float(np.mean(values)), 6)}
 
 
 def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0) -> dict:
     """Quantized vs fp32 noise_pred on recorded calls `indices` (of a calibrate.CalibData)."""
-    ref, q = _session(ref_path, threads), _session(q_path, threads)
+    ref, q = session(ref_path, threads), session(q_path, threads)
     cos, snr = [], []
     for i in indices:
         feeds = data.feeds(i)
@@ -96,7 +96,7 @@ def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int],
         b = q.run(["noise_pred"], feeds)[0]
         cos.append(cosine(a, b))
         snr.append(snr_db(a, b))
-    return {"calls": len(indices), "cosine": _summary(cos), "snr_db": _summary(snr)}
+    return {"calls": len(indices), "cosine": summary(cos), "snr_db": summary(snr)}
 
 
 def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int = 0,
@@ -118,7 +118,7 @@ def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int
         b = np.clip(b / 2 + 0.5, 0, 1)
         psnr.append(psnr_db(a, b))
         log(f"accuracy: image {len(psnr)}/{len(runs)}: PSNR {psnr[-1]:.2f} dB")
-    return {"runs": len(runs), "psnr_db": _summary(psnr)}
+    return {"runs": len(runs), "psnr_db": summary(psnr)}
 
 
 def gate(precision: str, figures: dict, thresholds: dict | None = None) -> tuple[bool, list[str]]:

@@ -62,7 +62,7 @@ def _inputs(bundle, component: str, pixels: np.ndarray, threads: int) -> list[di
     """One feed per picture: the pixels (encoder) or the fp32 encoder's latent mean (decoder)."""
     if component == "vae_encoder":
         return [{"image": pixels[i:i + 1]} for i in range(len(pixels))]
-    enc = acc._session(bundle.onnx_path("vae_encoder"), threads)
+    enc = acc.session(bundle.onnx_path("vae_encoder"), threads)
     return [{"latent": enc.run(["mean"], {"image": pixels[i:i + 1]})[0]} for i in range(len(pixels))]
 
 
@@ -72,18 +72,18 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
 
 def vae_accuracy(bundle, component: str, q_path: Path, feeds: list[dict], threads: int = 0) -> dict:
     """Figures of the quantized graph at `q_path` against the bundle's fp32 graph on `feeds`."""
-    ref = acc._session(bundle.onnx_path(component), threads)
-    q = acc._session(q_path, threads)
+    ref = acc.session(bundle.onnx_path(component), threads)
+    q = acc.session(q_path, threads)
     if component == "vae_decoder":
         psnr = [acc.psnr_db(_to_unit(ref.run(None, f)[0]), _to_unit(q.run(None, f)[0])) for f in feeds]
-        return {"inputs": len(feeds), "psnr_db": acc._summary(psnr)}
-    dec = acc._session(bundle.onnx_path("vae_decoder"), threads)
+        return {"inputs": len(feeds), "psnr_db": acc.summary(psnr)}
+    dec = acc.session(bundle.onnx_path("vae_decoder"), threads)
     snr, psnr = [], []
     for f in feeds:
         a, b = ref.run(["mean"], f)[0], q.run(["mean"], f)[0]
         snr.append(acc.snr_db(a, b))
         psnr.append(acc.psnr_db(_to_unit(dec.run(None, {"latent": a})[0]), _to_unit(dec.run(None, {"latent": b})[0])))
-    return {"inputs": len(feeds), "latent_snr_db": acc._summary(snr), "psnr_db": acc._summary(psnr)}
+    return {"inputs": len(feeds), "latent_snr_db": acc.summary(snr), "psnr_db": acc.summary(psnr)}
 
 
 def vae_gate(figures: dict, thresholds: dict) -> list[str]:

@@ -75,6 +75,9 @@ class Img2Img:
         self.onnx_paths: dict[str, Path] = {}
         if vae_precision not in ("fp32", "int8"):
             raise Sd3trtError(f"unknown VAE precision {vae_precision!r}; use fp32 or int8")
+        if vae_precision != "fp32" and backend != "onnxruntime":
+            raise Sd3trtError(f"the int8 VAE is an ONNX Runtime CPU graph, not for the {backend} backend; use "
+                              "--backend onnxruntime, or the fp16/bf16 VAE of a GPU engine build")
         if backend != "tensorrt" and (transformer_precision != "fp32" or vae_precision != "fp32"):
             from sd3trt.engines.quantized import quantized_onnx_path, quantized_parts
 
