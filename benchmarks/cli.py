@@ -66,9 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--system-reps", default="", metavar="SYSTEM=N,...",
                    help="measured runs for particular systems, e.g. diffusers-bf16=1 for a slow one; 0: its first "
                         "(cold) image is the only run, reported as such")
-    r.add_argument("--max-other-cpu", type=float, default=0.10,
+    r.add_argument("--max-other-cpu", type=float, default=systems.MAX_OTHER_CPU,
                    help="a run during which other processes used more than this share of the CPUs is left out of "
-                        "the statistics and replaced (default 0.10)")
+                        f"the statistics and replaced (default {systems.MAX_OTHER_CPU:g})")
     r.add_argument("--extra-reps", type=int, default=None,
                    help="runs allowed per system to replace disturbed ones (default 3; quick: 0)")
     r.add_argument("--warmup", type=int, default=0, help="extra warm-up runs after the first (cold) image")

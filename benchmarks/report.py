@@ -45,7 +45,7 @@ def clean_runs(runs: list[dict], max_other: float) -> tuple[list[dict], bool]:
     return (clean, True) if clean else (list(runs), False)
 
 
-def summarize(res: dict, flops_per_call: float | None, peaks: dict, max_other: float = 0.10) -> dict:
+def summarize(res: dict, flops_per_call: float | None, peaks: dict, max_other: float = sysm.MAX_OTHER_CPU) -> dict:
     name = res["system"]
     if res.get("status") != "ok":
         return {"status": res.get("status", "failed"), "reason": res.get("reason") or res.get("error")}
@@ -182,7 +182,7 @@ def project(cfg, spec, spec2, res1: dict, res2: dict, full_depth: dict, target: 
         r1 = res1.get(name, {})
         if r1.get("status") != "ok" or r2.get("status") != "ok":
             continue
-        lim = getattr(cfg, "max_other_cpu", 0.10)
+        lim = getattr(cfg, "max_other_cpu", sysm.MAX_OTHER_CPU)
         s1, s2 = summarize(r1, None, {}, lim), summarize(r2, None, {}, lim)
         comps = {}
         delta = 0.0
@@ -235,7 +235,7 @@ def build_report(*, cfg, machine, desc, threads, device, model_spec, model_depth
     batch = cfg["num_images"] * (2 if cfg_on else 1)
     text_seq = CLIP_MAX_LENGTH + cfg["max_sequence_length"]
     fcount = fl.transformer_call_flops(transformer_config, lh, lw, text_seq, batch)
-    max_other = cfg.get("max_other_cpu", 0.10)
+    max_other = cfg.get("max_other_cpu", sysm.MAX_OTHER_CPU)
     summ = {n: summarize(r, fcount["total"], peaks, max_other) for n, r in results.items()}
     for n, a in accuracy.get("systems", {}).items():
         if n in summ:
@@ -413,7 +413,7 @@ def markdown(rep: dict) -> str:
     out += ["", "## Latency (warm runs; components are time inside the engine / module calls per image)", "",
             latency_table(rep), "",
             "Runs: measured warm runs the statistics use; runs during which other processes used more than "
-            f"{100 * cfg.get('max_other_cpu', 0.1):.0f}% of the machine's CPUs (from /proc/stat) are left out and "
+            f"{100 * cfg.get('max_other_cpu', sysm.MAX_OTHER_CPU):.0f}% of the machine's CPUs (from /proc/stat) are left out and "
             "replaced by extra runs where possible (`of N`: N runs made). "
             "Speed-up columns: the diffusers configuration's end-to-end p50 divided by this system's (above 1: faster). "
             "Cold start: process start to first image (imports, loading, first run), in a fresh process.", "",

@@ -65,7 +65,7 @@ class BenchConfig:
     timeout_s: float = 3600.0
     gate_psnr_db: float = sysm.GATE_PSNR_DB
     peak_budget_s: float = 20.0
-    max_other_cpu: float = 0.10  # a run during which other processes used more of the machine is "disturbed"
+    max_other_cpu: float = sysm.MAX_OTHER_CPU
     extra_reps: int = 3  # runs allowed in addition to `reps` to replace disturbed ones
     peaks: bool = True
     prompt_cache: bool = False

@@ -24,6 +24,9 @@ DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32",
 # the INT8 transformer gives on the medium-width model (47.7 dB) and the INT8 VAE decoder with it (25.7
 # dB, up to 102 levels off in a pixel): the latter is reported, but not counted as accurate.
 GATE_PSNR_DB = 30.0
+# A measured run during which other processes used more than this share of the machine's CPUs is
+# "disturbed": kept in the JSON, left out of the statistics, replaced by another run.
+MAX_OTHER_CPU = 0.10
 DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
 # What the transformer computes in, for "fraction of the matmul peak of its precision".
 PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",

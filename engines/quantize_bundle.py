@@ -51,7 +51,7 @@ def _save(model, dest: Path) -> list[Path]:
     return [dest]
 
 
-def _set_entry(root: Path, name: str, entry: dict | None) -> None:
+def set_entry(root: Path, name: str, entry: dict | None) -> None:
     """Add, replace (entry) or remove (None) manifest.json's quantized[name], re-reading it first."""
     manifest = json.loads((root / MANIFEST).read_text())
     section = manifest.setdefault(SECTION, {})
@@ -64,6 +64,17 @@ def _set_entry(root: Path, name: str, entry: dict | None) -> None:
     write_json_atomic(root / MANIFEST, manifest)
 
 
+def load_fp32_bundle(bundle_dir):
+    """The bundle, when it is fp32: quantization starts from fp32 graphs, which are also the accuracy reference."""
+    bundle = load_bundle(Path(bundle_dir))
+    if bundle.dtype != "fp32":
+        raise Sd3trtError(
+            f"quantization starts from an fp32 bundle (its graphs are also the accuracy reference); {bundle.root} "
+            f"is {bundle.dtype}, re-export with `sd3trt export --dtype fp32`"
+        )
+    return bundle
+
+
 def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibSettings(), method: str = "max",
                     percentile: float = 99.99, keep=DEFAULT_KEEP, attention: bool = False, per_channel: bool = True,
                     image_gate: bool = True, thresholds: dict | None = None, force: bool = False, threads: int = 0,
@@ -73,12 +84,7 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
 
     if precision not in PRECISIONS:
         raise Sd3trtError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
-    bundle = load_bundle(Path(bundle_dir))
-    if bundle.dtype != "fp32":
-        raise Sd3trtError(
-            f"quantization starts from an fp32 bundle (its transformer is also the accuracy reference); {bundle.root} "
-            f"is {bundle.dtype}, re-export with `sd3trt export --dtype fp32`"
-        )
+    bundle = load_fp32_bundle(bundle_dir)
     src_entry = bundle.component("transformer")
     src_path = bundle.onnx_path("transformer")
     t_start = time.perf_counter()
@@ -130,7 +136,7 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
             )
         # Into place: unlist the old entry, move the graph (and its data), write the report, then list the
         # new entry (manifest rewritten atomically each time): the manifest never names a file in flux.
-        _set_entry(bundle.root, key(precision), None)
+        set_entry(bundle.root, key(precision), None)
         files = {}
         for p in staged:
             os.replace(p, onnx_dir / p.name)
@@ -157,6 +163,6 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
     files[report_rel] = sha256_file(bundle.root / report_rel)
     entry["files"] = dict(sorted(files.items()))
 
-    _set_entry(bundle.root, key(precision), entry)
+    set_entry(bundle.root, key(precision), entry)
     log(f"quantize: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed in {MANIFEST}")
     return entry

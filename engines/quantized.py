@@ -66,7 +66,7 @@ def _flag(component: str) -> str:
 
 
 def quantized_entry(bundle, precision: str, component: str = "transformer", verify_checksums: bool = False) -> dict:
-    """The manifest entry of the bundle's `precision` transformer; an Sd3trtError naming the fix when
+    """The manifest entry of the bundle's `precision` `component`; an Sd3trtError naming the fix when
     it is missing, stale (made from another export) or damaged."""
     if precision not in PRECISIONS:
         raise Sd3trtError(f"unknown {component} precision {precision!r}; use {' or '.join(PRECISIONS)}")
