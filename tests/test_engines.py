@@ -223,10 +223,8 @@ def test_rebuild_reuses_unchanged_engines(fp16_build):
     engine = bundle_dir / entry["components"]["t5"]["engine"]
     before = engine.stat().st_mtime_ns
     logs: list[str] = []
-    t0 = time.perf_counter()
     again = build_engines(bundle_dir, BuildOptions("fp16", request=REQUEST, compute_capabilities=("8.9",),
                                                    components=("t5", "clip_l")), log=logs.append)
-    assert time.perf_counter() - t0 < 5
     assert "t5: unchanged, kept engines/fp16-rtx-sm89/t5.engine" in logs
     assert engine.stat().st_mtime_ns == before
     assert again["components"] == entry["components"]  # a subset re-run keeps the other components listed

@@ -25,9 +25,28 @@ def _quiet(_msg: str) -> None:
 
 @pytest.fixture(scope="module")
 def vbundle(tiny_sd3, tmp_path_factory):
+    """A copy of the tiny bundle with the int8 decoder made by the command line's defaults."""
+    from sd3trt.cli import main
+
     root = tmp_path_factory.mktemp("qvae") / "bundle"
     shutil.copytree(tiny_sd3[1], root)
-    return root, quantize_vae(root, "vae_decoder", SETTINGS, threads=2, log=_quiet)
+    assert main(["quantize", "--bundle", str(root), "--precision", "int8", "--component", "vae_decoder"]) == 0
+    return root, load_bundle(root).data["quantized"]["vae_decoder.int8"]
+
+
+def test_cli_defaults_pass_the_gate_quietly(vbundle, tmp_path, capfd):
+    from sd3trt.cli import main
+
+    root, entry = vbundle
+    assert entry["calibration"]["settings"]["prompts"] == 8 and entry["calibration"]["side_px"] == 256
+    assert entry["accuracy"]["passed"] and entry["accuracy"]["vae_decoder"]["psnr_db"]["min"] >= THRESHOLDS["psnr_db"]
+    copy = tmp_path / "bundle"
+    shutil.copytree(root, copy)
+    capfd.readouterr()
+    assert main(["quantize", "--bundle", str(copy), "--precision", "int8", "--component", "vae_decoder"]) == 0
+    out, err = capfd.readouterr()
+    assert "WARNING" not in out + err and "pre-processing" not in out + err
+    assert json.loads(out[out.index("{"):])["accuracy"]["passed"]
 
 
 def test_decoder_graph_quantizes_the_convolutions_and_is_listed(vbundle, tmp_path):
@@ -39,8 +58,10 @@ def test_decoder_graph_quantizes_the_convolutions_and_is_listed(vbundle, tmp_pat
     quantized = [n for n in convs if producers.get(n.input[1]) is not None
                  and producers[n.input[1]].op_type == "DequantizeLinear"]
     kept = {n.name for n in convs} - {n.name for n in quantized}
-    assert kept == set(entry["scheme"]["kept"]) == {"/decoder/conv_in/Conv", "/decoder/conv_out/Conv"}
-    assert len(quantized) == len(convs) - 2 > 10
+    assert kept == set(entry["scheme"]["kept"])
+    assert {"/decoder/conv_in/Conv", "/decoder/conv_out/Conv"} <= kept
+    assert all("conv_in" in n or "conv_out" in n or "/mid_block/" in n for n in kept)
+    assert len(quantized) == len(convs) - len(kept) > 10
     # Weights: int8, 7-bit range (reduce_range: no saturation in the AVX2 u8s8 kernels).
     inits = {i.name: i for i in g.initializer}
     w = onnx.numpy_helper.to_array(inits[producers[quantized[0].input[1]].input[0]])
@@ -70,12 +91,13 @@ def test_img2img_with_the_int8_decoder(vbundle):
     assert acc.psnr_db(a, b) >= THRESHOLDS["psnr_db"]
 
 
-def test_encoder_fails_its_gate_and_leaves_the_bundle_alone(vbundle):
-    root, _ = vbundle
+def test_a_failed_gate_leaves_the_bundle_alone(vbundle, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(vbundle[0], root)
     before = (root / "manifest.json").read_bytes()
-    # Measured: the int8 encoder loses 16-19 dB of latent SNR and its decode falls under the image gate.
-    with pytest.raises(Sd3trtError, match="int8 vae_encoder fails the accuracy gate"):
-        quantize_vae(root, "vae_encoder", SETTINGS, threads=2, log=_quiet)
+    # Failure forced by a threshold no graph reaches, not by this CPU's integer numerics.
+    with pytest.raises(Sd3trtError, match=r"int8 vae_encoder fails the accuracy gate \(.*latent SNR dB [\d.]+ < inf"):
+        quantize_vae(root, "vae_encoder", SETTINGS, thresholds={"latent_snr_db": float("inf")}, threads=2, log=_quiet)
     assert (root / "manifest.json").read_bytes() == before
     assert not (root / "onnx" / "vae_encoder.int8.onnx").exists()
     assert not [p for p in (root / "onnx").iterdir() if p.name.startswith(".")]  # no staging left
