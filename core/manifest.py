@@ -138,8 +138,7 @@ class Bundle:
             log.info("hashing %d file(s) (%.1f GiB) of bundle %s to check them against its manifest",
                      len(todo), size / 2**30, self.root)
         stamps, problems = {}, []
-        for c in checks:
-            rel, p, now, verdict, problem = c
+        for rel, p, now, verdict, problem in checks:
             if verdict is None:
                 verdict = "ok" if sha256_file(p) == now["sha256"] else "MISMATCH"
                 if verdict != "ok":

@@ -79,8 +79,12 @@ def test_a_truncated_file_is_a_size_error_without_hashing(bundle, hashed):
         load_bundle(bundle, verify_checksums=True)
 
 
-def test_the_second_load_only_stats(bundle, hashed, tmp_path):
-    files = listed(bundle)
+def test_the_second_load_only_stats(bundle, hashed, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(manifest, "LOG_HASHING_ABOVE", 0)  # the tiny bundle counts as large: one log line
+    with caplog.at_level("INFO", logger="sd3trt.manifest"):
+        files = listed(bundle)
+        load_bundle(bundle)
+    assert [r.getMessage().split(" of bundle")[0] for r in caplog.records] == [f"hashing {len(files)} file(s) (0.0 GiB)"]
     assert sorted(hashed) == sorted(bundle / rel for rel in files) and STAMPS not in files
     stamps = json.loads((bundle / STAMPS).read_text())["files"]
     assert {rel: s["sha256"] for rel, s in stamps.items()} == files
