@@ -30,6 +30,12 @@ def _export(a) -> None:
     export_bundle(a.model, a.out, dtype=a.dtype, opset=a.opset, skip_t5=a.skip_t5, overwrite=a.overwrite)
 
 
+def _verify(a) -> None:
+    from sd3trt.manifest import load_bundle
+
+    load_bundle(a.bundle, verify_checksums=True, report=lambda rel, verdict: print(f"{verdict:<8} {rel}", flush=True))
+
+
 def add_make_tiny(sub) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random-weight SD3 model in diffusers format")
     p.add_argument("--out", type=Path, required=True)
@@ -54,11 +60,20 @@ def add_export(sub) -> None:
     p.set_defaults(func=_export)
 
 
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="re-hash every file of a bundle and compare it with the manifest's sha256",
+                       description="Re-hash every file the bundle's manifest lists and print one line per file "
+                                   "(ok, MISMATCH or missing); exit status 2 when any file is wrong.")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory (the one holding manifest.json)")
+    p.set_defaults(func=_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3trt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
     add_export(sub)
+    add_verify(sub)
     from sd3trt.engines.cli import add_build_command
     from sd3trt.engines.quantize_cli import add_quantize_command
     from sd3trt.runtime.cli import add_runtime_commands

@@ -4,16 +4,25 @@ Format (version 1), documented in README.md:
   manifest.json           written last and atomically; lists every file with its sha256
   onnx/<component>.onnx   (+ <component>.onnx.data when the graph holds over 2 GB of weights)
   tokenizers/<name>/      tokenizer.json and tokenizer_config.json as transformers saved them
+
+Integrity: every load checks that each listed file exists; the first load of a file also checks its
+sha256 and records a stamp (sha256, size, mtime, ctime, inode) in .sd3trt-verified.json beside the
+manifest (in ~/.cache/sd3trt/verified/ when the bundle is read-only), so later loads cost one stat per
+file. A file whose stat differs from its stamp is hashed again; a stamp only vouches for the sha256
+the manifest lists now. `sd3trt verify` (and `load_bundle(..., verify_checksums=True)`) re-hashes all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.spec import ModelFacts
@@ -21,6 +30,11 @@ from sd3trt.spec import ModelFacts
 FORMAT = "sd3trt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
+RESTORE = "re-run `sd3trt export --overwrite` (or the `sd3trt build` / `sd3trt quantize` that wrote it) to restore it"
+LOG_HASHING_ABOVE = 1 << 30  # bytes: hashing more than this on a load logs one line
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -94,18 +108,95 @@ class Bundle:
                 files.update(entry.get("files", {}))
         return files
 
-    def check_files(self, verify_checksums: bool = False) -> None:
+    def check_files(self, verify_checksums: bool = False,
+                    report: Callable[[str, str], None] | None = None) -> None:
+        """Raise an Sd3trtError naming the first listed file that is missing or differs from its sha256.
+        A file is hashed unless a stamp shows it unchanged since it matched (verify_checksums: hash all).
+        report(rel, "ok" | "MISMATCH" | "missing"), when given, is called for every file in turn."""
+        known = [{}, {}] if verify_checksums else [_read_stamps(p) for p in _stamp_paths(self.root)]
+        checks = []  # [rel, path, its stamp now, verdict ("ok", "missing", "MISMATCH"; None: hash it), problem]
         for rel, digest in sorted(self.all_files().items()):
             p = self.path(rel)
-            if not p.is_file():
-                raise Sd3trtError(f"bundle file {p} is missing; re-run `sd3trt export` (or `sd3trt build`) to restore it")
-            if verify_checksums and sha256_file(p) != digest:
-                raise Sd3trtError(
-                    f"bundle file {p} is corrupted (sha256 does not match the manifest); re-run the export to restore it"
-                )
+            now = _stamp(p, digest)
+            seen = [k[rel] for k in known if isinstance(k.get(rel), dict) and k[rel].get("sha256") == digest]
+            if now is None:
+                checks.append([rel, p, now, "missing", f"bundle file {p} is missing"])
+            elif now in seen:
+                checks.append([rel, p, now, "ok", None])
+            elif seen and seen[0].get("size") != now["size"]:  # so it cannot have that sha256: no need to hash
+                checks.append([rel, p, now, "MISMATCH", f"bundle file {p} has {now['size']} bytes instead of the "
+                               f"{seen[0]['size']} it had when verified (truncated or overwritten)"])
+            else:
+                checks.append([rel, p, now, None, None])
+        if report is None:  # a load stops at what a stat shows, before hashing anything
+            for *_, problem in checks:
+                if problem:
+                    raise Sd3trtError(f"{problem}; {RESTORE}")
+        todo = [c for c in checks if c[3] is None]
+        size = sum(c[2]["size"] for c in todo)
+        if size > LOG_HASHING_ABOVE:
+            log.info("hashing %d file(s) (%.1f GiB) of bundle %s to check them against its manifest",
+                     len(todo), size / 2**30, self.root)
+        stamps, problems = {}, []
+        for rel, p, now, verdict, problem in checks:
+            if verdict is None:
+                verdict = "ok" if sha256_file(p) == now["sha256"] else "MISMATCH"
+                if verdict != "ok":
+                    problem = f"bundle file {p} is corrupted (sha256 does not match the manifest)"
+            if verdict == "ok":
+                stamps[rel] = now
+            if report is not None:
+                report(rel, verdict)
+            if problem:
+                problems.append(problem)
+                if report is None:
+                    break
+        if todo and (report is not None or not problems):
+            _write_stamps(self.root, stamps)
+        if problems:
+            raise Sd3trtError(f"{problems[0]}; {RESTORE}")
 
 
-def load_bundle(root: Path, verify_checksums: bool = False) -> Bundle:
+def _stamp(path: Path, digest: str) -> dict | None:
+    """What a stamp records of a file (None when it is not a regular file): compared, not trusted, on later loads."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}
+
+
+def _stamp_paths(root: Path) -> list[Path]:
+    """Beside the manifest, then the per-user cache (used when the bundle directory is read-only)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()
+    return [root / STAMPS, cache / "sd3trt" / "verified" / f"{key}.json"]
+
+
+def _read_stamps(path: Path) -> dict:
+    try:
+        files = json.loads(path.read_text())["files"]
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_stamps(root: Path, stamps: dict) -> None:
+    """Atomically, so concurrent loads never see a partial file (the last writer wins; a lost stamp costs a hash)."""
+    for path in _stamp_paths(root):
+        try:
+            write_json_atomic(path, {"bundle": str(root.resolve()), "files": stamps})
+            return
+        except OSError as e:
+            log.debug("cannot record verified files in %s: %s", path, e)
+
+
+def load_bundle(root: Path, verify_checksums: bool = False,
+                report: Callable[[str, str], None] | None = None) -> Bundle:
+    """Read the manifest and check the files (see Bundle.check_files; verify_checksums re-hashes every file)."""
     root = Path(root)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -123,5 +214,5 @@ def load_bundle(root: Path, verify_checksums: bool = False) -> Bundle:
             "re-export the model with this sd3trt"
         )
     bundle = Bundle(root, data)
-    bundle.check_files(verify_checksums)
+    bundle.check_files(verify_checksums, report)
     return bundle

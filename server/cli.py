@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.manifest import load_bundle
 
 DEFAULT_DB = os.environ.get("SD3TRT_DB", "sd3trt-keys.db")
 
@@ -36,8 +37,6 @@ def _serve(a) -> None:
         raise Sd3trtError(f"the server needs its extra ({e.name} is missing); pip install 'sd3trt[server]'") from None
     import logging
 
-    if not (Path(a.bundle) / "manifest.json").is_file():
-        raise Sd3trtError(f"{a.bundle} is not a bundle (no manifest.json); make one with `sd3trt export`")
     formats = tuple(f.strip().upper().replace("JPG", "JPEG") for f in a.input_formats.split(",") if f.strip())
     unknown = [f for f in formats if f not in ("PNG", "JPEG", "WEBP")]
     if unknown:
@@ -55,6 +54,7 @@ def _serve(a) -> None:
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sd3trt.server")
+    load_bundle(a.bundle, verify_checksums=True)  # every file re-hashed before the server listens
     if a.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", a.host)
     KeyStore(cfg.db).close()  # a database that cannot be opened fails here, with its message
