@@ -39,18 +39,20 @@ def run_img2img(a) -> None:
     from sd3trt.runtime import images as imgs
     from sd3trt.runtime.pipeline import Img2Img
 
-    imgs.format_from_path(a.out)  # an unknown output format fails before any work
+    outs = output_paths(a.out, a.num_images)
+    for out in outs:  # every output path, and the noise file, checked before any work
+        imgs.check_output(out, overwrite=a.overwrite)
+    noise = _read_noise(a.noise) if a.noise else None
     pipe = Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
                                transformer_precision=a.precision, vae_precision=a.vae_precision)
-    noise = _read_noise(a.noise) if a.noise else None
     res = pipe(
         a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
         guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
         max_sequence_length=a.max_sequence_length, progress=_progress, max_pixels=a.max_pixels,
     )
     for w in res.warnings:
-        print(f"warning: prompt truncated: {w}", file=sys.stderr)
-    for img, path in zip(res.images, output_paths(a.out, len(res.images))):
+        print(f"warning: {w}", file=sys.stderr)
+    for img, path in zip(res.images, outs):
         imgs.save_image(img, path)
         print(f"wrote {path}")
     print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
@@ -65,7 +67,9 @@ def run_demo(a) -> None:
     from sd3trt.runtime import images as imgs
     from sd3trt.runtime.pipeline import Img2Img
 
-    work = Path(a.workdir)
+    work, out = Path(a.workdir), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    imgs.check_output(out, overwrite=a.overwrite)
     model, bundle = work / "tiny-model", work / "tiny-bundle"
     if not (model / "model_index.json").is_file():
         print(f"making a tiny random SD3 model in {model}")
@@ -80,7 +84,6 @@ def run_demo(a) -> None:
     pipe = Img2Img.from_bundle(bundle)
     res = pipe(src, "a red circle and a blue square, watercolor", negative_prompt="blurry",
                strength=0.7, steps=a.steps, seed=0, progress=_progress)
-    out = Path(a.out)
     imgs.save_image(res.images[0], out)
     print(f"demo image written to {out} ({res.images[0].width}x{res.images[0].height})")
     print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
@@ -111,11 +114,14 @@ def add_runtime_commands(sub) -> None:
                    help="int8: the VAE's int8 convolutions on ONNX Runtime CPU (`sd3trt quantize --component vae_decoder`)")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
-    p.add_argument("--out", type=Path, required=True, help="output image (.png, .jpg, .webp)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output image (.png, .jpg, .webp); with --num-images N > 1: OUT-0.png ... OUT-<N-1>.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run_img2img)
 
     d = sub.add_parser("demo", help="make a tiny model, export it and run img2img (needs the export extra)")
     d.add_argument("--workdir", type=Path, default=Path("demo-out"))
     d.add_argument("--out", type=Path, default=Path("demo-out/demo.png"))
     d.add_argument("--steps", type=int, default=10)
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     d.set_defaults(func=run_demo)

@@ -355,14 +355,31 @@ def save_image(image: Image.Image, path: str | os.PathLike, fmt: str | None = No
     return path
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once (temp file + fsync + os.replace); errors -> Sd3trtError."""
-    path = Path(path)
+def check_output(path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Refuse, before any work, an output image that could not be written: unknown extension, missing or
+    read-only directory, a directory in its place, or (overwrite False) an existing file."""
+    format_from_path(path)
+    _check_destination(Path(path))
+    if not overwrite and Path(path).exists():
+        raise Sd3trtError(f"output file {str(path)!r} exists; pass --overwrite to replace it or choose another --out")
+
+
+def _check_destination(path: Path) -> Path:
+    """The directory `path` will be written into, when it can be; else one sentence naming the problem."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise Sd3trtError(f"output directory {str(parent)!r} does not exist; create it first")
     if path.is_dir():
         raise Sd3trtError(f"output path {str(path)!r} is a directory; give a file name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise Sd3trtError(f"output directory {str(parent)!r} is not writable; choose another directory")
+    return parent
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once (temp file + fsync + os.replace); errors -> Sd3trtError."""
+    path = Path(path)
+    parent = _check_destination(path)
     try:
         mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
     except OSError:

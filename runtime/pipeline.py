@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,8 @@ class Img2Img:
             raise Sd3trtError(f"max_sequence_length must be in 1..{f.t5_max_length}, got {max_sequence_length}")
         if not 0.0 <= strength <= 1.0:
             raise Sd3trtError(f"strength must be in [0, 1], got {strength}")
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise Sd3trtError(f"guidance_scale must be a finite number >= 0 (<= 1 turns guidance off), got {guidance_scale}")
         if steps < 1 and sigmas is None:
             raise Sd3trtError(f"steps must be at least 1, got {steps}")
 
@@ -182,12 +185,12 @@ class Img2Img:
 
         t0 = time.perf_counter()
         pos = self.prompts.encode(prompt, max_sequence_length)
-        warnings = list(pos.truncated)
+        warnings = [w for w in [pos.truncation_note()] if w]
         embeds = np.repeat(pos.embeds, num_images, axis=0)
         pooled = np.repeat(pos.pooled, num_images, axis=0)
         if cfg:
             neg = self.prompts.encode(negative_prompt or "", max_sequence_length)
-            warnings += [f"negative prompt: {w}" for w in neg.truncated]
+            warnings += [w for w in [neg.truncation_note("negative prompt")] if w]
             embeds = np.concatenate([np.repeat(neg.embeds, num_images, 0), embeds])
             pooled = np.concatenate([np.repeat(neg.pooled, num_images, 0), pooled])
         self._release("clip_l", "clip_g", "t5")

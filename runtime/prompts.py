@@ -21,7 +21,13 @@ from sd3trt.spec import ModelFacts
 class PromptEmbedding:
     embeds: np.ndarray  # [1, 77 + t5_len, joint_attention_dim] float32
     pooled: np.ndarray  # [1, pooled_projection_dim] float32
-    truncated: list[str] = field(default_factory=list)  # one message per encoder that cut the prompt
+    dropped: dict[str, int] = field(default_factory=dict)  # encoder -> tokens truncation cut off (only those that cut)
+
+    def truncation_note(self, what: str = "prompt") -> str | None:
+        """One short line naming how many tokens each encoder dropped (never the text), or None."""
+        if not self.dropped:
+            return None
+        return f"{what} truncated: " + ", ".join(f"{n} dropped {k} tokens" for n, k in self.dropped.items())
 
 
 class PromptEncoder:
@@ -47,11 +53,11 @@ class PromptEncoder:
             self.cache.move_to_end(key)
             return self.cache[key]
         f = self.facts
-        truncated: list[str] = []
+        dropped: dict[str, int] = {}
         hidden, pooled = [], []
         for name, tok in self.clip.items():
             batch = tok([prompt])
-            truncated += batch.truncation_messages(name)
+            dropped[name] = batch.dropped_tokens[0]
             out = self.get_runner(name).run({"input_ids": batch.ids})
             pooled.append(out["text_embeds"].astype(np.float32))
             hidden.append(out["hidden_states"].astype(np.float32))
@@ -59,11 +65,12 @@ class PromptEncoder:
         clip = np.pad(clip, ((0, 0), (0, 0), (0, f.joint_attention_dim - clip.shape[-1])))
         if self.t5_dir is not None:
             batch = self._t5_tokenizer(t5_length)([prompt])
-            truncated += batch.truncation_messages("t5")
+            dropped["t5"] = batch.dropped_tokens[0]
             t5 = self.get_runner("t5").run({"input_ids": batch.ids})["last_hidden_state"].astype(np.float32)
         else:
             t5 = np.zeros((1, t5_length, f.joint_attention_dim), np.float32)
-        emb = PromptEmbedding(np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1), truncated)
+        emb = PromptEmbedding(np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1),
+                              {n: k for n, k in dropped.items() if k})
         self.cache[key] = emb
         if len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)

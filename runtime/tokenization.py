@@ -39,14 +39,11 @@ class TokenBatch:
     def any_truncated(self) -> bool:
         return any(self.truncated)
 
-    def truncation_messages(self, label: str) -> list[str]:
-        """One human-readable line per truncated prompt, e.g. for a CLI warning."""
+    @property
+    def dropped_tokens(self) -> tuple[int, ...]:
+        """Per prompt: how many tokens truncation cut off (0 if none)."""
         length = self.ids.shape[1]
-        return [
-            f"{label}: prompt {i} needs {n} tokens but only {length} fit; dropped: {text!r}"
-            for i, (cut, n, text) in enumerate(zip(self.truncated, self.num_tokens, self.dropped_text))
-            if cut
-        ]
+        return tuple(max(0, n - length) if cut else 0 for cut, n in zip(self.truncated, self.num_tokens))
 
 
 def _read_json(path: Path) -> dict:

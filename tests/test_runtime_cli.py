@@ -113,9 +113,57 @@ def test_api_rejects_bad_requests(tiny_sd3):
         pipe(img, "x", max_sequence_length=513)
     with pytest.raises(Sd3trtError, match="num_images"):
         pipe(img, "x", num_images=0)
+    for g in (float("inf"), float("nan"), -0.5, "7"):
+        with pytest.raises(Sd3trtError, match="guidance_scale must be a finite number"):
+            pipe(img, "x", guidance_scale=g)
     with pytest.raises(Sd3trtError):
         pipe(Image.new("RGB", (8, 8)), "x")  # smaller than one 16 px cell
     with pytest.raises(Sd3trtError, match="512"):
         pipe(Image.new("RGB", (64, 1024)), "x")  # past the tiny model's positional embedding
     with pytest.raises(Sd3trtError, match="backend"):
         Img2Img.from_bundle(bundle, backend="cuda-magic")
+
+
+def test_cli_fails_before_it_works(tiny_sd3, tmp_path, input_png):
+    """Every output path and option is checked before any engine runs: no 'denoising' line, nothing written."""
+    _, bundle = tiny_sd3
+    base = ["img2img", "--bundle", bundle, "--image", input_png, "--prompt", "x", "--steps", 2]
+    existing = tmp_path / "have.png"
+    existing.write_bytes(b"keep me")
+    (tmp_path / "many-1.png").write_bytes(b"keep me too")
+    cases = [
+        (["--out", tmp_path / "nonexistent" / "o.png"], "output directory"),
+        (["--out", tmp_path], "extension"),
+        (["--out", existing], "exists; pass --overwrite"),
+        (["--num-images", 2, "--out", tmp_path / "many.png"], "many-1.png' exists"),
+        (["--guidance", "inf", "--out", tmp_path / "g.png"], "guidance_scale must be a finite number >= 0"),
+        (["--guidance", "nan", "--out", tmp_path / "g.png"], "guidance_scale must be a finite number >= 0"),
+        (["--guidance", "-1", "--out", tmp_path / "g.png"], "guidance_scale must be a finite number >= 0"),
+    ]
+    for args, message in cases:
+        r = sd3trt(*base, *args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert "denoising" not in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert existing.read_bytes() == b"keep me" and (tmp_path / "many-1.png").read_bytes() == b"keep me too"
+    assert not (tmp_path / "many-0.png").exists() and not (tmp_path / "g.png").exists()
+    r = sd3trt(*base, "--out", existing, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    with Image.open(existing) as im:
+        assert im.format == "PNG"
+    # The demo checks its --out before it makes a model.
+    r = sd3trt("demo", "--workdir", tmp_path / "demo", "--out", tmp_path / "nonexistent" / "d.png")
+    assert r.returncode == 2 and "output directory" in r.stderr
+    assert not (tmp_path / "demo" / "tiny-model").exists()
+
+
+def test_truncation_is_one_short_line(tiny_sd3, tmp_path, input_png):
+    _, bundle = tiny_sd3
+    prompt = " ".join(f"word{i}" for i in range(800))  # ~7,000 characters
+    r = sd3trt("img2img", "--bundle", bundle, "--image", input_png, "--prompt", prompt, "--negative-prompt", prompt,
+               "--steps", 2, "--out", tmp_path / "o.png")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("warning:")]
+    assert len(lines) == 2 and all(len(l) < 120 for l in lines), lines
+    assert lines[0].startswith("warning: prompt truncated: clip_l dropped ") and "t5 dropped" in lines[0]
+    assert lines[1].startswith("warning: negative prompt truncated: ")
+    assert "word799" not in r.stderr

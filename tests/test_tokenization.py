@@ -146,15 +146,14 @@ def test_truncation_reporting(tok_dir):
     assert clip.truncated == (False, True, True, False)
     assert clip.dropped_text[1] == " ".join(words[75:])  # 75 words fit between <|startoftext|> and <|endoftext|>
     assert clip.num_tokens[1] == 302 and clip.any_truncated
-    msgs = clip.truncation_messages("CLIP-L")
-    assert len(msgs) == 2 and msgs[0].startswith("CLIP-L: prompt 1 needs 302 tokens but only 77 fit")
+    assert clip.dropped_tokens[:2] == (0, 302 - 77) and clip.dropped_tokens[3] == 0
     t5 = load_t5_tokenizer(tok_dir / "tokenizer_3")(prompts)  # default 256
     assert t5.ids.shape == (4, 256)
     assert t5.truncated == (False, True, True, False)
     assert t5.dropped_text[1] == " ".join(words[255:]) and t5.num_tokens[1] == 301
     full = load_t5_tokenizer(tok_dir / "tokenizer_3", 512)(prompts[:2])  # 301 tokens fit in 512
     assert full.truncated == (False, False) and full.dropped_text == ("", "")
-    assert not full.any_truncated and full.truncation_messages("T5") == []
+    assert not full.any_truncated and full.dropped_tokens == (0, 0)
     # exactly at the boundary: 75 one-token words fit CLIP, 76 do not
     edge = load_clip_tokenizer(tok_dir / "tokenizer_2")([" ".join(["cat"] * 75), " ".join(["cat"] * 76)])
     assert edge.truncated == (False, True) and edge.dropped_text == ("", "cat")
