@@ -11,13 +11,18 @@ import sys
 
 from sd3trt.errors import Sd3trtError
 
+DESCRIPTION = """Run one img2img workload through diffusers and sd3trt side by side, each system in a fresh process,
+on the same weights, prompt, picture and noise; write a JSON, a Markdown table and a plot of latency, memory
+and accuracy. Without --model-dir the model is generated with random weights (cached)."""
+
 EXAMPLES = """examples:
   sd3trt bench --quick                                   # tiny model, a couple of minutes, every system
-  sd3trt bench --model medium-width --steps 8 --reps 2   # SD3-Medium widths, 2 layers; results/<machine>/
+  sd3trt bench --model medium-width --steps 8 --reps 2   # SD3-Medium widths, 2 layers; ./sd3trt-bench/<machine>/
   sd3trt bench --model medium-width --systems diffusers-fp32,sd3trt-ort-fp32 --project-layers 4
   sd3trt bench --model medium-width --quantize           # make the bundle's INT8 transformer first
   sd3trt bench --model-dir /models/sd3-medium --bundle /bundles/sd3-medium --device cuda   # real weights, GPU
-  sd3trt bench --rebuild benchmarks/results/<machine>/<name>.json                        # re-render a report
+  sd3trt bench --rebuild sd3trt-bench/<machine>/<name>.json                             # re-render a report
+  sd3trt bench --model medium-width --out benchmarks/results/<machine>   # results to commit, in a source checkout
 
 systems: diffusers-fp32 diffusers-bf16 diffusers-compile-fp32 diffusers-compile-bf16 sd3trt-ort-fp32
          sd3trt-ort-fp32-lowmem sd3trt-ort-int8 sd3trt-trt   (unavailable ones are listed as skipped, with why)
@@ -89,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-peaks", action="store_true", help="skip the matmul peak measurement")
     r.add_argument("--quick", action="store_true", help="tiny model, 64 px, 4 steps, 2 runs: a couple of minutes")
     o = p.add_argument_group("output")
-    o.add_argument("--out", help="results directory (default benchmarks/results/<machine>/)")
+    o.add_argument("--out", help="results directory (default ./sd3trt-bench/<machine>/ under the working directory)")
     o.add_argument("--machine", help="machine name for the results folder (default: from the CPU)")
     o.add_argument("--name", help="file name stem of the results (default: from model and workload)")
     o.add_argument("--keep-work", action="store_true", help="keep the per-system work files")
@@ -156,7 +161,7 @@ def run_command(a) -> None:
 
 def add_bench_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark sd3trt against diffusers (latency, memory, fraction of peak)",
-                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run_command)
     return p

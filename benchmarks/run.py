@@ -24,7 +24,7 @@ from pathlib import Path
 from sd3trt.benchmarks import models as mdl
 from sd3trt.benchmarks import systems as sysm
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = "sd3trt-bench"  # under the working directory: <machine>/ per machine
 DEFAULT_PROMPT = "a watercolor painting of a lighthouse on a rocky shore at sunset, soft light, detailed"
 DEFAULT_NEGATIVE = "blurry, low quality, deformed"
 
@@ -277,7 +277,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     desc = mach.describe()
     threads, device = _threads(cfg), _device(cfg)
     machine = cfg.machine or mach.slug(desc)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else RESULTS_DIR / machine
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(DEFAULT_OUT) / machine
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.model in mdl.GPU_SHAPES and device == "cpu" and not cfg.model_dir:
         log(f"warning: {cfg.model} is the full architecture (tens of GB of weights), meant for a GPU machine")

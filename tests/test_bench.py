@@ -4,6 +4,7 @@ analytic FLOP count against PyTorch's own count, and the CLI hook's import weigh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,12 +18,26 @@ def quick_result(tiny_sd3, tmp_path_factory):
     from sd3trt.benchmarks.cli import main
 
     model, bundle = tiny_sd3
-    out = tmp_path_factory.mktemp("bench")
+    work = tmp_path_factory.mktemp("bench")
     # --quick, made lighter still: 2 steps, 1 measured run, a 1-second peak sweep (well-formedness only).
-    rc = main(["--quick", "--model-dir", str(model), "--bundle", str(bundle), "--out", str(out), "--name", "quick",
-               "--steps", "2", "--reps", "1", "--peak-budget", "1", "--cache-dir", str(out / "cache")])
+    # No --out: results go under the working directory, never into the installed package.
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        rc = main(["--quick", "--model-dir", str(model), "--bundle", str(bundle), "--machine", "testbox", "--name",
+                   "quick", "--steps", "2", "--reps", "1", "--peak-budget", "1", "--cache-dir", str(work / "cache")])
+    finally:
+        os.chdir(cwd)
     assert rc == 0
+    out = work / "sd3trt-bench" / "testbox"
     return out, json.loads((out / "quick.json").read_text())
+
+
+def test_bench_help_is_written_for_users():
+    r = subprocess.run([sys.executable, "-m", "sd3trt.cli", "bench", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "img2img workload" in r.stdout
+    assert "core/cli.py" not in r.stdout and "add_bench_command" not in r.stdout
+    assert "./sd3trt-bench/<machine>/" in r.stdout
 
 
 def test_quick_json_is_well_formed(quick_result):
