@@ -2,7 +2,8 @@
 
 Standard library only, so both the engine builder and the runtime (`sd3trt.runtime.trt_runner`) can
 import it. The code elsewhere uses only the API the two flavours share; where they differ (target
-compute capability and runtime cache: RTX only; timing cache: full TensorRT only), `Flavour` says so.
+compute capability and runtime cache: RTX only; timing cache: full TensorRT only; GPUs: RTX has no
+datacenter Hopper/Blackwell target), `Flavour` says so, and gpu_mismatch names the fix.
 """
 
 from __future__ import annotations

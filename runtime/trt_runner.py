@@ -36,7 +36,7 @@ from sd3trt.sizes import parse_size
 from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, concrete_shape, request_dims
 
 ENV_BUILD = "SD3TRT_ENGINE_BUILD"  # which engines/<build> to use when a bundle holds several
-ENV_CUDA_GRAPH = "SD3TRT_CUDA_GRAPH"  # 1: capture the transformer step in a CUDA graph per shape
+ENV_CUDA_GRAPH = "SD3TRT_CUDA_GRAPH"  # 1: replay the transformer step from a CUDA graph (re-captured on shape changes)
 ENV_WS_BUDGET = "SD3TRT_WEIGHT_STREAMING_BUDGET"  # bytes of weights kept on the GPU (weight-streaming builds)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 HOST_DTYPE = {"bfloat16": "float32"}  # numpy has no bf16: the host side of a bf16 tensor is float32
