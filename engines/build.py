@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import sd3trt
-from sd3trt.engines.flavour import Flavour, load_flavour
+from sd3trt.engines.flavour import Flavour, gpu_mismatch, load_flavour
 from sd3trt.engines.precision import DEFAULT_KEEP_FP32, apply_precision, load_graph
 from sd3trt.engines.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, write_bytes_atomic, write_json_atomic
+from sd3trt.sizes import parse_size
 from sd3trt.spec import COMPONENTS
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -83,16 +84,6 @@ def check_precision(bundle_dtype: str, precision: str) -> str:
     )
 
 
-def parse_size(text: str | int | None) -> int | None:
-    """"4GiB", "512MiB", "2G", "1e9" or plain bytes -> bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*", str(text))
-    if not m:
-        raise Sd3trtError(f"--workspace {text!r} is not a size such as 4GiB or 512MiB")
-    return int(float(m.group(1)) * 1024 ** (" KMGT".index(m.group(2)) if m.group(2) else 0))
-
-
 def _make_logger(trt):
     class CaptureLogger(trt.ILogger):
         """Keeps TensorRT's errors for the exception message; prints nothing below errors."""
@@ -111,19 +102,13 @@ def _make_logger(trt):
     return CaptureLogger()
 
 
-def _gpu_compute_capability() -> str | None:
-    """"major.minor" of GPU 0 via cuda-bindings, or None when there is no usable GPU."""
+def _find_gpu() -> tuple[str, str] | None:
+    """("major.minor", name) of GPU 0 via cuda-bindings, or None when there is no usable GPU."""
+    from sd3trt.runtime.cuda import find_gpu
+
     try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # older cuda-python
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or not count:
-            return None
-        err, props = cudart.cudaGetDeviceProperties(0)
-        return f"{props.major}.{props.minor}" if int(err) == 0 else None
-    except Exception:
+        return find_gpu(0)
+    except Sd3trtError:
         return None
 
 
@@ -136,23 +121,26 @@ def resolve_targets(fl: Flavour, wanted: tuple[str, ...]) -> tuple[list, dict]:
                 f"{fl.name} builds for the GPU it runs on; drop --compute-capability (ahead-of-time targets "
                 "need tensorrt_rtx)"
             )
-        cc = _gpu_compute_capability()
-        if cc is None:
+        gpu = _find_gpu()
+        if gpu is None:
             raise Sd3trtError(f"{fl.name} needs an NVIDIA GPU to build engines; build on the target GPU or use --flavour tensorrt_rtx")
-        return [], {"compute_capabilities": [cc], "mode": "build-gpu"}
+        return [], {"compute_capabilities": [gpu[0]], "mode": "build-gpu"}
     if not wanted:
         return [], {"compute_capabilities": [], "mode": "portable-default"}
     enums, names = [], []
     available = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
     for w in wanted:
         if w.lower() == "current":
-            cc = _gpu_compute_capability()
-            if cc is None:
+            gpu = _find_gpu()
+            if gpu is None:
                 raise Sd3trtError("--compute-capability current needs a GPU here; name the target instead, e.g. 8.9")
+            problem = gpu_mismatch(fl, *gpu)
+            if problem:
+                raise Sd3trtError(problem)
             if len(wanted) > 1:
                 raise Sd3trtError("--compute-capability current cannot be combined with other targets")
             enums.append(trt.ComputeCapability.CURRENT)
-            names.append(cc)
+            names.append(gpu[0])
             continue
         key = "SM" + re.sub(r"^sm|[._\s]", "", w.strip().lower())
         if key not in available:

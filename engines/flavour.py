@@ -2,7 +2,8 @@
 
 Standard library only, so both the engine builder and the runtime (`sd3trt.runtime.trt_runner`) can
 import it. The code elsewhere uses only the API the two flavours share; where they differ (target
-compute capability and runtime cache: RTX only; timing cache: full TensorRT only), `Flavour` says so.
+compute capability and runtime cache: RTX only; timing cache: full TensorRT only; GPUs: RTX has no
+datacenter Hopper/Blackwell target), `Flavour` says so, and gpu_mismatch names the fix.
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ class Flavour:
     @property
     def can_target_compute_capability(self) -> bool:
         return hasattr(self.trt, "ComputeCapability") and hasattr(self.trt.IBuilderConfig, "set_compute_capability")
+
+    def supports_gpu(self, cc: str) -> bool:
+        """Whether engines of this flavour can run on a GPU of compute capability `cc` ("9.0"). TensorRT-RTX
+        lists its architectures (no datacenter Hopper/Blackwell); full TensorRT builds for the GPU it runs on."""
+        if not self.is_rtx:
+            return True
+        return "SM" + cc.replace(".", "") in self.trt.ComputeCapability.__members__
+
+    def rebuild_hint(self, cc: str) -> str:
+        """The build command that makes engines for a GPU of compute capability `cc` with this flavour."""
+        if self.can_target_compute_capability:
+            return f"`sd3trt build --force --compute-capability {cc}`"
+        return "`sd3trt build --force` on this GPU"
+
+
+def gpu_mismatch(fl: Flavour, cc: str, gpu: str) -> str | None:
+    """None when `fl` can run engines on this GPU, else the sentence that says so and names the fix."""
+    if fl.supports_gpu(cc):
+        return None
+    known = ", ".join(f"{m[2:-1]}.{m[-1]}" for m in fl.trt.ComputeCapability.__members__ if m.startswith("SM"))
+    return (
+        f"{fl.name} {fl.version} cannot run engines on this {gpu} (compute capability {cc}; it supports {known}); "
+        f"install full TensorRT for datacenter GPUs (pip install {PIP_NAMES['tensorrt']}) and build with "
+        "`sd3trt build --flavour tensorrt`"
+    )
 
 
 def _import(name: str):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.runtime.ort_gpu import check_session_providers, provider_name
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
@@ -88,8 +89,7 @@ class OrtRunner(Runner):
             raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
-        unknown = [p if isinstance(p, str) else p[0] for p in providers]  # names or (name, options)
-        unknown = [p for p in unknown if p not in available]
+        unknown = [provider_name(p) for p in providers if provider_name(p) not in available]  # compiled in?
         if unknown:
             raise Sd3trtError(
                 f"ONNX Runtime execution provider(s) {unknown} are not available here (available: {available}); "
@@ -103,10 +103,19 @@ class OrtRunner(Runner):
         opts.enable_cpu_mem_arena = False
         if threads:
             opts.intra_op_num_threads = threads
+        first = provider_name(providers[0])
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            # enable_fallback=0: a provider that throws is an error here, not a silent retry on the next one.
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers, enable_fallback=0)
         except Exception as e:  # ORT raises its own exception types; name the file and the cure
-            raise Sd3trtError(f"{name}: ONNX Runtime cannot load {path} ({str(e).splitlines()[0]}); re-export it") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if first != "CPUExecutionProvider":
+                raise Sd3trtError(
+                    f"{name}: ONNX Runtime's {first} cannot load {path} ({why}); use --backend onnxruntime if the GPU "
+                    "provider cannot be fixed"
+                ) from None
+            raise Sd3trtError(f"{name}: ONNX Runtime cannot load {path} ({why}); re-export it") from None
+        check_session_providers(self.session, providers, name)
         release_heap()
 
     def _run(self, feeds):

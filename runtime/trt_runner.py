@@ -5,17 +5,18 @@
 
 Per runner: one deserialized engine, one execution context per optimization profile (created on first
 use, all sharing one device scratch allocation since they run on one stream), device buffers sized
-for the largest shape the profiles allow (so addresses never change), pinned host staging buffers,
-and one CUDA stream. Before anything touches the GPU the request is checked against the engine's
-profiles, and the engine's metadata against the installed TensorRT and the GPU; every failure is an
-Sd3trtError naming the fix. bf16 engine tensors are exchanged as float32 on the host.
+for the largest shape the profiles allow (so addresses never change and are set once per context),
+pinned host staging buffers, and one CUDA stream. Before anything touches the GPU the request is
+checked against the engine's profiles, and the engine's metadata against the installed TensorRT and
+the GPU; every failure is an Sd3trtError naming the fix. bf16 engine tensors are exchanged as float32
+on the host. Optional: a CUDA graph per context (cuda_graph.py), the TensorRT-RTX runtime cache
+(caches.py). CUDA itself is in cuda.py, ONNX Runtime's GPU providers in ort_gpu.py.
 
 No torch, no onnx: numpy, the TensorRT module and cuda-bindings only.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
@@ -23,15 +24,19 @@ from pathlib import Path
 
 import numpy as np
 
-from sd3trt.engines.flavour import PIP_NAMES, load_flavour
+from sd3trt.engines.flavour import PIP_NAMES, gpu_mismatch, load_flavour
 from sd3trt.engines.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
 from sd3trt.errors import Sd3trtError
+from sd3trt.runtime.caches import RuntimeCacheFile, runtime_cache_path
+from sd3trt.runtime.cuda import Cuda, pinned_view
+from sd3trt.runtime.cuda_graph import CudaGraph
+from sd3trt.runtime.ort_gpu import ort_gpu_providers  # noqa: F401  (runtime.pipeline imports it from here)
 from sd3trt.runtime.runners import Runner
+from sd3trt.sizes import parse_size
 from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, concrete_shape, request_dims
 
 ENV_BUILD = "SD3TRT_ENGINE_BUILD"  # which engines/<build> to use when a bundle holds several
-ENV_CACHE = "SD3TRT_CACHE_DIR"  # where runtime caches go when the bundle is read-only
-ENV_CUDA_GRAPH = "SD3TRT_CUDA_GRAPH"  # 1: capture the transformer step in a CUDA graph per shape
+ENV_CUDA_GRAPH = "SD3TRT_CUDA_GRAPH"  # 1: replay the transformer step from a CUDA graph (re-captured on shape changes)
 ENV_WS_BUDGET = "SD3TRT_WEIGHT_STREAMING_BUDGET"  # bytes of weights kept on the GPU (weight-streaming builds)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
 HOST_DTYPE = {"bfloat16": "float32"}  # numpy has no bf16: the host side of a bf16 tensor is float32
@@ -126,115 +131,42 @@ def check_request(bundle, height: int, width: int, num_images: int = 1, cfg: boo
     return name
 
 
-# --------------------------------------------------------------------------- CUDA through cuda-bindings
-
-
-def _import_cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-bindings >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise Sd3trtError(
-                "the TensorRT backend needs cuda-bindings for device memory and streams; "
-                "pip install cuda-bindings (13.x for CUDA 13 drivers, 12.x for CUDA 12)"
-            ) from None
-    return cudart
-
-
-class Cuda:
-    """The few CUDA runtime calls the runner needs, each checked."""
-
-    def __init__(self, device: int = 0):
-        self.rt = cudart = _import_cudart()
-        err, count = cudart.cudaGetDeviceCount()
-        code = int(err)
-        if code != 0 or not count:
-            _, name = cudart.cudaGetErrorName(err) if code else (None, b"no device")
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            if code == int(cudart.cudaError_t.cudaErrorInsufficientDriver):
-                _, rtv = cudart.cudaRuntimeGetVersion()
-                raise Sd3trtError(
-                    f"no usable NVIDIA driver here (CUDA: {name}; the CUDA {rtv // 1000}.{rtv % 1000 // 10} "
-                    "runtime needs a newer or any driver); install the NVIDIA driver or use --backend onnxruntime"
-                )
-            raise Sd3trtError(f"no NVIDIA GPU is available (CUDA: {name}); use --backend onnxruntime on this machine")
-        if device >= count:
-            raise Sd3trtError(f"GPU {device} does not exist (this machine has {count}); pick another device")
-        self.check(cudart.cudaSetDevice(device), "cudaSetDevice")
-        props = self.check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-        self.cc = f"{props.major}.{props.minor}"
-        raw = props.name
-        self.name = (raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).split("\x00")[0]
-        self.stream = self.check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
-
-    def check(self, result, what: str):
-        if isinstance(result, tuple):
-            err, rest = result[0], result[1:]
-        else:
-            err, rest = result, ()
-        if int(err) != 0:
-            _, name = self.rt.cudaGetErrorName(err)
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            raise Sd3trtError(f"CUDA call {what} failed ({name}); the GPU may be out of memory or in a bad state")
-        return rest[0] if len(rest) == 1 else rest
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self.check(self.rt.cudaMalloc(max(nbytes, 256)), f"cudaMalloc({nbytes})"))
-
-    def malloc_host(self, nbytes: int) -> int:
-        return int(self.check(self.rt.cudaMallocHost(max(nbytes, 256)), f"cudaMallocHost({nbytes})"))
-
-    def h2d(self, dst: int, src: int, nbytes: int) -> None:
-        self.check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync")
-
-    def d2h(self, dst: int, src: int, nbytes: int) -> None:
-        self.check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpyAsync")
-
-    def sync(self) -> None:
-        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self.stream)
-
-    def free(self, ptr: int, host: bool = False) -> None:
-        if ptr:
-            (self.rt.cudaFreeHost if host else self.rt.cudaFree)(ptr)
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.rt.cudaStreamDestroy(self.stream)
-            self.stream = None
-
-
-def _pinned_view(ptr: int, nbytes: int) -> np.ndarray:
-    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_uint8)), shape=(nbytes,))
-
 
 # --------------------------------------------------------------------------- the runner
 
+SPECIALIZATIONS = ("lazy", "eager", "none")  # TensorRT-RTX dynamic-shape kernel specialization strategies
+
 
 class TrtRunner(Runner):
-    """One component's TensorRT engine."""
+    """One component's TensorRT engine.
+
+    kernel_specialization (TensorRT-RTX only): "lazy" (its default) swaps in shape-specialized kernels
+    compiled in the background after the first runs at a shape, so early outputs may differ in the last
+    bits from later ones; "eager" compiles them before the first run returns; "none" never specializes.
+    """
 
     def __init__(self, name: str, entry: dict, engine_path: Path, meta: dict, onnx_path: Path | None = None,
                  runtime_cache: Path | None = None, cuda_graph: bool = False,
-                 weight_streaming_budget: int | None = None, device: int = 0, verify_engine: bool = False):
+                 weight_streaming_budget: int | None = None, device: int = 0, verify_engine: bool = False,
+                 kernel_specialization: str | None = None):
         # Host-side view of the manifest entry (bf16 travels as float32), for Runner.check.
         host = {k: [dict(t, dtype=HOST_DTYPE.get(t["dtype"], t["dtype"])) for t in meta["io"][k]] for k in ("inputs", "outputs")}
         super().__init__(name, host)
+        if kernel_specialization not in (None,) + SPECIALIZATIONS:
+            raise Sd3trtError(f"unknown kernel specialization {kernel_specialization!r}; use {', '.join(SPECIALIZATIONS)}")
         self._released = True  # nothing to free yet
         self.dev: dict[str, int] = {}
         self.pinned: dict[str, int] = {}
         self.nbytes: dict[str, int] = {}
         self.scratch = 0
         self.contexts: dict[int, object] = {}
-        self.graphs: dict[tuple, object] = {}
+        self.configs: dict[int, object] = {}  # each context's IRuntimeConfig: it must outlive the context
+        self.ctx_shapes: dict[int, dict] = {}  # the input shapes last set on each context
+        self.graphs: dict[int, CudaGraph] = {}  # per context, when capturing CUDA graphs ourselves
         self.cuda_graph = cuda_graph
+        self.kernel_specialization = kernel_specialization
         self.runtime_cache_path = Path(runtime_cache) if runtime_cache else None
-        self.runtime_cache = None
+        self.runtime_cache: RuntimeCacheFile | None = None
         self.engine = None
         self.meta = meta
         self.build = meta["build"]
@@ -246,10 +178,10 @@ class TrtRunner(Runner):
         # 1. The TensorRT this engine was built with (no GPU needed to refuse a mismatch).
         self.flavour = fl = _engine_flavour(meta)
         trt = self.trt = fl.trt
-        # 2. A GPU and a driver.
+        # 2. A GPU and a driver, that this TensorRT and this engine can run on.
         self.cuda = cuda = Cuda(device)
         self._released = False  # from here on close() frees what exists
-        _check_target(meta, cuda)
+        _check_gpu(meta, fl, cuda)
         # 3. The engine file.
         engine_path = Path(engine_path)
         if not engine_path.is_file():
@@ -271,21 +203,20 @@ class TrtRunner(Runner):
             why = "; ".join(self.logger.errors[-2:]) or "no message"
             raise Sd3trtError(
                 f"{fl.name} {fl.version} cannot load engine {engine_path} ({why[:300]}); it was built for another "
-                f"GPU or TensorRT, rebuild it here with `sd3trt build --force`"
+                f"GPU or TensorRT, rebuild it here with {fl.rebuild_hint(cuda.cc)}"
             )
         if meta.get("options", {}).get("strip_weights"):
             self._refit_from_onnx(onnx_path)
         if weight_streaming_budget is not None and hasattr(self.engine, "weight_streaming_budget_v2"):
             self.engine.weight_streaming_budget_v2 = int(weight_streaming_budget)
-        self._check_engine_bindings()
+        check_bindings(name, self.engine, trt, self.device_dtypes, set(self.inputs))
 
-        # 4. Buffers: device at the largest profile shape, pinned host staging of the same size.
+        # 4. Buffers: device at the largest profile shape, pinned host staging of the same size; scratch.
         for tname, nbytes in self._max_bytes().items():
             self.nbytes[tname] = nbytes
             self.dev[tname] = cuda.malloc(nbytes)
             self.pinned[tname] = cuda.malloc_host(nbytes)
-        n_prof = self.engine.num_optimization_profiles
-        self.scratch_bytes = max(_profile_memory(self.engine, i) for i in range(n_prof))
+        self.scratch_bytes = scratch_bytes(self.engine)  # after the weight-streaming budget, which changes it
         self.scratch = cuda.malloc(self.scratch_bytes)
 
     # ---------------------------------------------------------------- construction helpers
@@ -295,12 +226,9 @@ class TrtRunner(Runner):
         build_name, entry = select_build(bundle, build)
         meta = read_metadata(bundle, build_name, entry, name)
         engine_path = bundle.path(entry["components"][name]["engine"])
-        kw.setdefault("runtime_cache", _runtime_cache_path(engine_path, meta))
-        if os.environ.get(ENV_CUDA_GRAPH, "") not in ("", "0"):
-            kw.setdefault("cuda_graph", name == "transformer")  # fixed shapes across the denoising loop
-        budget = os.environ.get(ENV_WS_BUDGET)
-        if budget and meta.get("options", {}).get("weight_streaming"):
-            kw.setdefault("weight_streaming_budget", int(float(budget)))
+        kw.setdefault("runtime_cache", runtime_cache_path(engine_path, meta))
+        for key, value in env_options(name, meta).items():
+            kw.setdefault(key, value)
         return cls(name, bundle.component(name), engine_path, meta, onnx_path=bundle.onnx_path(name), **kw)
 
     def _explain_invalid(self, data: bytes, engine_path: Path) -> None:
@@ -316,7 +244,8 @@ class TrtRunner(Runner):
         reasons = [text for key, text in DIAGNOSTICS.items() if key in flags and int(diag) & int(flags[key])]
         raise Sd3trtError(
             f"engine {engine_path} cannot run on this {self.cuda.name} (compute capability {self.cuda.cc}): "
-            f"{'; '.join(reasons) or 'TensorRT reports it invalid'}; rebuild it here with `sd3trt build --force`"
+            f"{'; '.join(reasons) or 'TensorRT reports it invalid'}; rebuild it with "
+            f"{self.flavour.rebuild_hint(self.cuda.cc)}"
         )
 
     def _refit_from_onnx(self, onnx_path: Path | None) -> None:
@@ -328,19 +257,6 @@ class TrtRunner(Runner):
         if not parser_refitter.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
             why = "; ".join(self.logger.errors[-2:]) or "no message"
             raise Sd3trtError(f"{self.name}: refitting the weight-stripped engine from {onnx_path} failed ({why[:300]}); rebuild it")
-
-    def _check_engine_bindings(self) -> None:
-        e, trt = self.engine, self.trt
-        got = {}
-        for i in range(e.num_io_tensors):
-            n = e.get_tensor_name(i)
-            got[n] = (e.get_tensor_mode(n) == trt.TensorIOMode.INPUT, _dtype_name(e.get_tensor_dtype(n)))
-        want = {n: (n in self.inputs, d) for n, d in self.device_dtypes.items()}
-        if got != want:
-            raise Sd3trtError(
-                f"{self.name}: the engine's bindings {sorted(got.items())} differ from its metadata "
-                f"{sorted(want.items())}; rebuild it with `sd3trt build --force`"
-            )
 
     def _max_bytes(self) -> dict[str, int]:
         sizes = {}
@@ -362,13 +278,15 @@ class TrtRunner(Runner):
             config = e.create_runtime_config()
             config.set_execution_context_allocation_strategy(user)
             if self.flavour.has_runtime_cache:
-                if self.runtime_cache is None:
-                    self.runtime_cache = config.create_runtime_cache()
-                    if self.runtime_cache_path and self.runtime_cache_path.is_file():
-                        self.runtime_cache.deserialize(self.runtime_cache_path.read_bytes())
-                config.set_runtime_cache(self.runtime_cache)
+                if self.runtime_cache is None:  # one cache for all of this engine's contexts
+                    self.runtime_cache = RuntimeCacheFile(config.create_runtime_cache(), self.runtime_cache_path)
+                config.set_runtime_cache(self.runtime_cache.cache)
             if self.cuda_graph and hasattr(config, "cuda_graph_strategy"):
                 config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            if self.kernel_specialization and hasattr(config, "dynamic_shapes_kernel_specialization_strategy"):
+                strategy = trt.DynamicShapesKernelSpecializationStrategy.__members__[self.kernel_specialization.upper()]
+                config.dynamic_shapes_kernel_specialization_strategy = strategy
+            self.configs[index] = config
             ctx = e.create_execution_context(config)
         else:
             ctx = e.create_execution_context(user)
@@ -379,9 +297,14 @@ class TrtRunner(Runner):
         else:
             ctx.device_memory = self.scratch
         if not ctx.set_optimization_profile_async(index, self.cuda.stream_handle):
-            raise Sd3trtError(f"{self.name}: TensorRT refused optimization profile {index}")
+            raise Sd3trtError(f"{self.name}: TensorRT refused optimization profile {index}; rebuild the engine with `sd3trt build --force`")
+        for n, ptr in self.dev.items():  # fixed buffers: their addresses are set once per context
+            if not ctx.set_tensor_address(n, ptr):
+                raise Sd3trtError(f"{self.name}: TensorRT refused the device buffer of {n} ({'; '.join(self.logger.errors[-1:])}); rebuild the engine with `sd3trt build --force`")
         self.cuda.sync()
         self.contexts[index] = ctx
+        if self.cuda_graph and not self.flavour.is_rtx:  # RTX captures itself (cuda_graph_strategy above)
+            self.graphs[index] = CudaGraph(self.cuda, ctx, f"{self.name} (profile {index})")
         return ctx
 
     # ---------------------------------------------------------------- running
@@ -398,29 +321,50 @@ class TrtRunner(Runner):
         index = self.profiles.select(shapes)
         ctx = self._context(index)
         for n, arr in feeds.items():
-            nbytes = self._stage_input(n, arr)
-            cuda.h2d(self.dev[n], self.pinned[n], nbytes)
-            if not ctx.set_input_shape(n, shapes[n]):
-                raise Sd3trtError(f"{self.name}: TensorRT refused shape {shapes[n]} for {n}; rebuild the engine for it")
-            ctx.set_tensor_address(n, self.dev[n])
-        out_shapes = {}
-        for n in self.outputs:
-            shp = tuple(ctx.get_tensor_shape(n))
-            if any(d < 0 for d in shp):
-                raise Sd3trtError(f"{self.name}: TensorRT could not infer the shape of output {n} for inputs {shapes}")
-            if int(np.prod(shp)) * ITEMSIZE[self.device_dtypes[n]] > self.nbytes[n]:
-                raise Sd3trtError(f"{self.name}: output {n} {shp} exceeds its buffer; the engine metadata is stale, rebuild it")
-            out_shapes[n] = shp
-            ctx.set_tensor_address(n, self.dev[n])
-        self._execute(ctx, index, shapes)
+            cuda.h2d(self.dev[n], self.pinned[n], self._stage_input(n, arr))
+        self._set_shapes(index, ctx, shapes)
+        out_shapes = self._output_shapes(ctx, shapes)
+        key = (index, tuple(sorted(shapes.items())))
+        graph = self.graphs.get(index)
+        if graph is None:
+            self._enqueue(ctx)
+        else:
+            graph.run(key, lambda: self._enqueue(ctx))
         for n, shp in out_shapes.items():
             cuda.d2h(self.pinned[n], self.dev[n], int(np.prod(shp)) * ITEMSIZE[self.device_dtypes[n]])
         cuda.sync()
+        if self.runtime_cache is not None:
+            self.runtime_cache.ran(key)  # saves after the first run at each new shape
         return {n: self._read_output(n, shp) for n, shp in out_shapes.items()}
+
+    def _set_shapes(self, index: int, ctx, shapes: dict) -> None:
+        if self.ctx_shapes.get(index) == shapes:
+            return  # unchanged: no shape work for TensorRT, and a captured graph stays valid
+        self.ctx_shapes.pop(index, None)
+        for n, shp in shapes.items():
+            if not ctx.set_input_shape(n, shp):
+                raise Sd3trtError(f"{self.name}: TensorRT refused shape {shp} for {n}; rebuild the engine for it")
+        self.ctx_shapes[index] = shapes
+
+    def _output_shapes(self, ctx, shapes: dict) -> dict[str, tuple]:
+        out = {}
+        for n in self.outputs:
+            shp = tuple(ctx.get_tensor_shape(n))
+            if any(d < 0 for d in shp):
+                raise Sd3trtError(f"{self.name}: TensorRT could not infer the shape of output {n} for inputs {shapes}; rebuild the engine")
+            if int(np.prod(shp)) * ITEMSIZE[self.device_dtypes[n]] > self.nbytes[n]:
+                raise Sd3trtError(f"{self.name}: output {n} {shp} exceeds its buffer; the engine metadata is stale, rebuild it")
+            out[n] = shp
+        return out
+
+    def _enqueue(self, ctx) -> None:
+        if not ctx.execute_async_v3(self.cuda.stream_handle):
+            raise Sd3trtError(f"{self.name}: TensorRT failed to run ({'; '.join(self.logger.errors[-2:])[:300]}); "
+                              "rebuild the engine with `sd3trt build --force` if this persists")
 
     def _stage_input(self, n: str, arr: np.ndarray) -> int:
         dt = self.device_dtypes[n]
-        view = _pinned_view(self.pinned[n], self.nbytes[n])
+        view = pinned_view(self.pinned[n], self.nbytes[n])
         if dt == "bfloat16":
             bits = f32_to_bf16_bits(arr)
             view[: bits.nbytes] = bits.reshape(-1).view(np.uint8)
@@ -432,52 +376,15 @@ class TrtRunner(Runner):
     def _read_output(self, n: str, shp: tuple) -> np.ndarray:
         dt = self.device_dtypes[n]
         count = int(np.prod(shp))
-        raw = _pinned_view(self.pinned[n], self.nbytes[n])
+        raw = pinned_view(self.pinned[n], self.nbytes[n])
         if dt == "bfloat16":
             return bf16_bits_to_f32(raw[: count * 2].view(np.uint16)).reshape(shp)
         return raw[: count * ITEMSIZE[dt]].view(np.dtype(dt)).reshape(shp).copy()
 
-    def _execute(self, ctx, index: int, shapes: dict) -> None:
-        cuda = self.cuda
-        manual_graph = self.cuda_graph and not self.flavour.is_rtx  # RTX captures itself (cuda_graph_strategy)
-        key = (index, tuple(sorted(shapes.items())))
-        graph = self.graphs.get(key) if manual_graph else None
-        if graph is not None:
-            cuda.check(cuda.rt.cudaGraphLaunch(graph, cuda.stream), "cudaGraphLaunch")
-            return
-        if not ctx.execute_async_v3(cuda.stream_handle):
-            raise Sd3trtError(f"{self.name}: TensorRT failed to run ({'; '.join(self.logger.errors[-2:])[:300]})")
-        if manual_graph and key not in self.graphs:
-            self.graphs[key] = self._capture(ctx)
-
-    def _capture(self, ctx):
-        """Capture one enqueue at these shapes into a CUDA graph (after a normal run has set everything up)."""
-        cuda, rt = self.cuda, self.cuda.rt
-        cuda.sync()
-        if hasattr(ctx, "is_stream_capturable") and not ctx.is_stream_capturable(cuda.stream_handle):
-            return None
-        cuda.check(rt.cudaStreamBeginCapture(cuda.stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
-        ok = ctx.execute_async_v3(cuda.stream_handle)
-        graph = cuda.check(rt.cudaStreamEndCapture(cuda.stream), "cudaStreamEndCapture")
-        try:
-            return cuda.check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate") if ok else None
-        finally:
-            rt.cudaGraphDestroy(graph)
-
     # ---------------------------------------------------------------- lifetime
 
-    def save_runtime_cache(self) -> None:
-        if self.runtime_cache is None or self.runtime_cache_path is None:
-            return
-        try:
-            blob = bytes(memoryview(self.runtime_cache.serialize()))
-            from sd3trt.manifest import write_bytes_atomic
-
-            write_bytes_atomic(self.runtime_cache_path, blob)
-        except OSError:
-            pass  # a read-only bundle: the cache only saves start-up time
-
     def close(self) -> None:
+        """Free the GPU memory; saves the TensorRT-RTX runtime cache first."""
         if self._released:
             return
         self._released = True
@@ -485,12 +392,15 @@ class TrtRunner(Runner):
             self.cuda.sync()
         except Sd3trtError:
             pass
-        self.save_runtime_cache()
+        if self.runtime_cache is not None:
+            self.runtime_cache.save()
+            self.runtime_cache = None
         for g in self.graphs.values():
-            if g is not None:
-                self.cuda.rt.cudaGraphExecDestroy(g)
+            g.drop()
         self.graphs.clear()
         self.contexts.clear()
+        self.configs.clear()  # after the contexts that use them
+        self.ctx_shapes.clear()
         self.engine = None
         for p in self.dev.values():
             self.cuda.free(p)
@@ -509,6 +419,18 @@ class TrtRunner(Runner):
 
 
 # --------------------------------------------------------------------------- checks used above
+
+
+def env_options(component: str, meta: dict) -> dict:
+    """Runner options from the environment: $SD3TRT_CUDA_GRAPH (the transformer, whose shapes are fixed
+    across the denoising loop) and $SD3TRT_WEIGHT_STREAMING_BUDGET (weight-streaming builds)."""
+    opts = {}
+    if os.environ.get(ENV_CUDA_GRAPH, "") not in ("", "0"):
+        opts["cuda_graph"] = component == "transformer"
+    budget = parse_size(os.environ.get(ENV_WS_BUDGET) or None, ENV_WS_BUDGET)
+    if budget is not None and meta.get("options", {}).get("weight_streaming"):
+        opts["weight_streaming_budget"] = budget
+    return opts
 
 
 def _check_entry_matches(name: str, entry: dict, meta: dict) -> None:
@@ -533,31 +455,45 @@ def _engine_flavour(meta: dict):
     return fl
 
 
-def _check_target(meta: dict, cuda: Cuda) -> None:
-    target = meta.get("target", {})
-    ccs = target.get("compute_capabilities") or []
+def _check_gpu(meta: dict, fl, cuda) -> None:
+    """The engine's TensorRT flavour can run on this GPU (`cuda`: .cc, .name), and the engine was built for it."""
+    problem = gpu_mismatch(fl, cuda.cc, cuda.name)
+    if problem:
+        raise Sd3trtError(problem)
+    ccs = meta.get("target", {}).get("compute_capabilities") or []
     if ccs and cuda.cc not in ccs:
         raise Sd3trtError(
             f"engine build {meta.get('build')!r} targets compute capability {', '.join(ccs)}, this {cuda.name} is "
-            f"{cuda.cc}; rebuild with `sd3trt build --compute-capability {cuda.cc}` (or on this GPU)"
+            f"{cuda.cc}; rebuild it with {fl.rebuild_hint(cuda.cc)}"
         )
 
 
-def _runtime_cache_path(engine_path: Path, meta: dict) -> Path | None:
-    """Beside the engine when the bundle is writable, else under $SD3TRT_CACHE_DIR / ~/.cache/sd3trt."""
-    if meta.get("flavour") != "tensorrt_rtx":
-        return None
-    name = f"{meta['component']}.runtime.cache"
-    if os.access(engine_path.parent, os.W_OK):
-        return engine_path.parent / name
-    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "sd3trt")
-    return base / f"{meta.get('engine_sha256', 'engine')[:16]}-{name}"
+def check_bindings(component: str, engine, trt, device_dtypes: dict[str, str], inputs: set[str]) -> None:
+    """The engine's I/O tensors are the metadata's (names, direction, dtype), all in device memory."""
+    got = {}
+    for i in range(engine.num_io_tensors):
+        n = engine.get_tensor_name(i)
+        got[n] = (engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT, _dtype_name(engine.get_tensor_dtype(n)))
+        if engine.get_tensor_location(n) != trt.TensorLocation.DEVICE or engine.is_shape_inference_io(n):
+            raise Sd3trtError(
+                f"{component}: engine tensor {n} is a host-side shape tensor, which this runner does not feed; "
+                "rebuild the engine from the bundle's ONNX with `sd3trt build --force`"
+            )
+    want = {n: (n in inputs, d) for n, d in device_dtypes.items()}
+    if got != want:
+        raise Sd3trtError(
+            f"{component}: the engine's bindings {sorted(got.items())} differ from its metadata "
+            f"{sorted(want.items())}; rebuild it with `sd3trt build --force`"
+        )
 
 
-def _profile_memory(engine, index: int) -> int:
+def scratch_bytes(engine) -> int:
+    """Scratch shared by every context: at least device_memory_size_v2 (set_device_memory's minimum) and
+    at least what each optimization profile needs."""
+    sizes = [int(getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", 0)))]
     if hasattr(engine, "get_device_memory_size_for_profile_v2"):
-        return int(engine.get_device_memory_size_for_profile_v2(index))
-    return int(getattr(engine, "device_memory_size_v2", getattr(engine, "device_memory_size", 0)))
+        sizes += [int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(engine.num_optimization_profiles)]
+    return max(sizes)
 
 
 def _dtype_name(dt) -> str:
@@ -576,23 +512,3 @@ def _logger(trt):
                 self.errors.append(msg)
 
     return CaptureLogger()
-
-
-# --------------------------------------------------------------------------- ONNX Runtime on the GPU
-
-
-def ort_gpu_providers(kind: str, bundle=None, fp16: bool | None = None) -> list:
-    """Execution providers for OrtRunner on a GPU: kind "cuda" or "tensorrt" (falls back to CUDA, then CPU).
-
-    The TensorRT provider caches its engines and timing data under <bundle>/engines/ort-trt/.
-    """
-    if kind == "cuda":
-        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    if kind != "tensorrt":
-        raise Sd3trtError(f"unknown ONNX Runtime GPU provider {kind!r}; use cuda or tensorrt")
-    opts = {"device_id": 0, "trt_fp16_enable": bool(fp16) if fp16 is not None else bool(bundle and bundle.dtype == "fp16")}
-    if bundle is not None:
-        cache = str(Path(bundle.root) / "engines" / "ort-trt")
-        opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache, trt_timing_cache_enable=True,
-                    trt_timing_cache_path=cache)
-    return [("TensorrtExecutionProvider", opts), ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]

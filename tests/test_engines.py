@@ -319,6 +319,20 @@ def test_bad_build_options_are_refused(fp16_bundle, fp32_bundle):
         with pytest.raises(Sd3trtError, match="pip install tensorrt-cu13"):
             build(fp16_bundle, precision="fp16", flavour="tensorrt")
     assert parse_size("4GiB") == 4 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("1000") == 1000
+    with pytest.raises(Sd3trtError, match="--workspace 'big' is not a size such as 4GiB"):
+        parse_size("big")
+
+
+def test_current_target_on_a_gpu_tensorrt_rtx_cannot_run(monkeypatch):
+    from sd3trt.engines import build
+
+    fl = load_flavour("tensorrt_rtx")
+    monkeypatch.setattr(build, "_find_gpu", lambda: ("9.0", "NVIDIA H200"))
+    with pytest.raises(Sd3trtError, match=r"cannot run engines on this NVIDIA H200 .*install full TensorRT .*"
+                                          r"`sd3trt build --flavour tensorrt`"):
+        build.resolve_targets(fl, ("current",))
+    monkeypatch.setattr(build, "_find_gpu", lambda: ("8.9", "NVIDIA GeForce RTX 4090"))
+    assert build.resolve_targets(fl, ("current",))[1] == {"compute_capabilities": ["8.9"], "mode": "aot"}
 
 
 @pytest.mark.parametrize("source", ["fp16", "bf16-autocast"])
