@@ -43,13 +43,13 @@ def run_img2img(a) -> None:
     for out in outs:  # every output path, and the noise file, checked before any work
         imgs.check_output(out, overwrite=a.overwrite)
     noise = _read_noise(a.noise) if a.noise else None
-    pipe = Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
-                               transformer_precision=a.precision, vae_precision=a.vae_precision)
-    res = pipe(
-        a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
-        guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
-        max_sequence_length=a.max_sequence_length, progress=_progress, max_pixels=a.max_pixels,
-    )
+    with Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
+                             transformer_precision=a.precision, vae_precision=a.vae_precision) as pipe:
+        res = pipe(
+            a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
+            guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
+            max_sequence_length=a.max_sequence_length, progress=_progress, max_pixels=a.max_pixels,
+        )
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for img, path in zip(res.images, outs):
@@ -81,9 +81,9 @@ def run_demo(a) -> None:
     draw.rectangle((70, 40, 120, 90), fill=(40, 90, 200))
     src = work / "demo-input.png"
     imgs.save_image(picture, src)
-    pipe = Img2Img.from_bundle(bundle)
-    res = pipe(src, "a red circle and a blue square, watercolor", negative_prompt="blurry",
-               strength=0.7, steps=a.steps, seed=0, progress=_progress)
+    with Img2Img.from_bundle(bundle) as pipe:
+        res = pipe(src, "a red circle and a blue square, watercolor", negative_prompt="blurry",
+                   strength=0.7, steps=a.steps, seed=0, progress=_progress)
     imgs.save_image(res.images[0], out)
     print(f"demo image written to {out} ({res.images[0].width}x{res.images[0].height})")
     print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))

@@ -124,6 +124,18 @@ class Img2Img:
                 if r is not None:
                     r.close()
 
+    def close(self) -> None:
+        """Release every loaded engine (a TensorRT runner saves its runtime cache first). Idempotent."""
+        runners, self._runners = self._runners, {}
+        for r in runners.values():
+            r.close()
+
+    def __enter__(self) -> "Img2Img":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def load_all(self) -> None:
         """Load every engine now (servers do this at start; the first request is then not slower)."""
         for name in self.bundle.data["components"]:

@@ -146,6 +146,14 @@ class Worker:
             return
         self.ready.set()
         log.info("%s: engines loaded", self.name)
+        try:
+            self._serve_jobs()
+        finally:  # engines are released by the thread that used them (TensorRT saves its runtime cache)
+            close = getattr(self.pipe, "close", None)
+            if close is not None:
+                close()
+
+    def _serve_jobs(self) -> None:
         while True:
             with self._cond:
                 while not self._jobs and not self._stop:

@@ -167,3 +167,16 @@ def test_truncation_is_one_short_line(tiny_sd3, tmp_path, input_png):
     assert lines[0].startswith("warning: prompt truncated: clip_l dropped ") and "t5 dropped" in lines[0]
     assert lines[1].startswith("warning: negative prompt truncated: ")
     assert "word799" not in r.stderr
+
+
+def test_close_releases_every_loaded_runner(tiny_sd3, input_png):
+    _, bundle = tiny_sd3
+    closed = []
+    with Img2Img.from_bundle(bundle) as pipe:
+        pipe(input_png, "a cat", steps=2)
+        loaded = dict(pipe._runners)
+        for name, r in loaded.items():
+            r.close = lambda name=name: closed.append(name)
+    assert sorted(closed) == sorted(loaded) and len(loaded) >= 5 and pipe._runners == {}
+    pipe.close()  # idempotent
+    assert len(closed) == len(loaded)

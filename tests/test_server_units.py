@@ -336,3 +336,21 @@ def test_recovery_refunds_only_dead_owners(tmp_path):
         c.execute("INSERT INTO debits (key_id, amount, state, owner, created_at) VALUES (?, 1, 'pending', 'old', 0)",
                   (key_id,))
     assert other.recover() == 1 and live.balance(key_id) == 8
+
+
+def test_worker_closes_the_pipeline_in_its_own_thread_when_stopped():
+    """Engines are released (TensorRT saves its runtime cache) by the thread that ran them, at stop."""
+    import threading
+
+    from sd3trt.server.worker import Worker
+
+    closed = []
+
+    class Pipe:
+        def close(self):
+            closed.append(threading.current_thread().name)
+
+    w = Worker(Pipe, lambda pipe, job: None, queue_size=1, name="w-test")
+    w.start()
+    assert w.ready.wait(10)
+    assert w.stop(timeout=5) == [] and closed == ["sd3trt-w-test"]
