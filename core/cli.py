@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party advice a user of these commands cannot act on (transformers on torchvision, diffusers on
+# components a tiny model leaves out); read when those libraries are imported. A user's own setting wins.
+QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    for k, v in QUIET_LIBRARIES.items():
+        os.environ.setdefault(k, v)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import time
 
 import numpy as np
 import onnx
@@ -38,7 +37,6 @@ ALL = ("clip_l", "clip_g", "t5", "vae_encoder", "vae_decoder", "transformer")
 # Small ranges keep every build around a second; two image ranges would double the profiles.
 REQUEST = ShapeRequest(images=(Range(64, 128, 256),), image_step=16, batch=Range(1, 1, 2), cfg="both",
                        t5_seq=Range(8, 16, 32))
-BUILD_SECONDS: dict[str, float] = {}
 
 
 def _quiet(_msg: str) -> None:
@@ -73,28 +71,23 @@ def bf16_text_bundle(tiny_sd3, tmp_path_factory):
     return out
 
 
-def _timed_build(bundle, key, **kw):
-    t0 = time.perf_counter()
-    entry = build_engines(bundle, BuildOptions(request=REQUEST, **kw), log=_quiet)
-    BUILD_SECONDS[key] = time.perf_counter() - t0
-    return entry
+def _build(bundle, **kw):
+    return build_engines(bundle, BuildOptions(request=REQUEST, **kw), log=_quiet)
 
 
 @pytest.fixture(scope="module")
 def fp16_build(fp16_bundle):
-    return fp16_bundle, _timed_build(fp16_bundle, "fp16 all six", precision="fp16", compute_capabilities=("8.9",))
+    return fp16_bundle, _build(fp16_bundle, precision="fp16", compute_capabilities=("8.9",))
 
 
 @pytest.fixture(scope="module")
 def fp32_bf16_build(fp32_bundle):
-    return fp32_bundle, _timed_build(fp32_bundle, "bf16 (autocast) all six", precision="bf16",
-                                     compute_capabilities=("8.6", "12.0"))
+    return fp32_bundle, _build(fp32_bundle, precision="bf16", compute_capabilities=("8.6", "12.0"))
 
 
 @pytest.fixture(scope="module")
 def bf16_native_build(bf16_text_bundle):
-    return bf16_text_bundle, _timed_build(bf16_text_bundle, "bf16 native text encoders", precision="bf16",
-                                          compute_capabilities=("8.9",))
+    return bf16_text_bundle, _build(bf16_text_bundle, precision="bf16", compute_capabilities=("8.9",))
 
 
 def _meta(bundle_dir, entry, component):
@@ -248,31 +241,23 @@ def test_static_build(fp16_bundle):
                                                    "pooled_projections": (4, 64), "timestep": (4,)})
 
 
-def test_weight_stripped_build(fp16_bundle):
-    """TensorRT-RTX 1.7 cannot build refittable (so neither weight-stripped) engines without a GPU for
-    these graphs (Myelin JIT asks CUDA); that must surface as one clear sentence, not a crash. Where the
-    build does succeed (a GPU, or a later TensorRT-RTX), the metadata must record it."""
+def test_weight_stripped_build(fp16_bundle, capfd):
+    """TensorRT-RTX 1.7 cannot build refittable (so neither weight-stripped) engines without a GPU (its
+    Myelin JIT asks CUDA and prints an internal error first): refused before any build, in one sentence.
+    Where the build can run (a GPU, or another TensorRT), the metadata must record it."""
     opts = BuildOptions("fp16", name="stripped", components=("clip_l",), compute_capabilities=("8.9",),
                         strip_weights=True, request=REQUEST)
     try:
         entry = build_engines(fp16_bundle, opts, log=_quiet)
     except Sd3trtError as e:
         msg = str(e)
-        assert msg.startswith("clip_l: tensorrt_rtx failed to build the engine (")
-        assert "without a GPU" in msg and "drop --refit/--strip-weights" in msg
+        assert "cannot build refittable or weight-stripped engines without a GPU" in msg, msg
+        assert "drop --refit/--strip-weights" in msg
+        assert "Internal Error" not in capfd.readouterr().err
         assert "stripped" not in load_bundle(fp16_bundle).data["engines"]  # nothing half-listed
     else:
         meta = _meta(fp16_bundle, entry, "clip_l")
         assert meta["options"]["strip_weights"] and meta["options"]["refit"]
-
-
-def test_build_times_are_ci_sized(fp16_build, fp32_bf16_build, bf16_native_build):
-    """Measured on a 2-core CI box: about 5 s for all six fp16 engines, 5 s for bf16, 1 s for three."""
-    for build in (fp16_build, fp32_bf16_build, bf16_native_build):
-        bundle_dir, entry = build
-        for c in entry["components"]:
-            assert _meta(bundle_dir, entry, c)["timings_s"]["build"] < 20, c
-    print({k: round(v, 2) for k, v in BUILD_SECONDS.items()})
 
 
 # --------------------------------------------------------------------------- refusals and parsing

@@ -165,3 +165,21 @@ def test_external_data_path_is_consolidated(tiny_sd3, tmp_path):
     ref = ort.InferenceSession(str(b.onnx_path("transformer"))).run(None, feeds)[0]
     out = ort.InferenceSession(str(staged)).run(None, feeds)[0]
     assert np.array_equal(ref, out)
+
+
+def test_commands_print_no_third_party_noise(tmp_path):
+    """make-tiny / export print their own progress only: no transformers advice on torchvision, no diffusers
+    note on the T5 a --no-t5 model leaves out."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "sd3trt.cli", *map(str, args)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout + r.stderr
+
+    out = run("make-tiny", "--out", tmp_path / "m", "--no-t5") + run("export", "--model", tmp_path / "m", "--out",
+                                                                     tmp_path / "b")
+    for noise in ("torchvision", "cannot be saved", "[transformers]", "Warning"):
+        assert noise not in out, out
