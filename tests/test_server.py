@@ -339,7 +339,7 @@ def test_malformed_bodies(server, key):
     h = {"x-api-key": key, "content-type": "application/json"}
     deep = b"[" * 50_000 + b"]" * 50_000
     for raw, status in ((b"{not json", 400), (b"[1, 2]", 422), (b'{"prompt": NaN}', 400), (b"\xff\xfe", 400),
-                        (deep, 400)):
+                        (b'{"guidance_scale": Infinity}', 400), (deep, 400)):
         r = requests.post(server.url(), data=raw, headers=h, timeout=10)
         assert r.status_code == status, (raw, r.text)
         assert r.json()["error"] and r.headers["x-remaining-credits"] == "5"
