@@ -167,11 +167,7 @@ def _missing(bundle: Path, precision: str, component: str) -> bool:
     from sd3trt.manifest import load_bundle
 
     try:
-        from sd3trt.engines.quantized import quantized_entry
-    except ImportError:
-        return False
-    try:
-        quantized_entry(load_bundle(bundle), precision, component)
+        load_bundle(bundle).quantized_entry(precision, component)
         return False
     except Sd3trtError:
         return True

@@ -88,13 +88,9 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
         if bundle.dtype == "bf16":
             return "ONNX Runtime cannot run a bf16 bundle on CPU"
     if system in ("sd3trt-ort-int8", "sd3trt-ort-int8-vae"):
-        if not _has("sd3trt.engines.quantized"):
-            return "sd3trt.engines.quantized is not available (the INT8 path is not installed)"
-        from sd3trt.engines.quantized import quantized_entry
-
         for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
             try:
-                entry = quantized_entry(bundle, "int8", component)
+                entry = bundle.quantized_entry("int8", component)
             except Sd3trtError as e:
                 return f"{e} (or pass --quantize to let the benchmark do it)"
             if not entry.get("accuracy", {}).get("passed", False):

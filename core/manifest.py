@@ -14,22 +14,27 @@ the manifest lists now. `sd3trt verify` (and `load_bundle(..., verify_checksums=
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sd3trt import precision as precision_words
 from sd3trt.errors import Sd3trtError
+from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 from sd3trt.spec import ModelFacts
 
 FORMAT = "sd3trt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest)
+QUANTIZED = "quantized"  # manifest section of quantized graphs, keyed by quantized_key()
 STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
 RESTORE = "re-run `sd3trt export --overwrite` (or the `sd3trt build` / `sd3trt quantize` that wrote it) to restore it"
 LOG_HASHING_ABOVE = 1 << 30  # bytes: hashing more than this on a load logs one line
@@ -37,33 +42,50 @@ LOG_HASHING_ABOVE = 1 << 30  # bytes: hashing more than this on a load logs one 
 log = logging.getLogger(__name__)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@contextlib.contextmanager
+def _manifest_lock(root: Path):
+    """An exclusive lock on the bundle's manifest for one read-modify-write (fcntl; advisory, per bundle)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
+    """The one way manifest.json is written: under the bundle's lock, read it ({} when there is none yet),
+    apply `change` (which edits the dict in place or returns a new one), write it back atomically.
+    Concurrent writers (`sd3trt build` beside `sd3trt quantize`) serialize; none loses another's entry."""
+    root = Path(root)
+    with _manifest_lock(root):
+        path = root / MANIFEST
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        new = change(data)
+        data = data if new is None else new
+        write_json_atomic(path, data)
+        return data
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+def set_entry(root: Path, section: str, name: str, entry: dict | None) -> dict:
+    """Add or replace (entry) or remove (None) manifest[section][name]; returns the manifest written."""
+    def change(data: dict) -> None:
+        part = data.setdefault(section, {})
+        if entry is None:
+            part.pop(name, None)
+        else:
+            part[name] = entry
+
+    return update_manifest(root, change)
+
+
+def quantized_key(precision: str, component: str = "transformer") -> str:
+    return f"{component}.{precision}"
+
+
+def _quantize_flag(component: str) -> str:
+    return "" if component == "transformer" else f" --component {component}"
 
 
 @dataclass
@@ -100,10 +122,46 @@ class Bundle:
     def tokenizer_dir(self, name: str) -> Path:
         return self.path(self.data["tokenizers"][name]["dir"])
 
+    def engine_build(self, name: str) -> dict:
+        """The manifest entry of engine build `name` (written by `sd3trt build`)."""
+        builds = self.data.get("engines", {})
+        if name not in builds:
+            have = ", ".join(sorted(builds)) or "none"
+            raise Sd3trtError(f"bundle {self.root} has no engine build {name!r} (it has: {have}); create it with "
+                              f"`sd3trt build --bundle {self.root} --name {name}`")
+        return builds[name]
+
+    def quantized_entry(self, precision: str, component: str = "transformer") -> dict:
+        """The entry of the bundle's `precision` `component` graph (written by `sd3trt quantize`); an
+        Sd3trtError naming the fix when it is missing or was made from an earlier export."""
+        allowed = precision_words.QUANTIZED if component == "transformer" else precision_words.VAE_QUANTIZED
+        precision_words.check(precision, allowed, f"{component} precision")
+        fix = f"`sd3trt quantize --bundle {self.root} --precision {precision}{_quantize_flag(component)}`"
+        entry = self.data.get(QUANTIZED, {}).get(quantized_key(precision, component))
+        if entry is None:
+            raise Sd3trtError(f"bundle {self.root} has no {precision} {component}; create it with {fix}")
+        src = self.component(component)
+        if entry["source"]["sha256"] != src["files"].get(src["file"]):
+            raise Sd3trtError(f"the {precision} {component} of {self.root} was made from an earlier export; re-run {fix}")
+        return entry
+
+    def quantized_parts(self, precision: str, components: tuple[str, ...]) -> list[str]:
+        """Which of `components` the bundle has in `precision`; an Sd3trtError naming the fix when none."""
+        parts = [c for c in components if quantized_key(precision, c) in self.data.get(QUANTIZED, {})]
+        if not parts:
+            raise Sd3trtError(
+                f"bundle {self.root} has no {precision} {' or '.join(components)}; create it with "
+                f"`sd3trt quantize --bundle {self.root} --precision {precision}{_quantize_flag(components[0])}`"
+            )
+        return parts
+
+    def quantized_path(self, precision: str, component: str = "transformer") -> Path:
+        return self.path(self.quantized_entry(precision, component)["file"])
+
     def all_files(self) -> dict[str, str]:
         """Every file the manifest lists, relative path -> sha256."""
         files = {}
-        for section in ("components", "tokenizers", "engines", "quantized"):
+        for section in ("components", "tokenizers", "engines", QUANTIZED):
             for entry in self.data.get(section, {}).values():
                 files.update(entry.get("files", {}))
         return files

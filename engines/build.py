@@ -25,7 +25,7 @@ from sd3trt.engines.flavour import Flavour, gpu_mismatch, load_flavour
 from sd3trt.engines.precision import DEFAULT_KEEP_FP32, apply_precision, load_graph
 from sd3trt.engines.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, write_bytes_atomic, write_json_atomic
+from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, update_manifest, write_bytes_atomic, write_json_atomic
 from sd3trt.sizes import parse_size
 from sd3trt.spec import COMPONENTS
 
@@ -255,11 +255,6 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
     req = opts.request
     profiles: list[Profile] = component_profiles(bundle.facts, component, entry, req)
     how = check_precision(bundle.dtype, opts.precision)
-    if how == "autocast" and opts.strip_weights:
-        raise Sd3trtError(
-            "weight-stripped bf16 engines need a bf16 bundle (they are refit from the bundle's ONNX); "
-            "drop --strip-weights or export with --dtype bf16"
-        )
     rel_dir = f"engines/{name}"
     engine_rel, meta_rel = f"{rel_dir}/{component}.engine", f"{rel_dir}/{component}.json"
     fp = _fingerprint({
@@ -357,7 +352,11 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
     if opts.precision in QUANTIZED_PRECISIONS:
         return _build_quantized(Path(bundle_dir), opts, log)
     bundle = load_bundle(Path(bundle_dir))
-    check_precision(bundle.dtype, opts.precision)
+    if check_precision(bundle.dtype, opts.precision) == "autocast" and opts.strip_weights:
+        raise Sd3trtError(
+            "weight-stripped bf16 engines need a bf16 bundle (they are refit from the bundle's ONNX); "
+            "drop --strip-weights or export with --dtype bf16"
+        )
     opts.request = opts.request.validated(bundle.facts)
     opts.workspace = parse_size(opts.workspace)
     fl = load_flavour(opts.flavour)
@@ -400,37 +399,37 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
     if timing_cache is not None:
         write_bytes_atomic(Path(opts.timing_cache), bytes(memoryview(timing_cache.serialize())))
 
-    # Merge into the manifest as it is now (another build may have landed meanwhile), atomically.
-    manifest = json.loads((bundle.root / MANIFEST).read_text())
-    engines = manifest.setdefault("engines", {})
-    previous = engines.get(name, {})
-    components = {c: v for c, v in previous.get("components", {}).items() if c not in metas and bundle.has(c)}
-    for c, m in metas.items():
-        components[c] = {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json",
-                         "engine_sha256": m["engine_sha256"], "precision_source": m["precision_source"]}
-    files = {}
-    for c, v in components.items():
-        files[v["engine"]] = v["engine_sha256"]
-        files[v["metadata"]] = sha256_file(bundle.root / v["metadata"])
-    engines[name] = {
-        "precision": opts.precision, "flavour": fl.name, "tensorrt_version": fl.version, "target": target,
-        "request": opts.request.to_dict(bundle.facts), "options": metas[wanted[0]]["options"] if wanted else {},
-        "components": dict(sorted(components.items())), "files": dict(sorted(files.items())),
-        "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json_atomic(bundle.root / MANIFEST, manifest)
+    def merge(manifest: dict) -> None:  # into the manifest as it is now: another build may have landed meanwhile
+        engines = manifest.setdefault("engines", {})
+        previous = engines.get(name, {})
+        components = {c: v for c, v in previous.get("components", {}).items() if c not in metas and bundle.has(c)}
+        for c, m in metas.items():
+            components[c] = {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json",
+                             "engine_sha256": m["engine_sha256"], "precision_source": m["precision_source"]}
+        files = {}
+        for c, v in components.items():
+            files[v["engine"]] = v["engine_sha256"]
+            files[v["metadata"]] = sha256_file(bundle.root / v["metadata"])
+        engines[name] = {
+            "precision": opts.precision, "flavour": fl.name, "tensorrt_version": fl.version, "target": target,
+            "request": opts.request.to_dict(bundle.facts), "options": metas[wanted[0]]["options"] if wanted else {},
+            "components": dict(sorted(components.items())), "files": dict(sorted(files.items())),
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    entry = update_manifest(bundle.root, merge)["engines"][name]
     log(f"build {name!r} done in {time.perf_counter() - t0:.1f} s; manifest updated")
-    return engines[name]
+    return entry
 
 
 def _build_quantized(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None]) -> dict:
     """int8/fp8: the quantized transformer (Q/DQ graph from `sd3trt quantize`) in a strongly typed engine,
     every other component in the bundle's fp16 (or bf16 from an fp32 bundle)."""
     from sd3trt.engines.quantize_engine import build_quantized_engine
-    from sd3trt.engines.quantized import check_target, quantized_entry
+    from sd3trt.engines.quantized import check_target
 
     bundle = load_bundle(bundle_dir)
-    quantized_entry(bundle, opts.precision)  # refuses a missing or stale quantized graph, naming the fix
+    bundle.quantized_entry(opts.precision)  # refuses a missing or stale quantized graph, naming the fix
     check_target(opts.precision, list(opts.compute_capabilities))
     fl = load_flavour(opts.flavour)
     _, target = resolve_targets(fl, tuple(opts.compute_capabilities))

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import tempfile
 import time
@@ -26,9 +25,8 @@ import sd3trt
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibSettings, activation_ranges, collect
 from sd3trt.engines.quantize import DEFAULT_KEEP, PRECISIONS, plan_layers, quantize_model
-from sd3trt.engines.quantized import SECTION, key
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, write_json_atomic
+from sd3trt.manifest import MANIFEST, QUANTIZED, load_bundle, quantized_key, set_entry, sha256_file, write_json_atomic
 
 TWO_GB = 2**31 - 1
 
@@ -49,19 +47,6 @@ def _save(model, dest: Path) -> list[Path]:
     onnx.save_model(model, str(dest))
     onnx.checker.check_model(str(dest))
     return [dest]
-
-
-def set_entry(root: Path, name: str, entry: dict | None) -> None:
-    """Add, replace (entry) or remove (None) manifest.json's quantized[name], re-reading it first."""
-    manifest = json.loads((root / MANIFEST).read_text())
-    section = manifest.setdefault(SECTION, {})
-    if entry is None and name not in section:
-        return
-    if entry is None:
-        del section[name]
-    else:
-        section[name] = entry
-    write_json_atomic(root / MANIFEST, manifest)
 
 
 def load_fp32_bundle(bundle_dir):
@@ -136,7 +121,7 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
             )
         # Into place: unlist the old entry, move the graph (and its data), write the report, then list the
         # new entry (manifest rewritten atomically each time): the manifest never names a file in flux.
-        set_entry(bundle.root, key(precision), None)
+        set_entry(bundle.root, QUANTIZED, quantized_key(precision), None)
         files = {}
         for p in staged:
             os.replace(p, onnx_dir / p.name)
@@ -163,6 +148,6 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
     files[report_rel] = sha256_file(bundle.root / report_rel)
     entry["files"] = dict(sorted(files.items()))
 
-    set_entry(bundle.root, key(precision), entry)
+    set_entry(bundle.root, QUANTIZED, quantized_key(precision), entry)
     log(f"quantize: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed in {MANIFEST}")
     return entry

@@ -30,9 +30,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import sd3trt
 from sd3trt.engines.quantize import upgrade_opset
-from sd3trt.engines.quantized import PORTABLE_RTX, check_target, quantized_entry  # noqa: F401
+from sd3trt.engines.quantized import PORTABLE_RTX, check_target  # noqa: F401
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, write_bytes_atomic, write_json_atomic
+from sd3trt.manifest import load_bundle, sha256_file, update_manifest, write_bytes_atomic, write_json_atomic
 
 LOW = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
@@ -154,7 +154,7 @@ def build_quantized_engine(bundle_dir, precision: str, compute_capabilities=(), 
     """
     api = _builder_api()
     bundle = load_bundle(Path(bundle_dir))
-    qentry = quantized_entry(bundle, precision, verify_checksums=True)
+    qentry = bundle.quantized_entry(precision)
     ccs = tuple(compute_capabilities)
     fl = api["load_flavour"](flavour)
     if fl.is_rtx and not ccs:
@@ -236,25 +236,26 @@ def build_quantized_engine(bundle_dir, precision: str, compute_capabilities=(), 
                                                     sort_keys=True, default=str).encode()).hexdigest()
     write_json_atomic(bundle.root / meta_rel, meta)
 
-    manifest = json.loads((bundle.root / MANIFEST).read_text())
-    engines = manifest.setdefault("engines", {})
-    prev = engines.get(name, {})
-    comps = dict(prev.get("components", {}))
-    comps["transformer"] = {"engine": engine_rel, "metadata": meta_rel, "engine_sha256": meta["engine_sha256"],
-                            "precision_source": meta["precision_source"], "precision": precision}
-    files = {}
-    for v in comps.values():
-        files[v["engine"]] = v["engine_sha256"]
-        files[v["metadata"]] = sha256_file(bundle.root / v["metadata"])
-    engines[name] = {
-        **{k: v for k, v in prev.items() if k not in ("components", "files")},
-        "precision": prev.get("precision", low), "transformer_precision": precision,
-        "flavour": fl.name, "tensorrt_version": fl.version, "target": prev.get("target", target),
-        "request": prev.get("request", req.to_dict(bundle.facts)),
-        "components": dict(sorted(comps.items())), "files": dict(sorted(files.items())),
-        "built_at": meta["built_at"],
-    }
-    write_json_atomic(bundle.root / MANIFEST, manifest)
+    def merge(manifest: dict) -> None:
+        engines = manifest.setdefault("engines", {})
+        prev = engines.get(name, {})
+        comps = dict(prev.get("components", {}))
+        comps["transformer"] = {"engine": engine_rel, "metadata": meta_rel, "engine_sha256": meta["engine_sha256"],
+                                "precision_source": meta["precision_source"], "precision": precision}
+        files = {}
+        for v in comps.values():
+            files[v["engine"]] = v["engine_sha256"]
+            files[v["metadata"]] = sha256_file(bundle.root / v["metadata"])
+        engines[name] = {
+            **{k: v for k, v in prev.items() if k not in ("components", "files")},
+            "precision": prev.get("precision", low), "transformer_precision": precision,
+            "flavour": fl.name, "tensorrt_version": fl.version, "target": prev.get("target", target),
+            "request": prev.get("request", req.to_dict(bundle.facts)),
+            "components": dict(sorted(comps.items())), "files": dict(sorted(files.items())),
+            "built_at": meta["built_at"],
+        }
+
+    update_manifest(bundle.root, merge)
     log(f"transformer ({precision}, {low} elsewhere): built {engine_rel} in {build_s:.1f} s "
         f"({len(data) / 2**20:.1f} MiB) for {target['mode']} {' '.join(target['compute_capabilities'])}".rstrip())
     return meta

@@ -36,10 +36,9 @@ import numpy as np
 import sd3trt
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibSettings, picture
-from sd3trt.engines.quantize_bundle import load_fp32_bundle, set_entry
-from sd3trt.engines.quantized import key
+from sd3trt.engines.quantize_bundle import load_fp32_bundle
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import sha256_file
+from sd3trt.manifest import QUANTIZED, quantized_key, set_entry, sha256_file
 
 COMPONENTS = ("vae_encoder", "vae_decoder")
 CALIB_SIDE = 256  # px: ranges are per tensor, so a smaller picture gives the same ranges at a quarter of the memory
@@ -172,7 +171,7 @@ def quantize_vae(bundle_dir, component: str, settings: CalibSettings = CalibSett
         if failures and not force:
             raise Sd3trtError(f"the int8 {component} fails the accuracy gate ({'; '.join(failures)}); keep the fp32 "
                               "VAE, or pass --force to record it anyway")
-        set_entry(bundle.root, key("int8", component), None)
+        set_entry(bundle.root, QUANTIZED, quantized_key("int8", component), None)
         os.replace(staged, onnx_dir / name)
     files = {f"onnx/{name}": sha256_file(onnx_dir / name)}
     entry = {
@@ -190,6 +189,6 @@ def quantize_vae(bundle_dir, component: str, settings: CalibSettings = CalibSett
         "seconds": round(time.perf_counter() - t_start, 1),
         "files": files,
     }
-    set_entry(bundle.root, key("int8", component), entry)
+    set_entry(bundle.root, QUANTIZED, quantized_key("int8", component), entry)
     log(f"quantize: {component}: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed")
     return entry

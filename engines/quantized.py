@@ -1,8 +1,7 @@
-"""Quantized graphs in a bundle (the transformer; the VAE's int8 convolutions): the manifest section and the runtime's way to use them.
+"""Quantized graphs in a bundle: which GPUs can run them, and runner factories that use them.
 
-Standard library + the runtime's own modules only (no onnx, no torch): `sd3trt.runtime` may import it.
-
-manifest.json gains (written by `sd3trt quantize`, see engines/quantize_bundle.py):
+The manifest section itself (read through Bundle.quantized_entry / quantized_path in sd3trt.manifest)
+gains, from `sd3trt quantize` (see engines/quantize_bundle.py):
 
     "quantized": {"transformer.int8": {"component": "transformer", "precision": "int8",
                    "file": "onnx/transformer.int8.onnx", "files": {path: sha256},
@@ -20,8 +19,6 @@ from typing import Callable
 
 from sd3trt.errors import Sd3trtError
 
-SECTION = "quantized"
-PRECISIONS = ("int8", "fp8")
 
 
 # Smallest compute capability whose GEMMs take each precision (TensorRT-RTX support matrix: FP8 GEMMs
@@ -57,58 +54,6 @@ def check_target(precision: str, compute_capabilities) -> None:
             )
 
 
-def key(precision: str, component: str = "transformer") -> str:
-    return f"{component}.{precision}"
-
-
-def _flag(component: str) -> str:
-    return "" if component == "transformer" else f" --component {component}"
-
-
-def quantized_entry(bundle, precision: str, component: str = "transformer", verify_checksums: bool = False) -> dict:
-    """The manifest entry of the bundle's `precision` `component`; an Sd3trtError naming the fix when
-    it is missing, stale (made from another export) or damaged."""
-    if precision not in PRECISIONS:
-        raise Sd3trtError(f"unknown {component} precision {precision!r}; use {' or '.join(PRECISIONS)}")
-    entry = bundle.data.get(SECTION, {}).get(key(precision, component))
-    if entry is None:
-        raise Sd3trtError(
-            f"bundle {bundle.root} has no {precision} {component}; create it with "
-            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}{_flag(component)}`"
-        )
-    src = bundle.component(component)
-    if entry["source"]["sha256"] != src["files"].get(src["file"]):
-        raise Sd3trtError(
-            f"the {precision} {component} of {bundle.root} was made from an earlier export; re-run "
-            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}{_flag(component)}`"
-        )
-    for rel, digest in entry["files"].items():
-        p = bundle.path(rel)
-        if not p.is_file():
-            raise Sd3trtError(f"bundle file {p} is missing; re-run `sd3trt quantize --precision {precision}{_flag(component)}`")
-        if verify_checksums:
-            from sd3trt.manifest import sha256_file
-
-            if sha256_file(p) != digest:
-                raise Sd3trtError(f"bundle file {p} is corrupted; re-run `sd3trt quantize --precision {precision}{_flag(component)}`")
-    return entry
-
-
-def quantized_parts(bundle, precision: str, components: tuple[str, ...]) -> list[str]:
-    """Which of `components` the bundle lists in `precision`; an Sd3trtError naming the fix when none."""
-    parts = [c for c in components if key(precision, c) in bundle.data.get(SECTION, {})]
-    if not parts:
-        raise Sd3trtError(
-            f"bundle {bundle.root} has no {precision} {' or '.join(components)}; create it with "
-            f"`sd3trt quantize --bundle {bundle.root} --precision {precision}{_flag(components[0])}`"
-        )
-    return parts
-
-
-def quantized_onnx_path(bundle, precision: str, component: str = "transformer") -> Path:
-    return bundle.path(quantized_entry(bundle, precision, component)["file"])
-
-
 def quantized_runner_factory(pipe_or_bundle, precision: str = "int8", threads: int = 0) -> Callable:
     """A `runner_factory` for Img2Img: the quantized transformer on ONNX Runtime (CPU: INT8 runs as
     fused integer GEMMs; FP8 Q/DQ runs too, as a slow float reference), every other component as usual.
@@ -117,7 +62,7 @@ def quantized_runner_factory(pipe_or_bundle, precision: str = "int8", threads: i
     """
     pipe = pipe_or_bundle if hasattr(pipe_or_bundle, "bundle") and hasattr(pipe_or_bundle, "runner") else None
     bundle = pipe.bundle if pipe is not None else pipe_or_bundle
-    return transformer_factory(bundle, quantized_onnx_path(bundle, precision), threads, pipe)
+    return transformer_factory(bundle, bundle.quantized_path(precision), threads, pipe)
 
 
 def transformer_factory(bundle, path: Path, threads: int = 0, pipe=None) -> Callable:

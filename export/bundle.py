@@ -17,7 +17,7 @@ from typing import Callable
 
 import sd3trt
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from sd3trt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, update_manifest, write_json_atomic
 from sd3trt.spec import COMPONENT_SOURCES, COMPONENTS, DTYPES, TOKENIZER_SOURCES, component_specs, read_model_facts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -151,6 +151,6 @@ def export_bundle(
         # Engines stay valid only if every graph they were built from is byte-identical.
         "engines": old.get("engines", {}) if old.get("components") == entries else {},
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    update_manifest(out, lambda _old: manifest)
     log(f"bundle written: {out / MANIFEST}")
     return out

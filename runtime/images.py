@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Sequence, Union
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.files import write_bytes_atomic
 
 #: Decompression-bomb guard: the most pixels (width * height, read from the file header before any pixel
 #: data is decoded) that :func:`load_image` accepts.  4096 * 4096 = 16,777,216 (16.8 MP): enough for any
@@ -377,61 +377,13 @@ def _check_destination(path: Path) -> Path:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once (temp file + fsync + os.replace); errors -> Sd3trtError."""
+    """Replace ``path`` with ``data`` all at once (sd3trt.files.write_bytes_atomic); errors -> Sd3trtError."""
     path = Path(path)
-    parent = _check_destination(path)
+    _check_destination(path)
     try:
-        mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
-    except OSError:
-        mode = 0o644
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), mode)
-        os.replace(tmp, path)
-        tmp = None
+        write_bytes_atomic(path, data)
     except OSError as e:
         raise Sd3trtError(f"cannot write {str(path)!r} ({_reason(e)}); check the directory's permissions and free space") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    _fsync_dir(parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable (POSIX); best effort."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask without changing it (os.umask would race with other threads)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
 
 
 def _reason(e: BaseException) -> str:

@@ -80,13 +80,11 @@ class Img2Img:
             raise Sd3trtError(f"the int8 VAE is an ONNX Runtime CPU graph, not for the {backend} backend; use "
                               "--backend onnxruntime, or the fp16/bf16 VAE of a GPU engine build")
         if backend != "tensorrt" and (transformer_precision != "fp32" or vae_precision != "fp32"):
-            from sd3trt.engines.quantized import quantized_onnx_path, quantized_parts
-
             if transformer_precision != "fp32":
-                self.onnx_paths["transformer"] = quantized_onnx_path(bundle, transformer_precision)
+                self.onnx_paths["transformer"] = bundle.quantized_path(transformer_precision)
             if vae_precision != "fp32":  # the VAE parts the bundle has in int8 (the encoder may have failed its gate)
-                for name in quantized_parts(bundle, vae_precision, ("vae_decoder", "vae_encoder")):
-                    self.onnx_paths[name] = quantized_onnx_path(bundle, vae_precision, name)
+                for name in bundle.quantized_parts(vae_precision, ("vae_decoder", "vae_encoder")):
+                    self.onnx_paths[name] = bundle.quantized_path(vae_precision, name)
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._factory = runner_factory or self._default_factory
         self._runners: dict[str, Runner] = {}

@@ -417,7 +417,9 @@ def test_save_image(tmp_path):
         assert back.format == "JPEG"
     I.save_image(rand_rgb(24, 16, seed=1), tmp_path / "a.png")  # overwrite
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(rand_rgb(24, 16, seed=1)))
-    mask = I._umask()
+    from sd3trt.files import _umask
+
+    mask = _umask()
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~mask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.JPG", "c.webp", "d.png"]
 

@@ -18,7 +18,7 @@ from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibData, CalibSettings, activation_ranges, collect, picture
 from sd3trt.engines.quantize import DEFAULT_KEEP, fake_quant, plan_layers, quantize_model, quantize_weight, to_fp8
 from sd3trt.engines.quantize_bundle import quantize_bundle
-from sd3trt.engines.quantized import check_target, quantized_entry, quantized_runner_factory
+from sd3trt.engines.quantized import check_target, quantized_runner_factory
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
 from sd3trt.runtime.pipeline import Img2Img
@@ -82,8 +82,8 @@ def test_weight_quantization_numerics():
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_qdq_graph_is_valid_and_covers_the_planned_layers(qbundle, precision):
     root, entries = qbundle
-    bundle = load_bundle(root)
-    entry = quantized_entry(bundle, precision, verify_checksums=True)
+    bundle = load_bundle(root, verify_checksums=True)
+    entry = bundle.quantized_entry(precision)
     assert entry == entries[precision]
     path = root / entry["file"]
     model = onnx.load(str(path))
@@ -236,7 +236,7 @@ def test_a_failed_gate_leaves_the_bundle_alone(qbundle, tmp_path):
         quantize_bundle(root, "int8", SETTINGS, keep=(), image_gate=False, thresholds=th, threads=2, log=_quiet)
     assert (root / "manifest.json").read_bytes() == before
     assert not list((root / "onnx").glob(".transformer.*"))  # no staging left behind
-    assert quantized_entry(load_bundle(root), "int8") == qbundle[1]["int8"]
+    assert load_bundle(root).quantized_entry("int8") == qbundle[1]["int8"]
     ok, why = acc.gate("fp8", {"transformer": {"cosine": {"min": 0.5}, "snr_db": {"min": 1.0}},
                                "image": {"psnr_db": {"min": 60.0}}})
     assert not ok and len(why) == 2 and why[0].startswith("transformer cosine 0.5 <")
