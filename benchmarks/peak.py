@@ -66,8 +66,9 @@ def _sweep(make, budget_s: float, max_call_s: float, reps: int = 3) -> dict:
 
 def _ort_model(op: str, n: int, threads: int):
     import numpy as np
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from sd3trt.runtime.ort_session import ort_session
 
     rng = np.random.default_rng(0)
     if op == "MatMul":
@@ -85,11 +86,7 @@ def _ort_model(op: str, n: int, threads: int):
     graph = helper.make_graph([node], "peak", [inp], [out], initializer=[b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(model.SerializeToString(), threads)
     return lambda: sess.run(None, {"A": a})
 
 

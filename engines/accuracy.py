@@ -48,6 +48,8 @@ from typing import Callable
 
 import numpy as np
 
+from sd3trt.runtime.ort_session import ort_session
+
 THRESHOLDS = {
     "int8": {"cosine": 0.998, "snr_db": 25.0, "psnr_db": 32.0},
     "fp8": {"cosine": 0.9995, "snr_db": 35.0, "psnr_db": 38.0},
@@ -71,24 +73,13 @@ def psnr_db(ref: np.ndarray, test: np.ndarray, peak: float = 1.0) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(peak * peak / mse))
 
 
-def session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def summary(values: list[float]) -> dict:
     return {"min": round(min(values), 6), "mean": round(float(np.mean(values)), 6)}
 
 
 def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0) -> dict:
     """Quantized vs fp32 noise_pred on recorded calls `indices` (of a calibrate.CalibData)."""
-    ref, q = session(ref_path, threads), session(q_path, threads)
+    ref, q = ort_session(ref_path, threads), ort_session(q_path, threads)
     cos, snr = [], []
     for i in indices:
         feeds = data.feeds(i)

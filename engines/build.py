@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 import sd3trt
-from sd3trt.engines.flavour import Flavour, gpu_mismatch, load_flavour
+from sd3trt.runtime.flavour import Flavour, gpu_mismatch, load_flavour
 from sd3trt.engines.precision import DEFAULT_KEEP_FP32, apply_precision, load_graph
-from sd3trt.engines.profiles import Profile, ShapeRequest, component_profiles
+from sd3trt.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, update_manifest, write_bytes_atomic, write_json_atomic
 from sd3trt.sizes import parse_size

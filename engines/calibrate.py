@@ -242,8 +242,9 @@ class _TappedSession:
 
     def __init__(self, onnx_path: Path, outputs: list[tuple[str, str]], extra_nodes=(), threads: int = 0):
         import onnx
-        import onnxruntime as ort
         from onnx import TensorProto, helper
+
+        from sd3trt.runtime.ort_session import ort_session
 
         onnx_path = Path(onnx_path)
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -252,21 +253,17 @@ class _TappedSession:
         for name, _ in outputs:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
         self.names = [n for n, _ in outputs]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
         external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
         if external:  # save next to the original so the external weight file resolves
             fd, tmp = tempfile.mkstemp(dir=onnx_path.parent, prefix=".calib-", suffix=".onnx")
             os.close(fd)
             try:
                 onnx.save_model(model, tmp)
-                self.session = ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
+                self.session = ort_session(tmp, threads)
             finally:
                 Path(tmp).unlink(missing_ok=True)
         else:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            self.session = ort_session(model.SerializeToString(), threads)
 
     def run(self, feeds) -> list[np.ndarray]:
         return self.session.run(self.names, feeds)

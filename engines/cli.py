@@ -15,7 +15,7 @@ EXAMPLES = """examples:
 
 def _build(a) -> None:
     from sd3trt.engines.build import BuildOptions, build_engines
-    from sd3trt.engines.profiles import Range, ShapeRequest
+    from sd3trt.profiles import Range, ShapeRequest
 
     keep = () if a.keep_fp32.strip().lower() in ("", "none") else tuple(s.strip() for s in a.keep_fp32.split(",") if s.strip())
     req = ShapeRequest(

@@ -130,8 +130,8 @@ def _builder_api():
     """The engine builder's building blocks (engines/build.py); an Sd3trtError when they moved."""
     try:
         from sd3trt.engines import build as b
-        from sd3trt.engines.flavour import load_flavour
-        from sd3trt.engines.profiles import ShapeRequest, component_profiles
+        from sd3trt.runtime.flavour import load_flavour
+        from sd3trt.profiles import ShapeRequest, component_profiles
 
         api = {
             "load_flavour": load_flavour, "ShapeRequest": ShapeRequest, "component_profiles": component_profiles,

@@ -35,6 +35,7 @@ import numpy as np
 
 import sd3trt
 from sd3trt.engines import accuracy as acc
+from sd3trt.runtime.ort_session import ort_session
 from sd3trt.engines.calibrate import CalibSettings, picture
 from sd3trt.engines.quantize_bundle import load_fp32_bundle
 from sd3trt.errors import Sd3trtError
@@ -68,7 +69,7 @@ def _inputs(bundle, component: str, pixels: np.ndarray, threads: int) -> list[di
     """One feed per picture: the pixels (encoder) or the fp32 encoder's latent mean (decoder)."""
     if component == "vae_encoder":
         return [{"image": pixels[i:i + 1]} for i in range(len(pixels))]
-    enc = acc.session(bundle.onnx_path("vae_encoder"), threads)
+    enc = ort_session(bundle.onnx_path("vae_encoder"), threads)
     return [{"latent": enc.run(["mean"], {"image": pixels[i:i + 1]})[0]} for i in range(len(pixels))]
 
 
@@ -92,12 +93,12 @@ def _to_unit(x: np.ndarray) -> np.ndarray:
 
 def vae_accuracy(bundle, component: str, q_path: Path, feeds: list[dict], threads: int = 0) -> dict:
     """Figures of the quantized graph at `q_path` against the bundle's fp32 graph on `feeds`."""
-    ref = acc.session(bundle.onnx_path(component), threads)
-    q = acc.session(q_path, threads)
+    ref = ort_session(bundle.onnx_path(component), threads)
+    q = ort_session(q_path, threads)
     if component == "vae_decoder":
         psnr = [acc.psnr_db(_to_unit(ref.run(None, f)[0]), _to_unit(q.run(None, f)[0])) for f in feeds]
         return {"inputs": len(feeds), "psnr_db": acc.summary(psnr)}
-    dec = acc.session(bundle.onnx_path("vae_decoder"), threads)
+    dec = ort_session(bundle.onnx_path("vae_decoder"), threads)
     snr, psnr = [], []
     for f in feeds:
         a, b = ref.run(["mean"], f)[0], q.run(["mean"], f)[0]

@@ -13,6 +13,7 @@ import numpy as np
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.runtime.ort_gpu import check_session_providers, provider_name
+from sd3trt.runtime.ort_session import ort_session
 
 BACKENDS = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
 
@@ -95,18 +96,9 @@ class OrtRunner(Runner):
                 f"ONNX Runtime execution provider(s) {unknown} are not available here (available: {available}); "
                 "install onnxruntime-gpu for CUDA/TensorRT providers"
             )
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # No CPU arena: each session's arena keeps its largest activations for life (six sessions: +2.6 GiB
-        # peak RSS on the medium-width bundle at 512 px); plain allocations cost no measurable time there.
-        opts.enable_cpu_mem_arena = False
-        if threads:
-            opts.intra_op_num_threads = threads
         first = provider_name(providers[0])
         try:
-            # enable_fallback=0: a provider that throws is an error here, not a silent retry on the next one.
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers, enable_fallback=0)
+            self.session = ort_session(path, threads, providers)
         except Exception as e:  # ORT raises its own exception types; name the file and the cure
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if first != "CPUExecutionProvider":

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sd3trt.engines.flavour import PIP_NAMES, gpu_mismatch, load_flavour
-from sd3trt.engines.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
+from sd3trt.runtime.flavour import PIP_NAMES, gpu_mismatch, load_flavour
+from sd3trt.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
 from sd3trt.errors import Sd3trtError
 from sd3trt.runtime.caches import RuntimeCacheFile, runtime_cache_path
 from sd3trt.runtime.cuda import Cuda, pinned_view

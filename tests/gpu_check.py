@@ -40,7 +40,7 @@ def _version(dist: str) -> str:
 
 
 def environment() -> tuple[list[str], bool]:
-    from sd3trt.engines.flavour import gpu_mismatch, load_flavour
+    from sd3trt.runtime.flavour import gpu_mismatch, load_flavour
     from sd3trt.errors import Sd3trtError
     from sd3trt.runtime.cuda import find_gpu
 
@@ -109,8 +109,8 @@ def img2img_psnr(workdir: Path) -> tuple[list[str], bool]:
     from PIL import Image
 
     from sd3trt.engines.build import BuildOptions, build_engines
-    from sd3trt.engines.flavour import load_flavour
-    from sd3trt.engines.profiles import Range, ShapeRequest
+    from sd3trt.runtime.flavour import load_flavour
+    from sd3trt.profiles import Range, ShapeRequest
     from sd3trt.errors import Sd3trtError
     from sd3trt.export.bundle import export_bundle
     from sd3trt.export.tiny_model import TinyOptions, make_tiny

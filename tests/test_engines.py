@@ -24,9 +24,9 @@ trt = pytest.importorskip("tensorrt_rtx")
 from sd3trt.cli import main as sd3trt_main  # noqa: E402
 from sd3trt.engines import cli as build_cli  # noqa: E402
 from sd3trt.engines.build import BuildOptions, build_engines, check_precision, parse_size, unsupported_nodes  # noqa: E402
-from sd3trt.engines.flavour import load_flavour  # noqa: E402
+from sd3trt.runtime.flavour import load_flavour  # noqa: E402
 from sd3trt.engines.precision import DEFAULT_KEEP_FP32, apply_precision, autocast, keep_fp32_islands, load_graph  # noqa: E402
-from sd3trt.engines.profiles import EngineProfiles, Range, ShapeRequest  # noqa: E402
+from sd3trt.profiles import EngineProfiles, Range, ShapeRequest  # noqa: E402
 from sd3trt.errors import Sd3trtError  # noqa: E402
 from sd3trt.export.bundle import export_bundle  # noqa: E402
 from sd3trt.manifest import load_bundle, sha256_file  # noqa: E402

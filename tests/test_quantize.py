@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
@@ -21,6 +20,7 @@ from sd3trt.engines.quantize_bundle import quantize_bundle
 from sd3trt.engines.quantized import check_target, quantized_runner_factory
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
+from sd3trt.runtime.ort_session import ort_session
 from sd3trt.runtime.pipeline import Img2Img
 
 # Small calibration: 3 runs (2 fit, 1 held out) x 3 steps at 64 px, CFG batch 2.
@@ -49,13 +49,8 @@ def _linear_count(model: onnx.ModelProto) -> int:
 
 
 def _session(model_or_path, optimized=None):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    opts.log_severity_level = 3
-    if optimized:
-        opts.optimized_model_filepath = str(optimized)
-    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    return ort_session(src, threads=2, optimized_path=optimized)
 
 
 # --------------------------------------------------------------------------- numerics
@@ -340,7 +335,7 @@ def test_lowering_keeps_qdq_next_to_the_gemms(qbundle):
 def test_quantized_engine_builds(qbundle, tmp_path, precision, cc):
     api = _trt_api()
     trt = pytest.importorskip("tensorrt_rtx")
-    from sd3trt.engines.profiles import Range, ShapeRequest
+    from sd3trt.profiles import Range, ShapeRequest
     from sd3trt.engines.quantize_engine import build_quantized_engine, lower_qdq
 
     root = tmp_path / "bundle"

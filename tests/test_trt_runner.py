@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from fake_cudart import Err, FakeContext, FakeCudart
 
-from sd3trt.engines.flavour import Flavour, gpu_mismatch, load_flavour
-from sd3trt.engines.profiles import Range, ShapeRequest
+from sd3trt.runtime.flavour import Flavour, gpu_mismatch, load_flavour
+from sd3trt.profiles import Range, ShapeRequest
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle
 from sd3trt.runtime import cuda as cuda_module
