@@ -192,11 +192,11 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
         log(f"quantizing the {component} of {bundle} to int8 (sd3trt quantize) ...")
         try:
             if component == "transformer":
-                from sd3trt.engines.quantize_bundle import quantize_bundle
+                from sd3trt.engines.transformer_quant import quantize_bundle
 
                 quantize_bundle(bundle, "int8", settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
             else:
-                from sd3trt.engines.quantize_vae import quantize_vae
+                from sd3trt.engines.vae_quant import quantize_vae
 
                 quantize_vae(bundle, component, settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
         except Sd3trtError as e:

@@ -7,38 +7,9 @@ Two levels, both against the fp32 bundle on inputs the ranges were NOT fitted on
                all-fp32: PSNR (dB) of the decoded float image in [0, 1] - worst run and mean
 
 THRESHOLDS are the gate: every worst-case figure must reach them (override per run with
-`sd3trt quantize --min-cosine/--min-snr-db/--min-psnr-db`). Measured on CPU (ONNX Runtime 1.32), 2
-random-weight models, default keep-list, per-channel weights; worst held-out call / run:
-
-  model                                    precision  ranges      min cosine  min SNR dB  min PSNR dB
-  tiny (hidden 32, 2 blocks, 64 px)        int8       max         0.99978     33.6        46.0
-                                           int8       percentile  0.99976     33.2        44.7
-                                           int8       mse         0.99976     33.1        44.8
-                                           fp8        max         0.999988    46.1        47.5
-                                           fp8        percentile  0.999989    46.5        46.3
-                                           fp8        mse         0.999989    46.6        48.6
-  tiny SD3.5 (qk RMSNorm, dual attention)  int8       max         0.99969     32.1        38.4
-                                           fp8        max         0.999986    45.5        46.8
-  real width (hidden 1536 = 24 x 64,       int8       max         0.999991    47.6        48.9
-  2 blocks, 512 px, CFG batch 2)           int8       percentile  0.999986    45.5        47.5
-                                           int8       mse         0.999986    45.5        47.4
-                                           fp8        max         0.999999    56.8        59.3
-                                           fp8        percentile  0.999999    56.7        59.5
-                                           fp8        mse         0.999999    56.9        59.3
-
-Sensitivity (transformer SNR dB, method max, tiny / real width; what the default keep-list holds):
-  quantize proj_out too              int8 33.6 -> 18.9 / 47.6 -> 20.4   fp8 46.1 -> 28.1 / 56.8 -> 28.7
-  quantize time_text_embed too       int8 33.6 -> 33.6 / 47.6 -> 46.8   fp8 46.1 -> 41.9 / 56.8 -> 45.8
-  quantize norm_out.linear too       int8 33.6 -> 33.5 / 47.6 -> 47.2   fp8 46.1 -> 42.2 / 56.8 -> 48.8
-  quantize adaLN of every block too  int8 33.6 -> 33.7 / 47.6 -> 47.5   fp8 46.1 -> 45.3 / 56.8 -> 54.6
-  quantize attention matmuls too     no measurable change (int8 +0.1 / 0.0 dB, fp8 -0.2 / -0.1 dB)
-  keep context_embedder              int8 +0.4 / 0.0 dB, fp8 +0.9 / +0.3 dB (so it is quantized)
-The adaLN modulation Gemms hold ~30% of the linear weights but run at M = batch (2 rows), so keeping
-them costs memory only; random weights understate their outliers, so they stay in float by default.
-
-Thresholds sit 6-10 dB under the worst measured default figure of each precision (image PSNR, which
-one 64 px run of the tiny VAE decides, 6 dB), and above what quantizing the final projection gives, so
-the gate catches that and any worse mistake (a wrong scale, a transposed weight).
+`sd3trt quantize --min-cosine/--min-snr-db/--min-psnr-db`). They sit 6-10 dB under the worst figure
+measured with the defaults, and above what quantizing the final projection gives, so the gate catches
+that and any worse mistake (a wrong scale, a transposed weight); the figures are in docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -95,7 +66,7 @@ def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int
     """End to end: img2img with the quantized transformer graph at `q_path` vs all-fp32, same inputs and
     noise (`settings`: the calibration settings; `runs`: which calibration runs to replay)."""
     from sd3trt.engines.calibrate import run_inputs
-    from sd3trt.engines.quantized import transformer_factory
+    from sd3trt.engines.quantized_runners import transformer_factory
     from sd3trt.runtime.pipeline import Img2Img
 
     ref_pipe = Img2Img(bundle, threads=threads)

@@ -4,9 +4,14 @@ Layout inside the bundle (one directory per named build):
   engines/<build>/<component>.engine   the serialized engine
   engines/<build>/<component>.json     its metadata (flavour, version, precision, profiles, target, ...)
   engines/timing-<flavour>-<version>.cache   persistent timing cache (full TensorRT only)
-manifest.json gains engines[<build>] = {..., "components": {...}, "files": {path: sha256}}; it is
-rewritten atomically after every engine of the build is on disk. A re-run reuses a component whose
+manifest.json gains engines[<build>] = {..., "components": {...}, "files": {path: sha256}}, merged under
+the manifest's lock after every engine of the build is on disk. A re-run reuses a component whose
 fingerprint (source ONNX sha256, options, profiles, TensorRT version) and engine file still match.
+
+Every precision goes through the same loop. What differs is each component's source (`component_source`):
+fp32/fp16/bf16 engines parse the bundle's graph (bf16 from an fp32 bundle through the autocast pass);
+an int8/fp8 build parses the transformer's Q/DQ graph from `sd3trt quantize`, lowered by
+`qdq_graph.lower_qdq`, and every other component in the bundle's fp16 (bf16 from an fp32 bundle).
 """
 
 from __future__ import annotations
@@ -21,17 +26,19 @@ from pathlib import Path
 from typing import Callable
 
 import sd3trt
-from sd3trt.runtime.flavour import Flavour, gpu_mismatch, load_flavour
-from sd3trt.engines.precision import DEFAULT_KEEP_FP32, apply_precision, load_graph
-from sd3trt.profiles import Profile, ShapeRequest, component_profiles
+from sd3trt import precision as words
+from sd3trt.engines import gpu_targets
+from sd3trt.engines.gpu_targets import built_for, check_target, default_build_name, resolve_targets
+from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, load_graph
+from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import MANIFEST, load_bundle, sha256_file, update_manifest, write_bytes_atomic, write_json_atomic
+from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
+from sd3trt.manifest import load_bundle, update_manifest
+from sd3trt.profiles import Profile, ShapeRequest, component_profiles
+from sd3trt.runtime.flavour import Flavour, load_flavour
 from sd3trt.sizes import parse_size
 from sd3trt.spec import COMPONENTS
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-LATER_PRECISIONS = ("fp4", "int4")
-QUANTIZED_PRECISIONS = ("int8", "fp8")  # the transformer from `sd3trt quantize`, the rest in fp16/bf16
 META_FORMAT = "sd3trt-engine"
 META_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -40,15 +47,15 @@ TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64"
               "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
-    precision: str
+    precision: str  # sd3trt.precision.ENGINE
     name: str | None = None
     components: tuple[str, ...] | None = None
     request: ShapeRequest = field(default_factory=ShapeRequest)
     flavour: str | None = None  # None/"auto" | "tensorrt" | "tensorrt_rtx"
     compute_capabilities: tuple[str, ...] = ()  # tensorrt_rtx AOT targets: "8.6", "8.9", "12.0", "current"
-    workspace: int | None = None  # bytes; None: TensorRT's default (device memory)
+    workspace: int | str | None = None  # bytes or "4GiB"; None: TensorRT's default (device memory)
     opt_level: int | None = None  # builder optimization level 0..5; None: TensorRT's default (3)
     refit: bool = False
     strip_weights: bool = False  # weight-stripped plan, refit from the bundle's ONNX at load time
@@ -56,6 +63,7 @@ class BuildOptions:
     timing_cache: Path | None = None  # full TensorRT only; default engines/timing-<flavour>-<version>.cache
     keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
     force: bool = False  # rebuild even when a component's fingerprint matches
+    low: str | None = None  # int8/fp8 builds: the float type elsewhere (default: the bundle's fp16/bf16, else bf16)
 
     def to_dict(self) -> dict:
         return {
@@ -66,16 +74,13 @@ class BuildOptions:
 
 
 def check_precision(bundle_dtype: str, precision: str) -> str:
-    """How the graph for `precision` comes from the bundle: "as-exported" or "autocast"; else a clear error."""
-    if precision in LATER_PRECISIONS:
-        raise Sd3trtError(f"--precision {precision} is not supported yet; use fp16, bf16, fp32, int8 or fp8")
-    if precision not in PRECISIONS:
-        raise Sd3trtError(f"unknown --precision {precision!r}; use fp16, bf16, fp32, int8 or fp8")
+    """How the float graph for `precision` comes from the bundle: "as-exported" or "autocast"; else a clear error."""
+    words.check(precision, words.FLOATS, "--precision")
     if bundle_dtype == precision:
         return "as-exported"
     if precision == "bf16" and bundle_dtype == "fp32":
         # Workaround: bf16 ONNX export fails on CPU (ONNX type check of bf16 Conv at opset < 22), so bf16
-        # engines are derived from the fp32 graph by an autocast pass (see precision.py).
+        # engines are derived from the fp32 graph by an autocast pass (see mixed_precision.py).
         return "autocast"
     hint = "fp32 (or bf16)" if precision == "bf16" else precision
     raise Sd3trtError(
@@ -84,7 +89,58 @@ def check_precision(bundle_dtype: str, precision: str) -> str:
     )
 
 
-def _make_logger(trt):
+@dataclass(frozen=True)
+class Source:
+    """What one component's engine is built from."""
+
+    component: str
+    precision: str  # of this engine: a float type, or int8/fp8 for the quantized transformer
+    how: str  # the metadata's precision_source: "as-exported" | "autocast" | "quantized (<low> elsewhere)"
+    file: str  # the graph, relative to the bundle
+    onnx_path: Path
+    files: dict  # the source's files, relative path -> sha256 (load_bundle has checked them)
+    quantized: dict | None = None  # the manifest's quantized entry, for the int8/fp8 transformer
+    low: str | None = None
+
+    def graph(self, bundle_dtype: str, keep_fp32) -> tuple:
+        """(the ONNX graph TensorRT parses, the precision pass's report)."""
+        if self.quantized is not None:
+            return lower_qdq(load_graph(self.onnx_path), self.low, keep_fp32)
+        return apply_precision(load_graph(self.onnx_path), bundle_dtype, self.precision, keep_fp32, inplace=True)
+
+    def metadata(self) -> dict:
+        if self.quantized is None:
+            return {}
+        q = self.quantized
+        return {"quantized": {**{k: q.get(k) for k in ("precision", "method", "file", "scheme")},
+                              "coverage": {k: v for k, v in q["coverage"].items() if not isinstance(v, (list, dict))},
+                              "accuracy_passed": q["accuracy"]["passed"], "low_precision": self.low}}
+
+
+def low_type(bundle, low: str | None = None) -> str:
+    """The float type around the quantized layers and of the other engines in an int8/fp8 build."""
+    if low is not None:
+        return words.check(low, words.LOW_TYPES, "type for the layers around the quantized ones")
+    return bundle.dtype if bundle.dtype in words.LOW_TYPES else "bf16"
+
+
+def component_source(bundle, component: str, precision: str, low: str | None = None) -> Source:
+    """The source of `component`'s engine in a `precision` build (an Sd3trtError naming the fix when the
+    bundle cannot give it: another dtype needed, or no current quantized graph)."""
+    entry = bundle.component(component)
+    if precision in words.QUANTIZED:
+        low = low_type(bundle, low)
+        if component == "transformer":
+            q = bundle.quantized_entry(precision)  # refuses a missing or stale quantized graph, naming the fix
+            return Source(component, precision, f"quantized ({low} elsewhere)", q["file"], bundle.path(q["file"]),
+                          dict(sorted(q["files"].items())), q, low)
+        precision = low
+    how = check_precision(bundle.dtype, precision)
+    return Source(component, precision, how, entry["file"], bundle.onnx_path(component),
+                  dict(sorted(entry["files"].items())))
+
+
+def make_logger(trt):
     class CaptureLogger(trt.ILogger):
         """Keeps TensorRT's errors for the exception message; prints nothing below errors."""
 
@@ -102,65 +158,10 @@ def _make_logger(trt):
     return CaptureLogger()
 
 
-def _find_gpu() -> tuple[str, str] | None:
-    """("major.minor", name) of GPU 0 via cuda-bindings, or None when there is no usable GPU."""
-    from sd3trt.runtime.cuda import find_gpu
-
-    try:
-        return find_gpu(0)
-    except Sd3trtError:
-        return None
-
-
-def resolve_targets(fl: Flavour, wanted: tuple[str, ...]) -> tuple[list, dict]:
-    """Builder compute-capability enums and the metadata's description of the target."""
-    trt = fl.trt
-    if not fl.can_target_compute_capability:
-        if wanted:
-            raise Sd3trtError(
-                f"{fl.name} builds for the GPU it runs on; drop --compute-capability (ahead-of-time targets "
-                "need tensorrt_rtx)"
-            )
-        gpu = _find_gpu()
-        if gpu is None:
-            raise Sd3trtError(f"{fl.name} needs an NVIDIA GPU to build engines; build on the target GPU or use --flavour tensorrt_rtx")
-        return [], {"compute_capabilities": [gpu[0]], "mode": "build-gpu"}
-    if not wanted:
-        return [], {"compute_capabilities": [], "mode": "portable-default"}
-    enums, names = [], []
-    available = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
-    for w in wanted:
-        if w.lower() == "current":
-            gpu = _find_gpu()
-            if gpu is None:
-                raise Sd3trtError("--compute-capability current needs a GPU here; name the target instead, e.g. 8.9")
-            problem = gpu_mismatch(fl, *gpu)
-            if problem:
-                raise Sd3trtError(problem)
-            if len(wanted) > 1:
-                raise Sd3trtError("--compute-capability current cannot be combined with other targets")
-            enums.append(trt.ComputeCapability.CURRENT)
-            names.append(gpu[0])
-            continue
-        key = "SM" + re.sub(r"^sm|[._\s]", "", w.strip().lower())
-        if key not in available:
-            shown = ", ".join(f"{a[2:-1]}.{a[-1]}" for a in available)
-            raise Sd3trtError(f"{fl.name} {fl.version} cannot target compute capability {w!r}; use one of {shown}")
-        enums.append(getattr(trt.ComputeCapability, key))
-        names.append(f"{key[2:-1]}.{key[-1]}")
-    return enums, {"compute_capabilities": names, "mode": "aot"}
-
-
-def default_build_name(precision: str, fl: Flavour, target: dict) -> str:
-    ccs = target["compute_capabilities"]
-    tag = "_".join("sm" + c.replace(".", "") for c in ccs) if ccs else "portable"
-    return f"{precision}-{fl.short}-{tag}"
-
-
 def unsupported_nodes(fl: Flavour, graph: bytes, onnx_path: Path) -> list[str]:
     """ONNX nodes the parser reports as unsupported ("op_type name"), empty when everything parses."""
     trt = fl.trt
-    logger = _make_logger(trt)
+    logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -228,52 +229,50 @@ def _fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _reusable(root: Path, meta_rel: str, fingerprint: str) -> dict | None:
+def _reusable(bundle, meta_rel: str, fingerprint: str) -> dict | None:
     try:
-        meta = json.loads((root / meta_rel).read_text())
+        meta = json.loads((bundle.root / meta_rel).read_text())
     except (OSError, ValueError):
         return None
     if meta.get("fingerprint") != fingerprint:
         return None
-    eng = root / meta["engine"]
+    eng = bundle.root / meta["engine"]
+    if bundle.all_files().get(meta["engine"]) == meta.get("engine_sha256") and eng.is_file():
+        return meta  # listed in the manifest with this digest: load_bundle has checked it
     if not eng.is_file() or sha256_file(eng) != meta.get("engine_sha256"):
         return None
     return meta
 
 
-def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, name: str, targets, target: dict,
+def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, name: str, targets, target: dict,
                     timing_cache=None, log: Callable[[str], None] = print) -> dict:
     """Build one engine; returns its metadata (already written beside the engine)."""
     trt = fl.trt
     root = bundle.root
+    component = source.component
     entry = bundle.component(component)
-    onnx_path = bundle.onnx_path(component)
-    src_files = dict(sorted((rel, d) for rel, d in entry["files"].items()))
-    for rel, digest in src_files.items():
-        if sha256_file(root / rel) != digest:
-            raise Sd3trtError(f"{root / rel} does not match the manifest's sha256; re-run `sd3trt export` to restore it")
     req = opts.request
     profiles: list[Profile] = component_profiles(bundle.facts, component, entry, req)
-    how = check_precision(bundle.dtype, opts.precision)
     rel_dir = f"engines/{name}"
     engine_rel, meta_rel = f"{rel_dir}/{component}.engine", f"{rel_dir}/{component}.json"
     fp = _fingerprint({
-        "src": src_files, "precision": opts.precision, "bundle_dtype": bundle.dtype, "flavour": fl.name,
-        "version": fl.version, "target": target, "options": opts.to_dict(), "request": req.to_dict(),
-        "profiles": [p.to_dict() for p in profiles], "sd3trt": sd3trt.__version__, "meta": META_VERSION,
+        "src": source.files, "precision": source.precision, "precision_source": source.how,
+        "bundle_dtype": bundle.dtype, "flavour": fl.name, "version": fl.version, "target": target,
+        "options": opts.to_dict(), "request": req.to_dict(), "profiles": [p.to_dict() for p in profiles],
+        "sd3trt": sd3trt.__version__, "meta": META_VERSION,
     })
     if not opts.force:
-        meta = _reusable(root, meta_rel, fp)
+        meta = _reusable(bundle, meta_rel, fp)
         if meta is not None:
             log(f"{component}: unchanged, kept {engine_rel}")
             return meta
 
     t0 = time.perf_counter()
-    graph, prec_report = apply_precision(load_graph(onnx_path), bundle.dtype, opts.precision, opts.keep_fp32,
-                                         inplace=True)
+    graph, prec_report = source.graph(bundle.dtype, opts.keep_fp32)
     graph_bytes = graph.SerializeToString()
     del graph
-    logger = _make_logger(trt)
+    onnx_path = source.onnx_path
+    logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
@@ -281,7 +280,8 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
         errors = _parser_errors(parser)
         bad = unsupported_nodes(fl, graph_bytes, onnx_path)
         detail = f"unsupported nodes: {', '.join(bad[:5])}" if bad else "; ".join(errors[:3])
-        raise Sd3trtError(f"{fl.name} {fl.version} cannot parse {onnx_path} ({detail}); re-export with another --opset or file an issue")
+        fix = "re-run `sd3trt quantize`" if source.quantized else "re-export with another --opset or file an issue"
+        raise Sd3trtError(f"{fl.name} {fl.version} cannot parse {onnx_path} ({detail}); {fix}")
     parse_s = time.perf_counter() - t0
     io = check_bindings(component, entry, _io(network))
 
@@ -295,8 +295,6 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
     if opts.workspace:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace))
     if opts.opt_level is not None:
-        if not 0 <= opts.opt_level <= 5:
-            raise Sd3trtError(f"--opt-level {opts.opt_level} must be in 0..5")
         config.builder_optimization_level = int(opts.opt_level)
     if opts.refit or opts.strip_weights:
         config.set_flag(trt.BuilderFlag.REFIT)
@@ -317,7 +315,8 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
     build_s = time.perf_counter() - t1
     if plan is None:
         why = "; ".join(dict.fromkeys(logger.errors[-3:])) or "no message"
-        raise Sd3trtError(f"{component}: {fl.name} failed to build the engine ({why[:400]}); check the options")
+        fix = "check the target and the quantized graph (`sd3trt quantize`)" if source.quantized else "check the options"
+        raise Sd3trtError(f"{component}: {fl.name} failed to build the {source.precision} engine ({why[:400]}); {fix}")
     data = bytes(memoryview(plan))
     del plan, network, parser, builder
     write_bytes_atomic(root / engine_rel, data)
@@ -328,10 +327,11 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
         "engine": engine_rel, "engine_sha256": hashlib.sha256(data).hexdigest(), "engine_bytes": len(data),
         "flavour": fl.name, "tensorrt_version": fl.version,
         "onnx_parser_version": str(getattr(trt, "get_nv_onnx_parser_version", lambda: "")()),
-        "precision": opts.precision, "bundle_dtype": bundle.dtype, "precision_source": how,
+        "precision": source.precision, "bundle_dtype": bundle.dtype, "precision_source": source.how,
         "precision_pass": prec_report, "strongly_typed": True,
         "target": target,
-        "source_onnx": {"file": entry["file"], "sha256": src_files.get(entry["file"]), "files": src_files},
+        "source_onnx": {"file": source.file, "sha256": source.files.get(source.file), "files": source.files},
+        **source.metadata(),
         "parsed_graph_sha256": hashlib.sha256(graph_bytes).hexdigest(),
         "io": io,
         "profiles": [p.to_dict() for p in profiles],
@@ -343,61 +343,76 @@ def build_component(fl: Flavour, bundle, component: str, opts: BuildOptions, nam
         "fingerprint": fp,
     }
     write_json_atomic(root / meta_rel, meta)
-    log(f"{component}: built {engine_rel} in {build_s:.1f} s ({len(data) / 2**20:.1f} MiB, {len(profiles)} profile(s))")
+    log(f"{component}: built {engine_rel} ({source.precision}) in {build_s:.1f} s ({len(data) / 2**20:.1f} MiB, "
+        f"{len(profiles)} profile(s))")
     return meta
 
 
+def _timing_cache(fl: Flavour, path: Path):
+    """The builder's timing cache, from `path` when it holds a usable one (full TensorRT only)."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cfg = fl.trt.Builder(make_logger(fl.trt)).create_builder_config()
+    try:
+        cache = cfg.create_timing_cache(blob)
+    except Exception:
+        cache = None
+    return cache if cache is not None else cfg.create_timing_cache(b"")  # damaged, or another version: a new one
+
+
 def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
-    """Build every (selected) component; returns the manifest's new engines[<build>] entry."""
-    if opts.precision in QUANTIZED_PRECISIONS:
-        return _build_quantized(Path(bundle_dir), opts, log)
+    """Build every (selected) component; returns the manifest's new engines[<build>] entry.
+    `opts` is left as it is (the resolved options are a copy)."""
+    words.check(opts.precision, words.ENGINE, "--precision")
     bundle = load_bundle(Path(bundle_dir))
-    if check_precision(bundle.dtype, opts.precision) == "autocast" and opts.strip_weights:
-        raise Sd3trtError(
-            "weight-stripped bf16 engines need a bf16 bundle (they are refit from the bundle's ONNX); "
-            "drop --strip-weights or export with --dtype bf16"
-        )
-    opts.request = opts.request.validated(bundle.facts)
-    opts.workspace = parse_size(opts.workspace)
+    present = [c for c in COMPONENTS if bundle.has(c)]
+    wanted = list(opts.components) if opts.components else present
+    for c in wanted:
+        if c not in present:
+            raise Sd3trtError(f"bundle {bundle.root} has no component {c!r}; choose from {', '.join(present)}")
+    sources = {c: component_source(bundle, c, opts.precision, opts.low) for c in wanted}
+    if opts.strip_weights:
+        derived = [s for s in sources.values() if s.how != "as-exported"]
+        if any(s.quantized for s in derived):
+            raise Sd3trtError(f"weight-stripped {opts.precision} engines cannot be refit from the bundle's ONNX (it "
+                              "holds the float transformer); drop --strip-weights")
+        if derived:
+            raise Sd3trtError(
+                f"weight-stripped {derived[0].precision} engines need a {derived[0].precision} bundle (they are refit "
+                f"from the bundle's ONNX); drop --strip-weights or export with --dtype {derived[0].precision}"
+            )
+    if opts.opt_level is not None and not 0 <= opts.opt_level <= 5:
+        raise Sd3trtError(f"--opt-level {opts.opt_level} must be in 0..5")
+    opts = replace(opts, request=opts.request.validated(bundle.facts), workspace=parse_size(opts.workspace),
+                   compute_capabilities=tuple(opts.compute_capabilities), keep_fp32=tuple(opts.keep_fp32))
     fl = load_flavour(opts.flavour)
-    targets, target = resolve_targets(fl, tuple(opts.compute_capabilities))
-    if (opts.refit or opts.strip_weights) and fl.is_rtx and fl.version.startswith("1.7.") and _find_gpu() is None:
+    targets, target = resolve_targets(fl, opts.compute_capabilities)
+    if opts.precision in words.QUANTIZED:
+        check_target(opts.precision, built_for(fl, target))
+    refittable = opts.refit or opts.strip_weights
+    if refittable and fl.is_rtx and fl.version.startswith("1.7.") and gpu_targets.current_gpu() is None:
         # Its Myelin JIT asks CUDA for refittable graphs: each build fails after printing an internal error.
         raise Sd3trtError(f"{fl.name} {fl.version} cannot build refittable or weight-stripped engines without a GPU; "
                           "build on a GPU machine or drop --refit/--strip-weights")
     name = opts.name or default_build_name(opts.precision, fl, target)
     if not NAME_RE.fullmatch(name):
         raise Sd3trtError(f"build name {name!r} must be letters, digits, '.', '_' or '-' (at most 64)")
-    present = [c for c in COMPONENTS if bundle.has(c)]
-    wanted = list(opts.components) if opts.components else present
-    for c in wanted:
-        if c not in present:
-            raise Sd3trtError(f"bundle {bundle.root} has no component {c!r}; choose from {', '.join(present)}")
 
     timing_cache = None
     if fl.has_timing_cache:
-        if opts.timing_cache is None:
-            opts.timing_cache = bundle.root / "engines" / f"timing-{fl.name}-{fl.version}.cache"
-        tc_path = Path(opts.timing_cache)
-        blob = tc_path.read_bytes() if tc_path.is_file() else b""
-        cfg = fl.trt.Builder(_make_logger(fl.trt)).create_builder_config()
-        try:
-            timing_cache = cfg.create_timing_cache(blob)
-        except Exception:
-            timing_cache = None
-        if timing_cache is None:  # damaged, or from another TensorRT version: start a new one
-            timing_cache = cfg.create_timing_cache(b"")
+        opts = replace(opts, timing_cache=Path(opts.timing_cache or
+                                               bundle.root / "engines" / f"timing-{fl.name}-{fl.version}.cache"))
+        timing_cache = _timing_cache(fl, opts.timing_cache)
     else:
-        opts.timing_cache = None
+        opts = replace(opts, timing_cache=None)
 
     log(f"building {name!r}: {opts.precision}, {fl.name} {fl.version}, target {target['mode']} "
         f"{' '.join(target['compute_capabilities'])}".rstrip())
     metas = {}
     t0 = time.perf_counter()
     for c in wanted:
-        metas[c] = build_component(fl, bundle, c, opts, name, targets, target, timing_cache, log)
+        metas[c] = build_component(fl, bundle, sources[c], opts, name, targets, target, timing_cache, log)
     if timing_cache is not None:
-        write_bytes_atomic(Path(opts.timing_cache), bytes(memoryview(timing_cache.serialize())))
+        write_bytes_atomic(opts.timing_cache, bytes(memoryview(timing_cache.serialize())))
 
     def merge(manifest: dict) -> None:  # into the manifest as it is now: another build may have landed meanwhile
         engines = manifest.setdefault("engines", {})
@@ -405,7 +420,8 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
         components = {c: v for c, v in previous.get("components", {}).items() if c not in metas and bundle.has(c)}
         for c, m in metas.items():
             components[c] = {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json",
-                             "engine_sha256": m["engine_sha256"], "precision_source": m["precision_source"]}
+                             "engine_sha256": m["engine_sha256"], "precision": m["precision"],
+                             "precision_source": m["precision_source"]}
         files = {}
         for c, v in components.items():
             files[v["engine"]] = v["engine_sha256"]
@@ -420,26 +436,3 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
     entry = update_manifest(bundle.root, merge)["engines"][name]
     log(f"build {name!r} done in {time.perf_counter() - t0:.1f} s; manifest updated")
     return entry
-
-
-def _build_quantized(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None]) -> dict:
-    """int8/fp8: the quantized transformer (Q/DQ graph from `sd3trt quantize`) in a strongly typed engine,
-    every other component in the bundle's fp16 (or bf16 from an fp32 bundle)."""
-    from sd3trt.engines.quantize_engine import build_quantized_engine
-    from sd3trt.engines.quantized import check_target
-
-    bundle = load_bundle(bundle_dir)
-    bundle.quantized_entry(opts.precision)  # refuses a missing or stale quantized graph, naming the fix
-    check_target(opts.precision, list(opts.compute_capabilities))
-    fl = load_flavour(opts.flavour)
-    _, target = resolve_targets(fl, tuple(opts.compute_capabilities))
-    name = opts.name or default_build_name(opts.precision, fl, target)
-    low = bundle.dtype if bundle.dtype in ("fp16", "bf16") else "bf16"
-    wanted = list(opts.components) if opts.components else [c for c in COMPONENTS if bundle.has(c)]
-    others = tuple(c for c in wanted if c != "transformer")
-    if others:
-        build_engines(bundle_dir, replace(opts, precision=low, name=name, components=others), log)
-    if "transformer" in wanted:
-        build_quantized_engine(bundle_dir, opts.precision, opts.compute_capabilities, low, opts.request, name,
-                               opts.flavour, opts.opt_level, log)
-    return json.loads((bundle_dir / MANIFEST).read_text())["engines"][name]

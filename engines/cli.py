@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sd3trt import precision as words
+
 
 EXAMPLES = """examples:
   sd3trt build --bundle B --precision fp16 --image-size 512:1024:1536 --batch 1:2 --cfg both
@@ -43,9 +45,10 @@ def add_build_command(sub) -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by `sd3trt export`")
-    p.add_argument("--precision", required=True,
-                   help="fp16 | bf16 | fp32 | int8 | fp8 (int8/fp8 after `sd3trt quantize`; fp16/fp32 need a "
-                   "bundle exported in that dtype; bf16 takes a bf16 bundle or derives from an fp32 one)")
+    p.add_argument("--precision", required=True, choices=words.ENGINE,
+                   help="fp16/fp32 need a bundle exported in that dtype; bf16 takes a bf16 bundle or derives from an "
+                        "fp32 one; int8/fp8 (after `sd3trt quantize`): the quantized transformer, the rest in the "
+                        "bundle's fp16/bf16 (bf16 from an fp32 bundle)")
     p.add_argument("--name", help="build name: engines/<name>/ (default <precision>-<rtx|trt>-<target>)")
     p.add_argument("--components", help="comma-separated subset (default: every component of the bundle)")
     g = p.add_argument_group("shapes (optimization profiles)")

@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sd3trt import precision as words
+
 
 EXAMPLES = """examples:
   sd3trt quantize --bundle B --precision int8                     # CPU INT8 path (ONNX Runtime)
@@ -19,7 +21,7 @@ EXAMPLES = """examples:
 
 
 def _keep(text: str | None) -> tuple[str, ...]:
-    from sd3trt.engines.quantize import DEFAULT_KEEP
+    from sd3trt.engines.qdq_graph import DEFAULT_KEEP
 
     if text is None:
         return DEFAULT_KEEP
@@ -34,14 +36,14 @@ def _keep(text: str | None) -> tuple[str, ...]:
 
 def _quantize(a) -> None:
     from sd3trt.engines.calibrate import CalibSettings
-    from sd3trt.engines.quantize_bundle import quantize_bundle
+    from sd3trt.engines.transformer_quant import quantize_bundle
 
     if a.component != "transformer":
         return _quantize_vae(a)
 
     ccs = tuple(c.strip() for v in (a.engine or []) for c in v.split(",") if c.strip())
     if ccs:  # refuse an impossible target before the (long) calibration
-        from sd3trt.engines.quantize_engine import check_target
+        from sd3trt.engines.gpu_targets import check_target
 
         check_target(a.precision, [c for c in ccs if c.lower() != "current"])
     settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
@@ -67,28 +69,28 @@ def _quantize(a) -> None:
         "image_psnr_db": acc.get("image", {}).get("psnr_db"), "thresholds": acc["thresholds"], "passed": acc["passed"],
     }
     print(json.dumps(summary, indent=2))
-    if ccs:
-        from sd3trt.engines.quantize_engine import build_quantized_engine
+    if ccs:  # the quantized transformer's engine, through `sd3trt build`'s loop
+        from sd3trt.engines.build import BuildOptions, build_engines
 
-        build_quantized_engine(a.bundle, a.precision, compute_capabilities=ccs, low=a.engine_low,
-                               name=a.engine_name, flavour=a.flavour)
+        build_engines(a.bundle, BuildOptions(a.precision, name=a.engine_name, components=("transformer",),
+                                             flavour=a.flavour, compute_capabilities=ccs, low=a.engine_low))
 
 
 def _quantize_vae(a) -> None:
     from sd3trt.engines.calibrate import CalibSettings
-    from sd3trt.engines.quantize_vae import quantize_vae
+    from sd3trt.engines.vae_quant import quantize_vae
     from sd3trt.errors import Sd3trtError
 
-    if a.precision != "int8":
-        raise Sd3trtError(f"the VAE quantizes to int8 only (the ONNX Runtime CPU path), not {a.precision}; "
-                          "GPU engines run the VAE in fp16/bf16")
+    if a.precision not in words.VAE_QUANTIZED:
+        raise Sd3trtError(f"the VAE quantizes to {' or '.join(words.VAE_QUANTIZED)} only (the ONNX Runtime CPU "
+                          f"path), not {a.precision}; GPU engines run the VAE in fp16/bf16")
     if a.engine:
         raise Sd3trtError("--engine builds a quantized transformer engine; the int8 VAE is an ONNX Runtime CPU graph")
     settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
                              size=a.calib_size, seed=a.seed)
     th = {"psnr_db": a.min_psnr_db} if a.min_psnr_db is not None else None
     entry = quantize_vae(a.bundle, a.component, settings, thresholds=th, force=a.force, threads=a.threads)
-    print(json.dumps({"file": entry["file"], "precision": "int8", "component": a.component,
+    print(json.dumps({"file": entry["file"], "precision": a.precision, "component": a.component,
                       "accuracy": entry["accuracy"], "seconds": entry["seconds"]}, indent=2))
 
 
@@ -98,7 +100,7 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
-    p.add_argument("--precision", required=True, choices=("int8", "fp8"),
+    p.add_argument("--precision", required=True, choices=words.QUANTIZED,
                    help="int8: Ampere-class GPUs and CPUs (ONNX Runtime); fp8: Ada/Hopper/Blackwell (SM 8.9+)")
     p.add_argument("--component", default="transformer", choices=("transformer", "vae_decoder", "vae_encoder"),
                    help="what to quantize (default transformer); vae_decoder / vae_encoder: int8 convolutions for "
@@ -129,7 +131,7 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--engine", action="append", metavar="CC",
                    help="also build the quantized transformer engine for these compute capabilities, e.g. 8.9")
     g.add_argument("--engine-name", help="engine build to add it to (default <precision>-<rtx|trt>-<target>)")
-    g.add_argument("--engine-low", choices=("fp16", "bf16"), default="fp16",
+    g.add_argument("--engine-low", choices=words.LOW_TYPES, default="fp16",
                    help="type of the layers around the quantized ones (default fp16)")
     g.add_argument("--flavour", choices=("auto", "tensorrt", "tensorrt_rtx"), default=None)
     p.set_defaults(func=_quantize)

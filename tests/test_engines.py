@@ -23,9 +23,10 @@ trt = pytest.importorskip("tensorrt_rtx")
 
 from sd3trt.cli import main as sd3trt_main  # noqa: E402
 from sd3trt.engines import cli as build_cli  # noqa: E402
-from sd3trt.engines.build import BuildOptions, build_engines, check_precision, parse_size, unsupported_nodes  # noqa: E402
+from sd3trt.engines.build import BuildOptions, build_engines, check_precision, unsupported_nodes  # noqa: E402
+from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, autocast, keep_fp32_islands, load_graph  # noqa: E402
 from sd3trt.runtime.flavour import load_flavour  # noqa: E402
-from sd3trt.engines.precision import DEFAULT_KEEP_FP32, apply_precision, autocast, keep_fp32_islands, load_graph  # noqa: E402
+from sd3trt.sizes import parse_size  # noqa: E402
 from sd3trt.profiles import EngineProfiles, Range, ShapeRequest  # noqa: E402
 from sd3trt.errors import Sd3trtError  # noqa: E402
 from sd3trt.export.bundle import export_bundle  # noqa: E402
@@ -273,7 +274,7 @@ def test_precision_must_match_the_bundle():
         check_precision("fp16", "fp32")
     with pytest.raises(Sd3trtError, match=r"sd3trt export --dtype fp32 \(or bf16\)"):
         check_precision("fp16", "bf16")
-    with pytest.raises(Sd3trtError, match="not supported yet"):
+    with pytest.raises(Sd3trtError, match=r"unknown --precision 'fp4'; use fp32 or fp16 or bf16"):
         check_precision("fp16", "fp4")
 
 
@@ -309,15 +310,15 @@ def test_bad_build_options_are_refused(fp16_bundle, fp32_bundle):
 
 
 def test_current_target_on_a_gpu_tensorrt_rtx_cannot_run(monkeypatch):
-    from sd3trt.engines import build
+    from sd3trt.engines import gpu_targets
 
     fl = load_flavour("tensorrt_rtx")
-    monkeypatch.setattr(build, "_find_gpu", lambda: ("9.0", "NVIDIA H200"))
+    monkeypatch.setattr(gpu_targets, "current_gpu", lambda: ("9.0", "NVIDIA H200"))
     with pytest.raises(Sd3trtError, match=r"cannot run engines on this NVIDIA H200 .*install full TensorRT .*"
                                           r"`sd3trt build --flavour tensorrt`"):
-        build.resolve_targets(fl, ("current",))
-    monkeypatch.setattr(build, "_find_gpu", lambda: ("8.9", "NVIDIA GeForce RTX 4090"))
-    assert build.resolve_targets(fl, ("current",))[1] == {"compute_capabilities": ["8.9"], "mode": "aot"}
+        gpu_targets.resolve_targets(fl, ("current",))
+    monkeypatch.setattr(gpu_targets, "current_gpu", lambda: ("8.9", "NVIDIA GeForce RTX 4090"))
+    assert gpu_targets.resolve_targets(fl, ("current",))[1] == {"compute_capabilities": ["8.9"], "mode": "aot"}
 
 
 @pytest.mark.parametrize("source", ["fp16", "bf16-autocast"])

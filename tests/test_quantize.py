@@ -15,9 +15,10 @@ from onnx import TensorProto
 
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibData, CalibSettings, activation_ranges, collect, picture
-from sd3trt.engines.quantize import DEFAULT_KEEP, fake_quant, plan_layers, quantize_model, quantize_weight, to_fp8
-from sd3trt.engines.quantize_bundle import quantize_bundle
-from sd3trt.engines.quantized import check_target, quantized_runner_factory
+from sd3trt.engines.gpu_targets import check_target
+from sd3trt.engines.qdq_graph import DEFAULT_KEEP, fake_quant, lower_qdq, plan_layers, quantize_model, quantize_weight, to_fp8
+from sd3trt.engines.quantized_runners import quantized_runner_factory
+from sd3trt.engines.transformer_quant import quantize_bundle
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
 from sd3trt.runtime.ort_session import ort_session
@@ -288,19 +289,8 @@ def test_fp8_is_refused_before_sm89():
         check_target("int8", ["ampere"])
 
 
-def _trt_api():
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
-    from sd3trt.engines.quantize_engine import _builder_api
-
-    try:
-        return _builder_api()
-    except Sd3trtError as e:
-        pytest.skip(f"engine builder API not available yet: {e}")
-
-
 def test_lowering_keeps_qdq_next_to_the_gemms(qbundle):
-    from sd3trt.engines.precision import elem_types
-    from sd3trt.engines.quantize_engine import lower_qdq
+    from sd3trt.engines.mixed_precision import elem_types
 
     root, entries = qbundle
     data = collect(load_bundle(root), SETTINGS, log=_quiet)
@@ -333,38 +323,50 @@ def test_lowering_keeps_qdq_next_to_the_gemms(qbundle):
 
 @pytest.mark.parametrize("precision,cc", [("int8", "8.6"), ("fp8", "8.9")])
 def test_quantized_engine_builds(qbundle, tmp_path, precision, cc):
-    api = _trt_api()
-    trt = pytest.importorskip("tensorrt_rtx")
+    """The quantized transformer goes through `sd3trt build`'s one loop: a real engine, metadata, manifest,
+    reuse when nothing changed, the target checked before TensorRT starts."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    from sd3trt.engines.build import BuildOptions, build_engines, make_logger
     from sd3trt.profiles import Range, ShapeRequest
-    from sd3trt.engines.quantize_engine import build_quantized_engine, lower_qdq
 
     root = tmp_path / "bundle"
     shutil.copytree(qbundle[0], root)
     req = ShapeRequest(images=(Range(64, 64, 128),), image_step=16, batch=Range(1, 1, 1), cfg="on",
                        t5_seq=Range(8, 16, 32))
-    meta = build_quantized_engine(root, precision, compute_capabilities=(cc,), request=req, flavour="tensorrt_rtx",
-                                  log=_quiet)
+    low = "fp16" if precision == "int8" else "bf16"  # an fp32 bundle: bf16 unless named
+    opts = BuildOptions(precision, components=("transformer",), request=req, flavour="tensorrt_rtx",
+                        compute_capabilities=(cc,), workspace="256MiB", low="fp16" if low == "fp16" else None)
+    entry = build_engines(root, opts, log=_quiet)
+    assert opts.workspace == "256MiB" and opts.request is req  # the caller's options are left alone
     name = f"{precision}-rtx-sm{cc.replace('.', '')}"
     bundle = load_bundle(root, verify_checksums=True)
-    entry = bundle.data["engines"][name]
-    assert entry["transformer_precision"] == precision and entry["components"]["transformer"]["precision"] == precision
+    assert bundle.data["engines"][name] == entry
+    assert entry["precision"] == precision and entry["components"]["transformer"]["precision"] == precision
+    meta = json.loads((root / entry["components"]["transformer"]["metadata"]).read_text())
     assert meta["precision"] == precision and meta["strongly_typed"] and meta["target"]["compute_capabilities"] == [cc]
+    assert meta["precision_source"] == f"quantized ({low} elsewhere)"
+    assert meta["options"]["workspace"] == 256 << 20
     assert sha256_file(root / meta["engine"]) == meta["engine_sha256"] and meta["engine_bytes"] > 0
+    assert meta["source_onnx"]["file"] == f"onnx/transformer.{precision}.onnx"
     assert [t["dtype"] for t in meta["io"]["inputs"]] == ["float32"] * 4
     n_q = qbundle[1][precision]["coverage"]["linear_quantized"]
     assert meta["quantized"]["accuracy_passed"] and meta["precision_pass"]["dq_folded"] == 2 * n_q
-    # The network TensorRT built from: one Q and two DQ layers per quantized layer, strongly typed fp16.
-    graph, _ = lower_qdq(onnx.load(str(root / f"onnx/transformer.{precision}.onnx")), "fp16")
-    logger = api["make_logger"](trt)
+    # The network TensorRT built from: one Q and two DQ layers per quantized layer, strongly typed.
+    graph, _ = lower_qdq(onnx.load(str(root / f"onnx/transformer.{precision}.onnx")), low)
+    logger = make_logger(trt)
     net = trt.Builder(logger).create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     assert trt.OnnxParser(net, logger).parse(graph.SerializeToString())
     types = [net.get_layer(i).type for i in range(net.num_layers)]
     assert types.count(trt.LayerType.QUANTIZE) == n_q and types.count(trt.LayerType.DEQUANTIZE) == 2 * n_q
+    logs: list[str] = []
+    assert build_engines(root, opts, log=logs.append)["components"] == entry["components"]
+    assert f"transformer: unchanged, kept engines/{name}/transformer.engine" in logs
     if precision == "fp8":
-        with pytest.raises(Sd3trtError, match="FP8 needs compute capability 8.9"):
-            build_quantized_engine(root, "fp8", compute_capabilities=("8.6",), flavour="tensorrt_rtx", log=_quiet)
-        with pytest.raises(Sd3trtError, match="FP8 needs compute capability 8.9"):  # the portable default has 8.6
-            build_quantized_engine(root, "fp8", flavour="tensorrt_rtx", log=_quiet)
+        for ccs in (("8.6",), ()):  # a named Ampere target, and the portable default (which has 8.6)
+            with pytest.raises(Sd3trtError, match="FP8 needs compute capability 8.9"):
+                build_engines(root, BuildOptions("fp8", compute_capabilities=ccs, flavour="tensorrt_rtx"), log=_quiet)
+        with pytest.raises(Sd3trtError, match="weight-stripped fp8 engines cannot be refit"):
+            build_engines(root, BuildOptions("fp8", compute_capabilities=("8.9",), strip_weights=True), log=_quiet)
 
 
 # --------------------------------------------------------------------------- command line
@@ -403,7 +405,8 @@ def test_quantize_command(qbundle, capsys, tmp_path):
 
 
 def test_light_imports():
-    code = ("import sys, argparse; import sd3trt.engines.quantize_cli as c, sd3trt.engines.quantized; "
+    code = ("import sys, argparse; import sd3trt.engines.quantize_cli as c, sd3trt.engines.quantized_runners, "
+            "sd3trt.engines.gpu_targets; "
             "c.add_quantize_command(argparse.ArgumentParser().add_subparsers()); "
             "bad = [m for m in ('onnx', 'onnxruntime', 'torch', 'diffusers', 'tensorrt_rtx', 'numpy') if m in sys.modules]; "
             "assert not bad, bad")
@@ -428,6 +431,8 @@ def test_quantized_paths_from_the_command_line(qbundle, tmp_path):
     assert sd3trt_main(["build", "--bundle", str(root), "--precision", "int8", "--compute-capability", "8.6",
                         "--image-size", "64:64:128", "--cfg", "on", "--t5-seq", "8:16:32", "--name", "q"]) == 0
     entry = load_bundle(root, verify_checksums=True).data["engines"]["q"]
-    assert entry["transformer_precision"] == "int8"
-    assert set(entry["components"]) == {"clip_l", "clip_g", "t5", "vae_encoder", "vae_decoder", "transformer"}
+    assert entry["precision"] == "int8"
+    assert {c: v["precision"] for c, v in entry["components"].items()} == {
+        "clip_l": "bf16", "clip_g": "bf16", "t5": "bf16", "vae_encoder": "bf16", "vae_decoder": "bf16",
+        "transformer": "int8"}
     assert sd3trt_main(["build", "--bundle", str(root), "--precision", "fp8", "--compute-capability", "8.6"]) == 2

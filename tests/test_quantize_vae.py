@@ -11,7 +11,7 @@ import pytest
 
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibSettings, picture
-from sd3trt.engines.quantize_vae import THRESHOLDS, quantize_vae
+from sd3trt.engines.vae_quant import THRESHOLDS, quantize_vae
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
 from sd3trt.runtime.pipeline import Img2Img

@@ -1,10 +1,10 @@
-"""`sd3trt quantize`: calibrate, quantize, gate, and record a quantized transformer in the bundle.
+"""The quantized transformer: calibrate, quantize, gate, and record it in the bundle (`sd3trt quantize`).
 
     entry = quantize_bundle("bundle", "int8")     # onnx/transformer.int8.onnx + manifest["quantized"]
 
 1. calibration inputs: recorded img2img runs of the bundle (engines/calibrate.py, cached npz);
 2. ranges of every candidate layer's input on the fitting runs (method max / percentile / mse);
-3. the Q/DQ graph (engines/quantize.py) written to a temporary file beside the bundle's graphs;
+3. the Q/DQ graph (engines/qdq_graph.py) written to a temporary file beside the bundle's graphs;
 4. the accuracy gate (engines/accuracy.py) on the held-out runs: transformer cosine/SNR and image PSNR;
 5. on a pass (or with force=True, recorded as failed), the graph moves into place as
    onnx/transformer.<precision>.onnx (+ .data past 2 GB), with onnx/transformer.<precision>.json (the
@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import sd3trt
+from sd3trt import precision as words
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibSettings, activation_ranges, collect
-from sd3trt.engines.quantize import DEFAULT_KEEP, PRECISIONS, plan_layers, quantize_model
+from sd3trt.engines.qdq_graph import DEFAULT_KEEP, plan_layers, quantize_model
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import MANIFEST, QUANTIZED, load_bundle, quantized_key, set_entry, sha256_file, write_json_atomic
+from sd3trt.files import sha256_file, write_json_atomic
+from sd3trt.manifest import MANIFEST, QUANTIZED, load_bundle, quantized_key, set_entry
 
 TWO_GB = 2**31 - 1
 
@@ -67,8 +69,7 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
     """Returns the manifest entry written. Raises Sd3trtError when the gate fails (unless force)."""
     import onnx
 
-    if precision not in PRECISIONS:
-        raise Sd3trtError(f"unknown --precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    words.check(precision, words.QUANTIZED, "--precision")
     bundle = load_fp32_bundle(bundle_dir)
     src_entry = bundle.component("transformer")
     src_path = bundle.onnx_path("transformer")

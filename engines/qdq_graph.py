@@ -1,7 +1,9 @@
-"""Q/DQ quantization of the transformer's linear layers: the graph pass (onnx + numpy, no ONNX Runtime).
+"""Q/DQ graphs of the transformer's linear layers (onnx + numpy, no ONNX Runtime): the pass that writes
+them, and their lowering for a TensorRT engine.
 
     plan = plan_layers(model, keep=DEFAULT_KEEP)              # which layers, which kept and why
     qmodel, report = quantize_model(model, "int8", plan, act_amax)
+    lowered, report = lower_qdq(qmodel, "fp16")               # what the engine builder parses
 
 What the pass writes, for each quantized layer (MatMul, or Gemm rewritten as MatMul + Add):
 
@@ -21,6 +23,13 @@ INT8 Q/DQ graphs keep the bundle's opset (>= 13); FP8 needs opset 19 (float8 typ
 converted to 19 first. Layer names are the diffusers module paths, recovered from the exporter's node
 names (`/transformer/transformer_blocks.0/attn/to_q/MatMul` -> `transformer_blocks.0.attn.to_q`);
 attention matmuls are `<block>.attn.qk` (Q K^T) and `<block>.attn.pv` (softmax V).
+
+`lower_qdq` turns the stored graph (fp32 around the Q/DQ pairs, so ONNX Runtime can run it) into a
+network in fp16/bf16: the autocast pass (engines/mixed_precision.py) puts matmuls, elementwise and
+data-movement ops in the low type and keeps normalizations in fp32; then every QuantizeLinear takes its
+input and every DequantizeLinear produces its output in that low type (scales converted), so TensorRT
+sees `x16 -> Q -> DQ -> MatMul16` and `W8 -> DQ -> MatMul16` with no Cast in between - the pattern it
+fuses into INT8/FP8 GEMMs.
 """
 
 from __future__ import annotations
@@ -33,18 +42,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sd3trt import precision as words
+from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, LOW_TYPES, autocast, elem_types
 from sd3trt.errors import Sd3trtError
 
-PRECISIONS = ("int8", "fp8")
-QTYPES = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
 QMAX = {"int8": 127.0, "fp8": 448.0}
 MIN_OPSET = {"int8": 13, "fp8": 19}
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
-# Layers that stay in the graph's float type unless the caller says otherwise, from measurement (the
-# sensitivity table in engines/accuracy.py): quantizing proj_out costs 14-28 dB of output SNR, the
-# timestep/text embedding MLPs and norm_out up to 11 dB in FP8; the per-block adaLN modulation costs
-# little on random weights but runs at M = batch rows, so keeping it costs memory, not time.
+# Layers that stay in the graph's float type unless the caller says otherwise: the most sensitive ones when
+# measured (docs/quantization.md); the adaLN modulations run at M = batch rows, so keeping them costs memory only.
 DEFAULT_KEEP = (
     "time_text_embed.*",  # timestep and pooled-text embedding MLPs
     "*norm1.linear",  # adaLN modulation of each block (image stream)
@@ -273,8 +280,7 @@ def quantize_model(model: onnx.ModelProto, precision: str, plan: Plan, act_amax:
     """A copy of `model` with Q/DQ around every planned layer. `act_amax`: tensor name -> calibrated
     absolute range of each quantized layer's data input (and of both inputs of attention matmuls).
     Returns (model, per-layer report)."""
-    if precision not in PRECISIONS:
-        raise Sd3trtError(f"unknown quantization precision {precision!r}; use {' or '.join(PRECISIONS)}")
+    words.check(precision, words.QUANTIZED, "quantization precision")
     todo = plan.quantized
     model = onnx.ModelProto.FromString(model.SerializeToString())
     nodes_by_name = {n.name: n for n in model.graph.node}
@@ -384,3 +390,88 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     if len(keep) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(keep)
+
+
+# --------------------------------------------------------------------------- lowering for TensorRT
+
+
+def _low_scale(model: onnx.ModelProto, name: str, low: int, cache: dict, inits: dict) -> str:
+    """A copy of scale initializer `name` in the low type (fp16 / bf16), made once."""
+    if (name, low) in cache:
+        return cache[(name, low)]
+    arr = numpy_helper.to_array(inits[name]).astype(np.float32)
+    new = f"{name}/{TensorProto.DataType.Name(low).lower()}"
+    if low == TensorProto.FLOAT16:
+        t = numpy_helper.from_array(arr.astype(np.float16), new)
+    else:
+        import ml_dtypes
+
+        t = numpy_helper.from_array(arr.astype(ml_dtypes.bfloat16), new)
+    model.graph.initializer.append(t)
+    inits[new] = t
+    cache[(name, low)] = new
+    return new
+
+
+def lower_qdq(model: onnx.ModelProto, low: str = "fp16",
+              keep_fp32=DEFAULT_KEEP_FP32) -> tuple[onnx.ModelProto, dict]:
+    """fp32 Q/DQ graph -> the same Q/DQ in a `low` (fp16/bf16) network; graph inputs/outputs stay fp32,
+    and so do the `keep_fp32` op types."""
+    words.check(low, words.LOW_TYPES, "type for the layers around the quantized ones")
+    low_t = LOW_TYPES[low]
+    model, report = autocast(upgrade_opset(model, 19), low, keep_fp32)  # fp16/bf16 Q/DQ need opset 19
+    g = model.graph
+    types = elem_types(model)
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    cache: dict = {}
+    drop: set[int] = set()
+    counts = {"dq_folded": 0, "q_folded": 0, "q_cast_added": 0}
+    new_nodes: dict[int, list] = {}
+    bypassed: list = []  # Casts (low -> fp32) that fed a Q; dropped below when nothing else reads them
+    for node in g.node:
+        if node.op_type == "DequantizeLinear":
+            users = consumers.get(node.output[0], [])
+            if node.output[0] in outputs or len(users) != 1:
+                continue
+            cast = users[0]
+            if cast.op_type != "Cast" or next((a.i for a in cast.attribute if a.name == "to"), None) != low_t:
+                continue
+            node.input[1] = _low_scale(model, node.input[1], low_t, cache, inits)
+            node.output[0] = cast.output[0]
+            drop.add(id(cast))
+            counts["dq_folded"] += 1
+        elif node.op_type == "QuantizeLinear":
+            src = prod.get(node.input[0])
+            if src is not None and src.op_type == "Cast" and types.get(src.input[0]) == low_t:
+                node.input[0] = src.input[0]
+                counts["q_folded"] += 1
+                bypassed.append(src)
+            elif types.get(node.input[0]) != low_t:
+                cast_out = f"{node.input[0]}/{low}_for_q"
+                new_nodes.setdefault(id(node), []).append(
+                    helper.make_node("Cast", [node.input[0]], [cast_out], to=low_t, name=f"{node.name}/cast_{low}"))
+                node.input[0] = cast_out
+                counts["q_cast_added"] += 1
+            node.input[1] = _low_scale(model, node.input[1], low_t, cache, inits)
+    still_read = {i for n in g.node for i in n.input} | outputs
+    drop |= {id(c) for c in bypassed if c.output[0] not in still_read}
+    out = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        out.extend(new_nodes.get(id(n), []))
+        out.append(n)
+    del g.node[:]
+    g.node.extend(out)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    report = {**report, "pass": f"autocast+qdq-{low}", **counts}
+    return model, report

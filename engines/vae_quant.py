@@ -2,8 +2,8 @@
 
     entry = quantize_vae("bundle", "vae_decoder")   # onnx/vae_decoder.int8.onnx + manifest["quantized"]
 
-At 512 px the VAE decoder costs ~2.5 TFLOP and the encoder ~1.1 TFLOP, already within 10-15% of the
-fp32 matmul peak on ONNX Runtime CPU, so only a narrower type makes it faster. The scheme is ONNX
+The fp32 VAE already runs near the CPU's fp32 matmul peak on ONNX Runtime (docs/quantization.md), so only
+a narrower type makes it faster. The scheme is ONNX
 Runtime's own static quantizer (onnxruntime.quantization.quantize_static), which ONNX Runtime fuses into
 QLinearConv:
 
@@ -12,7 +12,7 @@ QLinearConv:
 * activations: uint8 asymmetric, per tensor, max-calibrated on the calibration pictures (encoder) or on
   the encoder's latents of those pictures (decoder: what it decodes at the end of img2img is a clean
   latent); weights: int8 symmetric per output channel, **reduce_range** (7 bits): without it the AVX2
-  u8s8 kernels (vpmaddubsw) saturate and the decoded image falls to ~23 dB PSNR (measured).
+  u8s8 kernels (vpmaddubsw) saturate.
 
 This is a CPU (ONNX Runtime) format: TensorRT wants symmetric int8 activations, and on a GPU the VAE
 runs in fp16/bf16 engines instead. The gate compares against the fp32 graph on held-out pictures:
@@ -35,24 +35,21 @@ import numpy as np
 
 import sd3trt
 from sd3trt.engines import accuracy as acc
-from sd3trt.runtime.ort_session import ort_session
 from sd3trt.engines.calibrate import CalibSettings, picture
-from sd3trt.engines.quantize_bundle import load_fp32_bundle
+from sd3trt.engines.transformer_quant import load_fp32_bundle
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import QUANTIZED, quantized_key, set_entry, sha256_file
+from sd3trt.files import sha256_file
+from sd3trt.manifest import QUANTIZED, quantized_key, set_entry
+from sd3trt.runtime.ort_session import ort_session
 
 COMPONENTS = ("vae_encoder", "vae_decoder")
 CALIB_SIDE = 256  # px: ranges are per tensor, so a smaller picture gives the same ranges at a quarter of the memory
-# Worst held-out figure each part must reach. Measured (random-weight SD3 VAEs, 6 fit + 2 held-out
-# pictures of 256 px, ONNX Runtime 1.32 CPU): decoder image PSNR tiny 29.2 dB, medium-width (real SD3
-# VAE widths) 30.2 dB (30.9-34.2 over other picture sets; percentile ranges or keeping the shortcut and
-# resampling convs gain ~1 dB but lose most of the speed); encoder latent SNR 16.0-19.0 dB whatever the
-# variant (max, percentile, u8u8, kept shortcuts) and its decode 25-30 dB, so the encoder fails the gate
-# and stays fp32. Without reduce_range (saturating u8s8) the decoder falls to ~23 dB: the gate sits between.
+# Worst held-out figure each part must reach: the decoder's measured PSNR sits above 28 dB and the
+# saturating (no reduce_range) variant's ~23 dB below it (docs/quantization.md); the encoder fails its
+# latent SNR gate on every variant tried, so it stays fp32.
 THRESHOLDS = {"psnr_db": 28.0, "latent_snr_db": 20.0}
-# Convolutions left in float. The mid block runs at the latent's resolution (~3% of the decoder's FLOPs
-# at real widths) and is where int8 loses most: quantizing it took the tiny decoder from 30.8 to 27.3 dB
-# on AVX-512 VNNI, under the gate with the CLI defaults (medium-width 32.9 -> 32.1 dB).
+# Convolutions left in float: the mid block runs at the latent's resolution (~3% of the decoder's FLOPs)
+# and is where int8 loses most.
 KEEP_FLOAT = ("conv_in", "conv_out", "mid_block")
 
 
