@@ -23,32 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.export.architectures import CLIP_G, CLIP_L, FULL_DEPTH, SD3_VAE, T5_XXL, TRANSFORMERS, transformer_widths
 
-# Depth of the real checkpoints (SD3-Medium and SD3.5-Large share the text encoders).
-FULL_DEPTH = {
-    "sd3-medium": {"transformer": 24, "clip_l": 12, "clip_g": 32, "t5": 24},
-    "sd3.5-large": {"transformer": 38, "clip_l": 12, "clip_g": 32, "t5": 24},
-}
-
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
-T5_XXL = dict(d_model=4096, d_ff=10240, num_heads=64, d_kv=64, relative_attention_num_buckets=32,
-              relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
-SD3_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
-    sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-)
-TRANSFORMERS = {
-    "medium": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, pos_embed_max_size=192),
-    "large": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
-                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                  pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm"),
-}
-SHAPES = ("tiny", "medium-width", "sd3-medium", "sd3.5-large")
-GPU_SHAPES = ("sd3-medium", "sd3.5-large")
+GPU_SHAPES = tuple(TRANSFORMERS)  # the full architectures: "sd3-medium", "sd3.5-large"
+SHAPES = ("tiny", "medium-width") + GPU_SHAPES
 
 
 @dataclass(frozen=True)
@@ -108,7 +86,7 @@ def _build_pipeline(spec: ModelSpec, tokenizer_dir: Path):
     t5 = T5EncoderModel(T5Config(vocab_size=tok["t5_vocab_size"], num_layers=depth["t5"], pad_token_id=tok["t5_pad_id"],
                                  eos_token_id=tok["t5_eos_id"], decoder_start_token_id=tok["t5_pad_id"], **T5_XXL)).eval()
     seeded(4)
-    arch = TRANSFORMERS["large" if spec.shape == "sd3.5-large" else "medium"]
+    arch = transformer_widths("sd3.5-large" if spec.shape == "sd3.5-large" else "sd3-medium")
     transformer = SD3Transformer2DModel(num_layers=depth["transformer"], **arch).eval()
     seeded(5)
     vae = AutoencoderKL(**SD3_VAE).eval()

@@ -1,4 +1,8 @@
-"""Real SD3 / SD3.5 transformer architectures (configs only; weights are random here, no hub)."""
+"""Real SD3 / SD3.5 architectures: the one table of their configs (weights are random here, no hub).
+
+The full-size export test writes random transformers from it, and the benchmark builds its model shapes
+from it (full depth, or the same widths with fewer layers).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,25 @@ TRANSFORMERS = {
         pos_embed_max_size=192, qk_norm="rms_norm",
     ),
 }
+
+# The text encoders and the VAE (SD3-Medium and SD3.5-Large share them).
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, hidden_act="gelu")
+T5_XXL = dict(d_model=4096, d_ff=10240, num_heads=64, d_kv=64, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+SD3_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, norm_num_groups=32,
+    sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+)
+TEXT_ENCODER_DEPTH = {"clip_l": 12, "clip_g": 32, "t5": 24}
+# Layers of each depth-scaled component of the real checkpoints.
+FULL_DEPTH = {arch: {"transformer": cfg["num_layers"], **TEXT_ENCODER_DEPTH} for arch, cfg in TRANSFORMERS.items()}
+
+
+def transformer_widths(arch: str) -> dict:
+    """The transformer config of `arch` without its depth (num_layers)."""
+    return {k: v for k, v in TRANSFORMERS[arch].items() if k != "num_layers"}
 
 
 def write_random_transformer(arch: str, model_dir: Path, dtype: str = "fp32", seed: int = 0) -> Path:

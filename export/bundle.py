@@ -18,7 +18,8 @@ from typing import Callable
 import sd3trt
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, update_manifest, write_json_atomic
-from sd3trt.spec import COMPONENT_SOURCES, COMPONENTS, DTYPES, TOKENIZER_SOURCES, component_specs, read_model_facts
+from sd3trt import precision as words
+from sd3trt.spec import COMPONENT_SOURCES, COMPONENTS, TOKENIZER_SOURCES, component_specs, read_model_facts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -95,8 +96,7 @@ def export_bundle(
     from sd3trt.export.onnx_export import export_component
 
     model_dir, out = Path(model_dir), Path(out)
-    if dtype not in DTYPES:
-        raise Sd3trtError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    words.check(dtype, words.FLOATS, "--dtype")
     facts = read_model_facts(model_dir, skip_t5=skip_t5)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise Sd3trtError(f"{out} already exists; pass --overwrite to update it (unchanged components are kept)")
@@ -119,8 +119,8 @@ def export_bundle(
             spec = specs[name]
             entry = {
                 "file": f"onnx/{name}.onnx",
-                "inputs": [t.to_dict(DTYPES[dtype]) for t in spec.inputs],
-                "outputs": [t.to_dict(DTYPES[dtype]) for t in spec.outputs],
+                "inputs": [t.to_dict(words.NUMPY[dtype]) for t in spec.inputs],
+                "outputs": [t.to_dict(words.NUMPY[dtype]) for t in spec.outputs],
                 "files": {f"onnx/{p.name}": sha256_file(p) for p in files},
                 "fingerprint": fp,
                 "export": {"dtype": dtype, "opset": opset, "torch_onnx": "torchscript"},

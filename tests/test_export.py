@@ -132,7 +132,7 @@ def test_cli_bad_inputs(tiny_sd3, tmp_path):
     shutil.rmtree(broken / "vae")
     cases.append((["export", "--model", str(broken), "--out", str(tmp_path / "o3")], "vae is missing"))
     cases.append((["export", "--model", str(model_dir), "--out", str(bundle_dir)], "pass --overwrite"))
-    cases.append((["export", "--model", str(model_dir), "--out", str(tmp_path / "o4"), "--dtype", "int4"], "unsupported dtype"))
+    cases.append((["export", "--model", str(model_dir), "--out", str(tmp_path / "o4"), "--dtype", "int4"], "unknown --dtype 'int4'; use fp32 or fp16 or bf16"))
     for args, message in cases:
         r = _cli(*args)
         assert r.returncode == 2, (args, r.stderr)
@@ -183,3 +183,19 @@ def test_commands_print_no_third_party_noise(tmp_path):
                                                                      tmp_path / "b")
     for noise in ("torchvision", "cannot be saved", "[transformers]", "Warning"):
         assert noise not in out, out
+
+
+def test_export_imports_neither_runtime_nor_engines():
+    """Layering: export builds on core only (a bundle is written without the runtime or TensorRT)."""
+    import ast
+    from pathlib import Path
+
+    import sd3trt.export
+
+    bad = []
+    for path in sorted(Path(sd3trt.export.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.name}: {n}" for n in names if n.startswith(("sd3trt.runtime", "sd3trt.engines"))]
+    assert not bad, bad
