@@ -77,10 +77,6 @@ QUICK = dict(model="tiny", layers=2, width=64, height=64, steps=4, reps=2, warmu
              peak_budget_s=3.0, timeout_s=300.0, extra_reps=0)
 
 
-def quick_config(**overrides) -> BenchConfig:
-    return BenchConfig(**{**QUICK, "quick": True, **overrides})
-
-
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -268,6 +264,8 @@ def _cpu_flags() -> list[str]:
 def run_bench(cfg: BenchConfig) -> dict:
     from sd3trt.benchmarks import machine as mach
     from sd3trt.benchmarks import report as rep
+    from sd3trt.benchmarks.report_tables import headline
+    from sd3trt.benchmarks.targets import accuracy as image_accuracy
 
     t_start = time.time()
     desc = mach.describe()
@@ -301,7 +299,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     try:
         peaks = measure_peaks(cfg, work, threads) if cfg.peaks else {"skipped": "--no-peaks", "peaks": {}}
         results = _run_systems(cfg, cfg.systems, model, bundle, work, threads, device, cfg.reps, "", cfg.system_reps)
-        accuracy = rep.accuracy(results, cfg.gate_psnr_db)
+        accuracy = image_accuracy(results, cfg.gate_psnr_db)
         projection = None
         if cfg.project_layers and not cfg.model_dir and cfg.project_layers != cfg.layers:
             projection = _projection(cfg, spec, cache, work, threads, device, results)
@@ -323,14 +321,14 @@ def run_bench(cfg: BenchConfig) -> dict:
     for p in paths.values():
         if p:
             log(f"wrote {p}")
-    print("\n" + rep.headline(report), flush=True)
+    print("\n" + headline(report), flush=True)
     return report
 
 
 def _projection(cfg: BenchConfig, spec: mdl.ModelSpec, cache: Path, work: Path, threads: int, device: str,
                 base_results: dict) -> dict:
     """Per-layer cost from a second model with more layers; per component and system, scaled to full depth."""
-    from sd3trt.benchmarks import report as rep
+    from sd3trt.benchmarks.projection import project
 
     spec2 = spec.with_layers(cfg.project_layers, cfg.project_layers)
     log(f"projection: a {spec2.key} model for per-layer costs (components measured at two depths) ...")
@@ -340,4 +338,4 @@ def _projection(cfg: BenchConfig, spec: mdl.ModelSpec, cache: Path, work: Path, 
     work2 = work / "projection"
     work2.mkdir()
     res2 = _run_systems(cfg, names, model2, bundle2, work2, threads, device, cfg.project_reps, "projection: ")
-    return rep.project(cfg, spec, spec2, base_results, res2, mdl.FULL_DEPTH[cfg.project_to], cfg.project_to)
+    return project(cfg, spec, spec2, base_results, res2, mdl.FULL_DEPTH[cfg.project_to], cfg.project_to)

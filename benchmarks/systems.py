@@ -20,9 +20,8 @@ SYSTEMS = {
 }
 DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "sd3trt-ort-fp32",
                    "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-ort-int8-vae", "sd3trt-trt")
-# The accuracy gate of the speed target: PSNR (dB) of a system's image vs diffusers fp32's. Between what
-# the INT8 transformer gives on the medium-width model (47.7 dB) and the INT8 VAE decoder with it (25.7
-# dB, up to 102 levels off in a pixel): the latter is reported, but not counted as accurate.
+# The accuracy gate of the speed target: PSNR (dB) of a system's image vs diffusers fp32's, set between
+# what the INT8 transformer and the INT8 VAE decoder score on the medium-width model (docs/quantization.md).
 GATE_PSNR_DB = 30.0
 # A measured run during which other processes used more than this share of the machine's CPUs is
 # "disturbed": kept in the JSON, left out of the statistics, replaced by another run.

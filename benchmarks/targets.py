@@ -1,0 +1,88 @@
+"""Verdicts on a benchmark: every system's image against diffusers fp32's (the accuracy gate), and the
+project's speed and memory targets, met or not."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def accuracy(results: dict, gate_db: float) -> dict:
+    """Every system's first image vs diffusers fp32's (same weights, noise, prompt): PSNR on [0, 1] floats."""
+    ref_res = results.get("diffusers-fp32", {})
+    if not ref_res.get("image_npy"):
+        return {"reference": None, "note": "diffusers-fp32 did not run, so nothing is compared", "systems": {}}
+    ref = np.load(ref_res["image_npy"]).astype(np.float64)
+    out = {}
+    for name, r in results.items():
+        if not r.get("image_npy"):
+            continue
+        img = np.load(r["image_npy"]).astype(np.float64)
+        if img.shape != ref.shape:
+            out[name] = {"error": f"image shape {img.shape} != reference {ref.shape}", "gated": False}
+            continue
+        mse = float(((img - ref) ** 2).mean())
+        psnr = None if mse == 0 else 10 * math.log10(1.0 / mse)  # None: identical (JSON has no infinity)
+        levels = int(np.abs(np.round(img * 255) - np.round(ref * 255)).max())
+        out[name] = {"psnr_db": psnr, "identical": mse == 0, "max_abs": float(np.abs(img - ref).max()),
+                     "max_levels": levels, "gated": bool(psnr is None or psnr >= gate_db)}
+    return {"reference": "diffusers-fp32", "gate_psnr_db": gate_db, "systems": out}
+
+
+def targets(summ: dict, acc: dict) -> list[dict]:
+    ok = {n: s for n, s in summ.items() if s.get("status") == "ok"}
+    e2e = {n: s["e2e_s"]["p50"] for n, s in ok.items()}
+    rss = {n: s["peak_rss_mib"] for n, s in ok.items()}
+    gated = {n for n, a in acc.get("systems", {}).items() if a.get("gated")}
+    out = []
+
+    def add(target, measured, met):
+        out.append({"target": target, "measured": measured, "met": met})
+
+    if "sd3trt-ort-fp32" in e2e and "diffusers-fp32" in e2e:
+        r = e2e["diffusers-fp32"] / e2e["sd3trt-ort-fp32"]
+        add("sd3trt fp32 at least as fast as diffusers eager fp32 (end to end)",
+            f"{e2e['sd3trt-ort-fp32']:.2f} s vs {e2e['diffusers-fp32']:.2f} s: {r:.2f}x", r >= 1.0)
+    frac = ok.get("sd3trt-ort-fp32", {}).get("fraction_of_peak")
+    if frac is not None and ok["sd3trt-ort-fp32"].get("precision") == "fp32":
+        add("sd3trt fp32 transformer at >= 80% of the measured fp32 matmul peak",
+            f"{100 * frac:.1f}% ({ok['sd3trt-ort-fp32']['transformer_gflops']:.1f} GFLOP/s)", frac >= 0.8)
+    ours = {n: t for n, t in e2e.items() if n.startswith("sd3trt-") and not n.endswith("-lowmem")}
+    theirs = {n: t for n, t in e2e.items() if n.startswith("diffusers-")}
+    if ours and theirs:
+        cand = {n: t for n, t in ours.items() if n in gated}
+        d_best = min(theirs, key=theirs.get)
+        if cand:
+            o_best = min(cand, key=cand.get)
+            r = theirs[d_best] / cand[o_best]
+            add("sd3trt's fastest accuracy-gated config >= 1.3x faster than diffusers' fastest config",
+                f"{o_best} {cand[o_best]:.2f} s vs {d_best} {theirs[d_best]:.2f} s: {r:.2f}x", r >= 1.3)
+        else:
+            add("sd3trt's fastest accuracy-gated config >= 1.3x faster than diffusers' fastest config",
+                "no sd3trt system passed the accuracy gate (or diffusers-fp32 did not run)", None)
+    for n in ("sd3trt-ort-fp32", "sd3trt-ort-int8", "sd3trt-ort-int8-vae", "sd3trt-trt"):
+        if n in ok and ok[n]["outside_engines_frac"]:
+            f = ok[n]["outside_engines_frac"]["p50"]
+            add(f"{n}: runtime overhead (time outside engine execution) < 1% of end to end",
+                f"{100 * f:.2f}% ({ok[n]['outside_engines_s']['p50'] * 1e3:.0f} ms of {e2e[n]:.2f} s)", f < 0.01)
+    if "diffusers-fp32" in rss:
+        if "sd3trt-ort-fp32" in rss:
+            r = rss["sd3trt-ort-fp32"] / rss["diffusers-fp32"]
+            add("peak RSS of sd3trt (default) no higher than diffusers fp32",
+                f"{rss['sd3trt-ort-fp32']:.0f} MiB vs {rss['diffusers-fp32']:.0f} MiB: {r:.2f}x", r <= 1.0)
+        if "sd3trt-ort-fp32-lowmem" in rss:
+            r = rss["sd3trt-ort-fp32-lowmem"] / rss["diffusers-fp32"]
+            add("peak RSS of sd3trt low-memory mode at most half of diffusers fp32",
+                f"{rss['sd3trt-ort-fp32-lowmem']:.0f} MiB vs {rss['diffusers-fp32']:.0f} MiB: {r:.2f}x", r <= 0.5)
+    return out
+
+
+def regate(rep: dict, gate_db: float) -> None:
+    """Apply another accuracy gate to a saved result: which systems count as gated, and the targets."""
+    for a in rep["accuracy"].get("systems", {}).values():
+        if "error" not in a:
+            a["gated"] = bool(a.get("psnr_db") is None or a["psnr_db"] >= gate_db)
+    rep["accuracy"]["gate_psnr_db"] = gate_db
+    rep["config"]["gate_psnr_db"] = gate_db
+    rep["targets"] = targets(rep["systems"], rep["accuracy"])
