@@ -17,7 +17,6 @@ def project(cfg, spec, spec2, res1: dict, res2: dict, full_depth: dict, target: 
     """Per-layer cost per component from two depths; linear scaling to `full_depth`. A projection, not a
     measurement: it assumes every layer costs the same and nothing else changes with depth."""
     d1, d2 = spec.depth, spec2.depth
-    layer_of = {"clip_l": "clip_l", "clip_g": "clip_g", "t5": "t5", "transformer": "transformer"}
     out = {"target": target, "full_depth": full_depth, "depths_measured": [d1, d2], "systems": {}}
     for name, r2 in res2.items():
         r1 = res1.get(name, {})
@@ -32,11 +31,10 @@ def project(cfg, spec, spec2, res1: dict, res2: dict, full_depth: dict, target: 
             b = (s2["components_s"].get(c) or {}).get("p50")
             if a is None or b is None:
                 continue
-            if c in layer_of:
-                k = layer_of[c]
-                per_layer = (b - a) / (d2[k] - d1[k])
-                full = a + (full_depth[k] - d1[k]) * per_layer
-                comps[c] = {"measured_s": [a, b], "per_layer_s": per_layer, "fixed_s": a - d1[k] * per_layer,
+            if c in full_depth:  # the depth-scaled components
+                per_layer = (b - a) / (d2[c] - d1[c])
+                full = a + (full_depth[c] - d1[c]) * per_layer
+                comps[c] = {"measured_s": [a, b], "per_layer_s": per_layer, "fixed_s": a - d1[c] * per_layer,
                             "full_s": full}
             else:
                 full = a

@@ -232,13 +232,6 @@ def quantize_weight(w: np.ndarray, precision: str, per_channel: bool = True) -> 
     return q, scale.astype(np.float32)
 
 
-def fake_quant(x: np.ndarray, scale, precision: str) -> np.ndarray:
-    """Q then DQ in numpy (reference for tests)."""
-    if precision == "int8":
-        return (np.clip(np.rint(x / scale), -128, 127) * scale).astype(np.float32)
-    return (to_fp8(x / scale).astype(np.float32) * scale).astype(np.float32)
-
-
 # --------------------------------------------------------------------------- the pass
 
 
