@@ -174,9 +174,9 @@ def test_close_releases_every_loaded_runner(tiny_sd3, input_png):
     closed = []
     with Img2Img.from_bundle(bundle) as pipe:
         pipe(input_png, "a cat", steps=2)
-        loaded = dict(pipe._runners)
-        for name, r in loaded.items():
-            r.close = lambda name=name: closed.append(name)
-    assert sorted(closed) == sorted(loaded) and len(loaded) >= 5 and pipe._runners == {}
+        loaded = pipe.loaded_components
+        for name in loaded:
+            pipe.runner(name).close = lambda name=name: closed.append(name)
+    assert sorted(closed) == sorted(loaded) and len(loaded) >= 5 and pipe.loaded_components == ()
     pipe.close()  # idempotent
     assert len(closed) == len(loaded)

@@ -634,8 +634,7 @@ def test_pipeline_tensorrt_matches_onnxruntime(gpu_builds):
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8), "RGB")
     bundle = load_bundle(bundle_dir)
-    trt_pipe = pipeline.Img2Img(bundle, backend="tensorrt",
-                                runner_factory=lambda n: TrtRunner.from_bundle(bundle, n, build=build))
+    trt_pipe = pipeline.Img2Img(bundle, backend="tensorrt", engine_build=build)
     ort_pipe = pipeline.Img2Img(bundle, backend="onnxruntime")
     kw = dict(strength=0.6, steps=4, guidance_scale=5.0, seed=3, max_sequence_length=16)
     a = np.asarray(trt_pipe(picture, "a fox", **kw).images[0], np.int16)
