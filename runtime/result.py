@@ -19,8 +19,8 @@ class Result:
     warnings: one short line per problem the run worked around (prompt truncation)
     """
 
-    array: np.ndarray
-    decoded: np.ndarray
+    array: np.ndarray = field(repr=False)
+    decoded: np.ndarray = field(repr=False)
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     seed: int | None = None
