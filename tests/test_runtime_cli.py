@@ -156,6 +156,21 @@ def test_cli_fails_before_it_works(tiny_sd3, tmp_path, input_png):
     assert not (tmp_path / "demo" / "tiny-model").exists()
 
 
+def test_cli_precision_with_tensorrt_is_never_ignored(tiny_sd3, tmp_path, input_png):
+    _, bundle = tiny_sd3  # no engine builds: a TensorRT precision is refused naming the build that makes it
+    base = ["img2img", "--bundle", bundle, "--image", input_png, "--prompt", "x", "--backend", "tensorrt"]
+    for args, message in [
+        (["--precision", "int8"], f"`sd3trt build --bundle {bundle} --precision int8`"),
+        (["--vae-precision", "int8"], "int8 VAE is an ONNX Runtime CPU graph, not for the tensorrt backend"),
+    ]:
+        r = sd3trt(*base, *args, "--out", tmp_path / "o.png")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = sd3trt("img2img", "--bundle", bundle, "--image", input_png, "--prompt", "x", "--precision", "bf16",
+               "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "bf16 is a TensorRT engine precision" in r.stderr, r.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_truncation_is_one_short_line(tiny_sd3, tmp_path, input_png):
     _, bundle = tiny_sd3
     prompt = " ".join(f"word{i}" for i in range(800))  # ~7,000 characters
