@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -30,14 +32,18 @@ def _read_noise(path: Path):
         raise Sd3trtError(f"cannot read noise file {path} ({e}); pass an .npz with arrays 'latents' [and 'posterior']") from None
 
 
-def show_warnings() -> None:
-    """Print the library's warnings (logger "sd3trt") to stderr for this command, once."""
+@contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """For the command's duration, the library's warnings (logger "sd3trt") go to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
     logger = logging.getLogger("sd3trt")
-    if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        handler.setLevel(logging.WARNING)
-        logger.addHandler(handler)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -54,9 +60,9 @@ def run_img2img(a) -> None:
     for out in outs:  # every output path, and the noise file, checked before any work
         imgs.check_output(out, overwrite=a.overwrite)
     noise = _read_noise(a.noise) if a.noise else None
-    show_warnings()
-    with Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
-                             transformer_precision=a.precision, vae_precision=a.vae_precision) as pipe:
+    with warnings_on_stderr(), Img2Img.from_bundle(
+            a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
+            transformer_precision=a.precision, vae_precision=a.vae_precision) as pipe:
         res = pipe(
             a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
             guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,

@@ -40,7 +40,7 @@ def about(name: str) -> Iterator[None]:
         raise RequestError(str(e), name) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Noise:
     """Caller-supplied randomness, so any result can be reproduced against another implementation.
 
@@ -52,7 +52,7 @@ class Noise:
     posterior: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
     """One checked request (make it with Img2Img.prepare; run it with Img2Img.run, as often as wanted)."""
 

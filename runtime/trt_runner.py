@@ -255,6 +255,7 @@ class TrtRunner(Runner):
         if self._released:
             raise Sd3trtError(f"{self.name}: this engine was closed; load it again")
         cuda = self.cuda
+        cuda.make_current()
         shapes = {n: tuple(a.shape) for n, a in feeds.items()}
         index = self.profiles.select(shapes)
         ctx = self._context(index)

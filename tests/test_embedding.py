@@ -218,6 +218,13 @@ def _concurrently(fn, args) -> list:
     return results
 
 
+def test_which_engines_take_turns():
+    from sd3trt.runtime.runners import OrtRunner
+    from sd3trt.runtime.trt_runner import TrtRunner
+
+    assert OrtRunner.thread_safe and not TrtRunner.thread_safe  # one stream and buffer set per TensorRT runner
+
+
 @pytest.mark.parametrize("low_memory", [False, True], ids=["loaded", "low-memory"])
 def test_threads_get_the_sequential_results(tiny_sd3, low_memory):
     image = pixels()

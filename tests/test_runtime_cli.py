@@ -195,3 +195,17 @@ def test_close_releases_every_loaded_runner(tiny_sd3, input_png):
     assert sorted(closed) == sorted(loaded) and len(loaded) >= 5 and pipe.loaded_components == ()
     pipe.close()  # idempotent
     assert len(closed) == len(loaded)
+
+
+def test_cli_shows_library_warnings_only_while_it_runs(capsys):
+    import logging
+
+    from sd3trt.runtime.cli import warnings_on_stderr
+
+    log = logging.getLogger("sd3trt.runtime.caches")
+    with warnings_on_stderr():
+        log.warning("cannot save the runtime cache")
+        log.info("not shown")
+    log.warning("after the command")
+    err = capsys.readouterr().err
+    assert err == "warning: cannot save the runtime cache\n", err
