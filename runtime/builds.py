@@ -1,9 +1,10 @@
-"""Which TensorRT engine build of a bundle a request uses, and whether its profiles take the request.
+"""What a pipeline runs: the ONNX graph of each component (onnxruntime backends) or an engine build
+(tensorrt), chosen from the precisions asked for; and whether a build's profiles take a request.
 
 Everything here reads the manifest and the engines' metadata files only: no TensorRT, no GPU.
 
-    name, entry = select_build(bundle, build=None, transformer_precision="int8")
-    check_request(bundle, height, width, num_images, cfg, t5_seq, build=name)   # before any engine runs
+    files, build = choose_graphs(bundle, "tensorrt", None, "int8", None, {})   # the build with an int8 transformer
+    check_request(bundle, height, width, num_images, cfg, t5_seq, build=build)  # before any engine runs
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from pathlib import Path
+from typing import Mapping
 
 from sd3trt import precision
 from sd3trt.errors import Sd3trtError
@@ -111,3 +114,37 @@ def check_request(bundle, height: int, width: int, num_images: int = 1, cfg: boo
                 "`sd3trt build` and --image-size/--batch/--cfg/--t5-seq ranges that cover it"
             )
     return name
+
+
+def choose_graphs(bundle, backend: str, build: str | None, transformer: str | None, vae: str | None,
+                  files: Mapping) -> tuple[dict[str, Path], str | None]:
+    """({component: ONNX file} for onnxruntime backends, or {} and the engine build's name for tensorrt).
+
+    None precisions take the bundle's float graphs / the newest build; on onnxruntime "int8"/"fp8" take the
+    graphs of `sd3trt quantize`; on tensorrt a precision takes the build that has it. `files` overrides."""
+    if transformer is not None:
+        precision.check(transformer, precision.ENGINE, "transformer precision")
+    if vae is not None:
+        precision.check(vae, precision.FLOATS + precision.VAE_QUANTIZED, "VAE precision")
+    if vae in precision.VAE_QUANTIZED and backend != "onnxruntime":
+        raise Sd3trtError(f"the int8 VAE is an ONNX Runtime CPU graph, not for the {backend} backend; use "
+                          "--backend onnxruntime, or the fp16/bf16 VAE of a GPU engine build")
+    if backend == "tensorrt":
+        if files:
+            raise Sd3trtError("onnx_files picks ONNX Runtime graphs; the tensorrt backend runs an engine build "
+                              "(engine_build)")
+        return {}, select_build(bundle, build, transformer, vae)[0]
+    for word, allowed, what in ((transformer, precision.TRANSFORMER, "transformer"), (vae, precision.VAE, "VAE")):
+        if word is not None and word not in allowed:
+            raise Sd3trtError(f"the {backend} backend runs the {what} in {' or '.join(allowed)}; {word} is a "
+                              f"TensorRT engine precision: use --backend tensorrt and `sd3trt build --precision {word}`")
+    chosen = {name: bundle.onnx_path(name) for name in bundle.data["components"]}
+    if transformer not in (None, "fp32"):
+        chosen["transformer"] = bundle.quantized_path(transformer)
+    if vae not in (None, "fp32"):  # the VAE parts the bundle has in int8 (the encoder may have failed its gate)
+        for name in bundle.quantized_parts(vae, ("vae_decoder", "vae_encoder")):
+            chosen[name] = bundle.quantized_path(vae, name)
+    unknown = sorted(set(files) - set(chosen))
+    if unknown:
+        raise Sd3trtError(f"onnx_files names {unknown}, which this bundle does not have; use {sorted(chosen)}")
+    return {**chosen, **{name: Path(p) for name, p in files.items()}}, build

@@ -30,14 +30,13 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sd3trt import precision as prec
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import Bundle, load_bundle
 from sd3trt.runtime import arrays
 from sd3trt.runtime import images as imgs
 from sd3trt.runtime import plan as plans
 from sd3trt.runtime import scheduler as sch
-from sd3trt.runtime.builds import check_request, select_build
+from sd3trt.runtime.builds import check_request, choose_graphs
 from sd3trt.runtime.cancel import check_token, stop_if_cancelled
 from sd3trt.runtime.plan import Noise, Plan, RequestError
 from sd3trt.runtime.prompts import PromptEncoder
@@ -86,45 +85,14 @@ class Img2Img:
         self.facts = bundle.facts
         self.backend = backend
         self.threads = threads
-        self.engine_build = engine_build
-        self._onnx_files = self._choose_graphs(transformer_precision, vae_precision, onnx_files or {})
+        self._onnx_files, self.engine_build = choose_graphs(bundle, backend, engine_build, transformer_precision,
+                                                           vae_precision, onnx_files or {})
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
         dirs = {n: bundle.tokenizer_dir(n) for n in bundle.data["tokenizers"]}
         self.prompts = PromptEncoder(self.facts, dirs, self._pool.get,
                                      plans.check_int(prompt_cache, "prompt_cache", 0))
-
-    def _choose_graphs(self, transformer: str | None, vae: str | None, files: Mapping) -> dict[str, Path]:
-        """Which ONNX file each component runs (onnxruntime); for tensorrt, pins the engine build instead."""
-        b, backend = self.bundle, self.backend
-        if transformer is not None:
-            prec.check(transformer, prec.ENGINE, "transformer precision")
-        if vae is not None:
-            prec.check(vae, prec.FLOATS + prec.VAE_QUANTIZED, "VAE precision")
-        if vae in prec.VAE_QUANTIZED and backend != "onnxruntime":
-            raise Sd3trtError(f"the int8 VAE is an ONNX Runtime CPU graph, not for the {backend} backend; use "
-                              "--backend onnxruntime, or the fp16/bf16 VAE of a GPU engine build")
-        if backend == "tensorrt":
-            if files:
-                raise Sd3trtError("onnx_files picks ONNX Runtime graphs; the tensorrt backend runs an engine build "
-                                  "(engine_build)")
-            self.engine_build, _ = select_build(b, self.engine_build, transformer, vae)
-            return {}
-        for word, allowed, what in ((transformer, prec.TRANSFORMER, "transformer"), (vae, prec.VAE, "VAE")):
-            if word is not None and word not in allowed:
-                raise Sd3trtError(f"the {backend} backend runs the {what} in {' or '.join(allowed)}; {word} is a "
-                                  f"TensorRT engine precision: use --backend tensorrt and `sd3trt build --precision {word}`")
-        chosen = {name: b.onnx_path(name) for name in b.data["components"]}
-        if transformer not in (None, "fp32"):
-            chosen["transformer"] = b.quantized_path(transformer)
-        if vae not in (None, "fp32"):  # the VAE parts the bundle has in int8 (the encoder may have failed its gate)
-            for name in b.quantized_parts(vae, ("vae_decoder", "vae_encoder")):
-                chosen[name] = b.quantized_path(vae, name)
-        unknown = sorted(set(files) - set(chosen))
-        if unknown:
-            raise Sd3trtError(f"onnx_files names {unknown}, which this bundle does not have; use {sorted(chosen)}")
-        return {**chosen, **{name: Path(p) for name, p in files.items()}}
 
     @classmethod
     def from_bundle(cls, path: str | Path, backend: str = "onnxruntime", **kw) -> "Img2Img":

@@ -438,3 +438,21 @@ def test_cuda_tensors_in_and_out_on_the_callers_stream(pipe):
     res = pipe(image, "a fox", out=out, stream=stream, **KW)
     np.testing.assert_array_equal(res.array, ref.array)
     np.testing.assert_array_equal(out.cpu().numpy(), ref.array)
+
+
+def test_which_onnx_file_each_component_runs(tiny_sd3, tmp_path):
+    bundle = Path(tiny_sd3[1])
+    copy = tmp_path / "t.onnx"
+    copy.write_bytes((bundle / "onnx" / "transformer.onnx").read_bytes())
+    with sd3trt.Img2Img.from_bundle(bundle, onnx_files={"transformer": copy}) as p:
+        files = p.onnx_files
+        assert files["transformer"] == copy and files["vae_decoder"] == bundle / "onnx" / "vae_decoder.onnx"
+        assert set(files) == {"clip_l", "clip_g", "t5", "vae_encoder", "vae_decoder", "transformer"}
+        with pytest.raises(TypeError):
+            files["transformer"] = bundle  # a read-only view
+        p(pixels(), "x", **KW)
+        copy.unlink()  # the runner loaded the file it names
+    with pytest.raises(Sd3trtError, match=r"onnx_files names \['unet'\]"):
+        sd3trt.Img2Img.from_bundle(bundle, onnx_files={"unet": copy})
+    with pytest.raises(Sd3trtError, match=r"transformer: ONNX file .*t\.onnx is missing"):
+        sd3trt.Img2Img.from_bundle(bundle, onnx_files={"transformer": copy}).runner("transformer")
