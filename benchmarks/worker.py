@@ -177,22 +177,17 @@ class DiffusersSystem:
 
 
 class TimedRunner:
-    """Wraps a runtime Runner: validation outside, engine execution (`_run`) inside the timed window."""
+    """Wraps a runtime Runner: validation (check) outside, engine execution (execute) inside the timed window."""
 
     def __init__(self, inner, clock: Clock):
         self.inner = inner
         self.clock = clock
         self.name = inner.name
-        self.inputs = inner.inputs
-        self.outputs = inner.outputs
-
-    def check(self, feeds):
-        self.inner.check(feeds)
 
     def run(self, feeds):
         self.inner.check(feeds)
         t0 = time.perf_counter()
-        out = self.inner._run(feeds)
+        out = self.inner.execute(feeds)
         self.clock.add(self.name, time.perf_counter() - t0)
         return out
 
@@ -203,41 +198,32 @@ class TimedRunner:
 class Sd3trtSystem:
     def __init__(self, job: dict, backend: str, low_memory: bool, transformer_precision: str | None,
                  vae_precision: str | None = None):
-        from sd3trt.manifest import load_bundle
         from sd3trt.runtime.pipeline import Img2Img
-        from sd3trt.runtime.runners import OrtRunner
 
         self.job = job
-        bundle = load_bundle(Path(job["bundle_dir"]))
-        threads = int(job.get("threads") or 0)
         self.clock = Clock(label=job["system"])
         self.loads: list[float] = []
 
-        def factory(name: str):
+        def factory(name: str):  # the pipeline's own runner (quantized graphs, engine build), timed
             t0 = time.perf_counter()
-            if backend == "tensorrt":
-                from sd3trt.runtime.trt_runner import TrtRunner
-
-                inner = TrtRunner.from_bundle(bundle, name)
-            else:
-                path = self.pipe.onnx_paths.get(name) or bundle.onnx_path(name)  # the quantized graphs it chose
-                inner = OrtRunner(name, bundle.component(name), path, threads=threads)
+            inner = self.pipe.default_runner(name)
             self.loads.append(time.perf_counter() - t0)
             return TimedRunner(inner, self.clock)
 
-        self.pipe = Img2Img(bundle, backend=backend, low_memory=low_memory, runner_factory=factory, threads=threads,
-                            transformer_precision=transformer_precision or "fp32", vae_precision=vae_precision or "fp32")
+        # Without the prompt cache the prompts are encoded on every request, as diffusers does.
+        self.pipe = Img2Img.from_bundle(job["bundle_dir"], backend=backend, low_memory=low_memory,
+                                        runner_factory=factory, threads=int(job.get("threads") or 0),
+                                        transformer_precision=transformer_precision, vae_precision=vae_precision,
+                                        prompt_cache=16 if job.get("prompt_cache") else 0)
         if not low_memory:
             self.pipe.load_all()  # like a server at start; the cold start counts it either way
 
     def run(self, image, noise: dict) -> tuple[np.ndarray, dict]:
-        from sd3trt.runtime.pipeline import Noise
+        from sd3trt.runtime.plan import Noise
 
         j = self.job
         self.clock.reset()
         self.loads.clear()
-        if not j.get("prompt_cache"):
-            self.pipe.prompts.cache.clear()  # like diffusers, encode the prompts on every request
         t0 = time.perf_counter()
         res = self.pipe(
             image, j["prompt"], negative_prompt=j["negative_prompt"], strength=j["strength"], steps=j["steps"],

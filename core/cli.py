@@ -1,5 +1,8 @@
 """`sd3trt` command line. Each subcommand has only its own flags; heavy imports happen inside them."""
 
+# The one core module that imports the subpackages: it gathers their commands, and runs `demo` (which
+# needs both export and the runtime).
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +38,47 @@ def _verify(a) -> None:
     from sd3trt.manifest import load_bundle
 
     load_bundle(a.bundle, verify_checksums=True, report=lambda rel, verdict: print(f"{verdict:<8} {rel}", flush=True))
+
+
+def _demo(a) -> None:
+    """Make a tiny model, export it, and run img2img on a generated picture (export + runtime)."""
+    from PIL import Image, ImageDraw
+
+    from sd3trt.export.bundle import export_bundle
+    from sd3trt.export.tiny_model import make_tiny
+    from sd3trt.runtime import images as imgs
+    from sd3trt.runtime.cli import print_progress
+    from sd3trt.runtime.pipeline import Img2Img
+
+    work, out = Path(a.workdir), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    imgs.check_output(out, overwrite=a.overwrite)
+    model, bundle = work / "tiny-model", work / "tiny-bundle"
+    if not (model / "model_index.json").is_file():
+        print(f"making a tiny random SD3 model in {model}")
+        make_tiny(model, overwrite=True)
+    export_bundle(model, bundle, overwrite=True)
+    picture = Image.new("RGB", (128, 96), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse((20, 10, 90, 80), fill=(220, 60, 40))
+    draw.rectangle((70, 40, 120, 90), fill=(40, 90, 200))
+    src = work / "demo-input.png"
+    imgs.save_image(picture, src)
+    with Img2Img.from_bundle(bundle) as pipe:
+        res = pipe(src, "a red circle and a blue square, watercolor", negative_prompt="blurry",
+                   strength=0.7, steps=a.steps, seed=0, progress=print_progress)
+    imgs.save_image(res.images[0], out)
+    print(f"demo image written to {out} ({res.images[0].width}x{res.images[0].height})")
+    print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
+
+
+def add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="make a tiny model, export it and run img2img (needs the export extra)")
+    d.add_argument("--workdir", type=Path, default=Path("demo-out"))
+    d.add_argument("--out", type=Path, default=Path("demo-out/demo.png"))
+    d.add_argument("--steps", type=int, default=10)
+    d.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    d.set_defaults(func=_demo)
 
 
 def add_make_tiny(sub) -> None:
@@ -85,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_command(sub)
     add_quantize_command(sub)
     add_runtime_commands(sub)
+    add_demo(sub)
     add_server_commands(sub)
     add_bench_command(sub)
     return parser

@@ -1,24 +1,27 @@
-"""Runtime subcommands: `sd3trt img2img` and `sd3trt demo`."""
+"""The `sd3trt img2img` subcommand: the one part of the runtime that prints (the library logs)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
 
 
-def _progress(i: int, n: int) -> None:
+def print_progress(i: int, n: int) -> None:
     bar = "#" * (20 * i // n)
     end = "\n" if i == n else ""
     print(f"\rdenoising {bar:<20} {i}/{n}", end=end, file=sys.stderr, flush=True)
 
 
 def _read_noise(path: Path):
-    from sd3trt.runtime.pipeline import Noise
+    from sd3trt.runtime.plan import Noise
 
     try:
         with np.load(path) as z:
@@ -27,6 +30,20 @@ def _read_noise(path: Path):
             return Noise(z["latents"], z["posterior"] if "posterior" in z else None)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise Sd3trtError(f"cannot read noise file {path} ({e}); pass an .npz with arrays 'latents' [and 'posterior']") from None
+
+
+@contextmanager
+def warnings_on_stderr() -> Iterator[None]:
+    """For the command's duration, the library's warnings (logger "sd3trt") go to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("sd3trt")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -43,12 +60,13 @@ def run_img2img(a) -> None:
     for out in outs:  # every output path, and the noise file, checked before any work
         imgs.check_output(out, overwrite=a.overwrite)
     noise = _read_noise(a.noise) if a.noise else None
-    with Img2Img.from_bundle(a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
-                             transformer_precision=a.precision, vae_precision=a.vae_precision) as pipe:
+    with warnings_on_stderr(), Img2Img.from_bundle(
+            a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
+            transformer_precision=a.precision, vae_precision=a.vae_precision) as pipe:
         res = pipe(
             a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
             guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
-            max_sequence_length=a.max_sequence_length, progress=_progress, max_pixels=a.max_pixels,
+            max_sequence_length=a.max_sequence_length, progress=print_progress, max_pixels=a.max_pixels,
         )
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -58,38 +76,8 @@ def run_img2img(a) -> None:
     print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
 
 
-def run_demo(a) -> None:
-    """Make a tiny model, export it, and run img2img on a generated picture."""
-    from PIL import Image, ImageDraw
-
-    from sd3trt.export.bundle import export_bundle
-    from sd3trt.export.tiny_model import make_tiny
-    from sd3trt.runtime import images as imgs
-    from sd3trt.runtime.pipeline import Img2Img
-
-    work, out = Path(a.workdir), Path(a.out)
-    work.mkdir(parents=True, exist_ok=True)
-    imgs.check_output(out, overwrite=a.overwrite)
-    model, bundle = work / "tiny-model", work / "tiny-bundle"
-    if not (model / "model_index.json").is_file():
-        print(f"making a tiny random SD3 model in {model}")
-        make_tiny(model, overwrite=True)
-    export_bundle(model, bundle, overwrite=True)
-    picture = Image.new("RGB", (128, 96), "white")
-    draw = ImageDraw.Draw(picture)
-    draw.ellipse((20, 10, 90, 80), fill=(220, 60, 40))
-    draw.rectangle((70, 40, 120, 90), fill=(40, 90, 200))
-    src = work / "demo-input.png"
-    imgs.save_image(picture, src)
-    with Img2Img.from_bundle(bundle) as pipe:
-        res = pipe(src, "a red circle and a blue square, watercolor", negative_prompt="blurry",
-                   strength=0.7, steps=a.steps, seed=0, progress=_progress)
-    imgs.save_image(res.images[0], out)
-    print(f"demo image written to {out} ({res.images[0].width}x{res.images[0].height})")
-    print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
-
-
 def add_runtime_commands(sub) -> None:
+    from sd3trt import precision as prec
     from sd3trt.runtime.images import DEFAULT_MAX_PIXELS
     from sd3trt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
     from sd3trt.runtime.runners import BACKENDS
@@ -108,20 +96,15 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--max-sequence-length", type=int, default=256)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit on input pixels")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "int8", "fp8"),
-                   help="transformer precision on ONNX Runtime (int8/fp8 need `sd3trt quantize` first)")
-    p.add_argument("--vae-precision", default="fp32", choices=("fp32", "int8"),
-                   help="int8: the VAE's int8 convolutions on ONNX Runtime CPU (`sd3trt quantize --component vae_decoder`)")
+    p.add_argument("--precision", default=None, choices=prec.ENGINE,
+                   help="transformer precision: onnxruntime runs fp32 graphs or int8/fp8 ones from `sd3trt quantize`; "
+                        "tensorrt uses the engine build of this precision (`sd3trt build --precision`) or refuses")
+    p.add_argument("--vae-precision", default=None, choices=prec.FLOATS + prec.VAE_QUANTIZED,
+                   help="int8: the VAE's int8 convolutions on ONNX Runtime CPU (`sd3trt quantize --component "
+                        "vae_decoder`); fp16/bf16/fp32 with tensorrt: the engine build whose VAE has it")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
     p.add_argument("--out", type=Path, required=True,
                    help="output image (.png, .jpg, .webp); with --num-images N > 1: OUT-0.png ... OUT-<N-1>.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run_img2img)
-
-    d = sub.add_parser("demo", help="make a tiny model, export it and run img2img (needs the export extra)")
-    d.add_argument("--workdir", type=Path, default=Path("demo-out"))
-    d.add_argument("--out", type=Path, default=Path("demo-out/demo.png"))
-    d.add_argument("--steps", type=int, default=10)
-    d.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    d.set_defaults(func=run_demo)

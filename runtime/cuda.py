@@ -87,12 +87,17 @@ class Cuda:
     def __init__(self, device: int = 0, rt=None):
         self.rt = cudart = rt or import_cudart()
         self.stream = None
+        self.device = device
         self.cc, self.name = find_gpu(device, cudart)
         self.check(cudart.cudaSetDevice(device), "cudaSetDevice")
         self.stream = self.check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
 
     def check(self, result, what: str):
         return check(self.rt, result, what)
+
+    def make_current(self) -> None:
+        """CUDA's current device is per thread: a thread other than the constructing one sets it first."""
+        self.check(self.rt.cudaSetDevice(self.device), "cudaSetDevice")
 
     def malloc(self, nbytes: int) -> int:
         return int(self.check(self.rt.cudaMalloc(max(nbytes, 256)), f"cudaMalloc({nbytes})"))

@@ -73,9 +73,7 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     (see the module docstring).  A ``str`` is always a path; encoded data must be ``bytes``.
     The caller's PIL image is never modified.
     """
-    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
-                                   or max_pixels < 1):
-        raise Sd3trtError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+    check_max_pixels(max_pixels)
     if isinstance(source, Image.Image):
         name = "the input image"
         _check_size(source.size, max_pixels, name)
@@ -91,6 +89,18 @@ def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     finally:
         if close:
             fp.close()
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                   or max_pixels < 1):
+        raise Sd3trtError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+
+
+def check_pixel_count(size: tuple[int, int], max_pixels: int | None, name: str) -> None:
+    """An image of `size` (w, h) that is empty or over `max_pixels` -> Sd3trtError naming it."""
+    check_max_pixels(max_pixels)
+    _check_size(size, max_pixels, name)
 
 
 def _open_source(source) -> tuple[BinaryIO, str, bool]:
@@ -115,8 +125,8 @@ def _open_source(source) -> tuple[BinaryIO, str, bool]:
         return fp, name, True
     if hasattr(source, "read"):
         return source, "the input image stream", False
-    raise Sd3trtError(f"unsupported image source of type {type(source).__name__}; "
-                      "pass a file path, the image file's bytes, or a PIL image")
+    raise Sd3trtError(f"unsupported image source of type {type(source).__name__}; pass a file path, the image "
+                      "file's bytes, a PIL image, or pixels (uint8 [H, W, 3] or float [3, H, W] in [0, 1])")
 
 
 def _identify(fp: BinaryIO, name: str, max_pixels: int | None) -> Image.Image:
@@ -277,12 +287,11 @@ def preprocess(image: Image.Image | Sequence[Image.Image], width: int | None = N
     return out
 
 
-def postprocess(x: np.ndarray) -> list[Image.Image]:
-    """Decoded images [B, 3, H, W] (or [3, H, W]; float16/32/64) in [-1, 1] -> RGB PIL images.
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Decoded images [B, 3, H, W] (or [3, H, W]; float16/32/64) in [-1, 1] -> uint8 [B, H, W, C].
 
-    Bit-exact with ``VaeImageProcessor.postprocess(torch_tensor, output_type="pil")``: ``x * 0.5 + 0.5``
+    Bit-exact with ``VaeImageProcessor.postprocess(torch_tensor, output_type="pil")``'s pixels: ``x * 0.5 + 0.5``
     clamped to [0, 1] in the input dtype, then float32, ``(v * 255).round()`` to uint8.  NaN becomes 0.
-    A single channel gives mode L images.
     """
     x = np.asarray(x)
     if x.ndim == 3:
@@ -295,7 +304,16 @@ def postprocess(x: np.ndarray) -> list[Image.Image]:
     v = v.astype(np.float32).transpose(0, 2, 3, 1)  # pt_to_numpy: .float(), NCHW -> NHWC
     if np.isnan(v).any():
         v = np.nan_to_num(v, nan=0.0)
-    u8 = (v * 255).round().astype(np.uint8)  # numpy_to_pil
+    return (v * 255).round().astype(np.uint8)  # numpy_to_pil
+
+
+def postprocess(x: np.ndarray) -> list[Image.Image]:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> RGB PIL images (:func:`to_uint8`); one channel gives mode L."""
+    return to_pil(to_uint8(x))
+
+
+def to_pil(u8: np.ndarray) -> list[Image.Image]:
+    """uint8 [B, H, W, C] -> PIL images (C 1: mode L, 3: RGB)."""
     return [Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a)) for a in u8]
 
 

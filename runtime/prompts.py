@@ -7,6 +7,7 @@ Without T5 the T5 part is zeros of [max_sequence_length, joint_attention_dim], a
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,11 @@ class PromptEmbedding:
 
 
 class PromptEncoder:
-    """Owns the tokenizers and calls the text-encoder runners through `get_runner(name)`."""
+    """Owns the tokenizers and calls the text-encoder runners through `get_runner(name)`.
+
+    Keeps the last `cache_size` embeddings (0: none); safe to call from several threads (the cache and
+    the lazily made T5 tokenizers are guarded by a lock; two threads may encode the same new prompt twice).
+    """
 
     def __init__(self, facts: ModelFacts, tokenizer_dirs: dict[str, Path], get_runner, cache_size: int = 16):
         self.facts = facts
@@ -41,17 +46,24 @@ class PromptEncoder:
         self.get_runner = get_runner
         self.cache: OrderedDict[tuple, PromptEmbedding] = OrderedDict()
         self.cache_size = cache_size
+        self._lock = threading.Lock()
 
     def _t5_tokenizer(self, length: int) -> PromptTokenizer:
-        if length not in self.t5:
-            self.t5[length] = load_t5_tokenizer(self.t5_dir, length)
-        return self.t5[length]
+        with self._lock:
+            if length not in self.t5:
+                self.t5[length] = load_t5_tokenizer(self.t5_dir, length)
+            return self.t5[length]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.cache.clear()
 
     def encode(self, prompt: str, t5_length: int) -> PromptEmbedding:
         key = (prompt, t5_length)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        with self._lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
         f = self.facts
         dropped: dict[str, int] = {}
         hidden, pooled = [], []
@@ -71,7 +83,9 @@ class PromptEncoder:
             t5 = np.zeros((1, t5_length, f.joint_attention_dim), np.float32)
         emb = PromptEmbedding(np.concatenate([clip, t5], axis=1), np.concatenate(pooled, axis=-1),
                               {n: k for n, k in dropped.items() if k})
-        self.cache[key] = emb
-        if len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+        if self.cache_size > 0:
+            with self._lock:
+                self.cache[key] = emb
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
         return emb

@@ -7,7 +7,11 @@ component says what is legal, and a wrong request fails here with a sentence nam
 from __future__ import annotations
 
 import functools
+import threading
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,12 +44,19 @@ def release_heap() -> None:
 
 
 class Runner:
-    """Base: validation against the manifest's input specs; subclasses implement _run."""
+    """Base: validation against the manifest's input specs; subclasses implement _run.
+
+    run(feeds) = check(feeds) + execute(feeds). Threads: an engine that cannot run two calls at once
+    (thread_safe False) is run under the runner's lock; ONNX Runtime sessions run concurrently.
+    """
+
+    thread_safe = False
 
     def __init__(self, name: str, entry: dict):
         self.name = name
         self.inputs = {t["name"]: t for t in entry["inputs"]}
         self.outputs = [t["name"] for t in entry["outputs"]]
+        self._lock = threading.Lock()
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:
         missing = set(self.inputs) - set(feeds)
@@ -70,7 +81,14 @@ class Runner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check(feeds)
-        return self._run(feeds)
+        return self.execute(feeds)
+
+    def execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run feeds that check() accepted: the engine call alone (what a benchmark times)."""
+        if self.thread_safe:
+            return self._run(feeds)
+        with self._lock:
+            return self._run(feeds)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -80,7 +98,10 @@ class Runner:
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime session (CPU by default; CUDA/TensorRT execution providers when installed)."""
+    """ONNX Runtime session (CPU by default; CUDA/TensorRT execution providers when installed).
+    InferenceSession.run may be called from several threads at once."""
+
+    thread_safe = True
 
     def __init__(self, name: str, entry: dict, path: Path, providers: list | None = None, threads: int = 0):
         super().__init__(name, entry)
@@ -117,3 +138,52 @@ class OrtRunner(Runner):
     def close(self) -> None:
         self.session = None
         release_heap()
+
+
+class RunnerPool:
+    """The loaded runners of one pipeline, shared by the threads that call it.
+
+    get(name) loads a runner on first use (under the pool's lock: one load per component). hold(*names)
+    marks runners in use for a block; with low_memory a runner is closed when its last holder leaves.
+    """
+
+    def __init__(self, make: Callable[[str], Runner], low_memory: bool = False):
+        self.make = make
+        self.low_memory = low_memory
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Runner] = {}
+        self._users: Counter = Counter()
+
+    def get(self, name: str) -> Runner:
+        with self._lock:
+            runner = self._loaded.get(name)
+            if runner is None:
+                runner = self._loaded[name] = self.make(name)
+            return runner
+
+    @contextmanager
+    def hold(self, *names: str) -> Iterator[None]:
+        with self._lock:
+            self._users.update(names)
+        try:
+            yield
+        finally:
+            idle = []
+            with self._lock:
+                self._users.subtract(names)
+                for n in names:
+                    if self.low_memory and self._users[n] <= 0 and n in self._loaded:
+                        idle.append(self._loaded.pop(n))
+            for runner in idle:
+                runner.close()
+
+    def loaded(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._loaded)
+
+    def close(self) -> None:
+        """Close every loaded runner (call it when no run is in flight). Idempotent."""
+        with self._lock:
+            runners, self._loaded = self._loaded, {}
+        for runner in runners.values():
+            runner.close()

@@ -17,25 +17,24 @@ No torch, no onnx: numpy, the TensorRT module and cuda-bindings only.
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from sd3trt.runtime.flavour import PIP_NAMES, gpu_mismatch, load_flavour
-from sd3trt.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
 from sd3trt.errors import Sd3trtError
+from sd3trt.profiles import EngineProfiles
+from sd3trt.runtime.builds import ENV_BUILD, check_request, read_metadata, select_build  # noqa: F401  (re-exported)
 from sd3trt.runtime.caches import RuntimeCacheFile, runtime_cache_path
 from sd3trt.runtime.cuda import Cuda, pinned_view
 from sd3trt.runtime.cuda_graph import CudaGraph
-from sd3trt.runtime.ort_gpu import ort_gpu_providers  # noqa: F401  (runtime.pipeline imports it from here)
+from sd3trt.runtime.flavour import PIP_NAMES, gpu_mismatch, load_flavour
 from sd3trt.runtime.runners import Runner
 from sd3trt.sizes import parse_size
-from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, concrete_shape, request_dims
+from sd3trt.spec import concrete_shape
 
-ENV_BUILD = "SD3TRT_ENGINE_BUILD"  # which engines/<build> to use when a bundle holds several
+log = logging.getLogger(__name__)
 ENV_CUDA_GRAPH = "SD3TRT_CUDA_GRAPH"  # 1: replay the transformer step from a CUDA graph (re-captured on shape changes)
 ENV_WS_BUDGET = "SD3TRT_WEIGHT_STREAMING_BUDGET"  # bytes of weights kept on the GPU (weight-streaming builds)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1, "int8": 1, "uint8": 1}
@@ -68,70 +67,6 @@ def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
     return (np.ascontiguousarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-# --------------------------------------------------------------------------- builds in a bundle
-
-
-def _flavour_installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def select_build(bundle, build: str | None = None) -> tuple[str, dict]:
-    """(name, manifest entry) of the engine build to use: `build`, $SD3TRT_ENGINE_BUILD, or the newest
-    build whose TensorRT flavour is installed."""
-    engines = bundle.data.get("engines") or {}
-    if not engines:
-        raise Sd3trtError(
-            f"bundle {bundle.root} has no TensorRT engines; build them with "
-            f"`sd3trt build --bundle {bundle.root} --precision fp16` (or use --backend onnxruntime)"
-        )
-    build = build or os.environ.get(ENV_BUILD)
-    if build:
-        if build not in engines:
-            raise Sd3trtError(f"bundle {bundle.root} has no engine build {build!r}; it has {', '.join(sorted(engines))}")
-        return build, engines[build]
-    usable = [n for n, e in engines.items() if _flavour_installed(e.get("flavour", ""))] or list(engines)
-    name = max(usable, key=lambda n: engines[n].get("built_at", ""))
-    return name, engines[name]
-
-
-def read_metadata(bundle, build: str, entry: dict, component: str) -> dict:
-    comp = entry.get("components", {}).get(component)
-    if comp is None:
-        raise Sd3trtError(
-            f"engine build {build!r} has no {component} engine; run `sd3trt build --bundle {bundle.root} "
-            f"--name {build} --components {component}` with the build's options"
-        )
-    path = bundle.path(comp["metadata"])
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise Sd3trtError(f"cannot read engine metadata {path} ({e}); re-run `sd3trt build`") from None
-
-
-def check_request(bundle, height: int, width: int, num_images: int = 1, cfg: bool = True,
-                  t5_seq: int = T5_DEFAULT_LENGTH, build: str | None = None) -> str:
-    """Refuse a whole img2img request before any engine runs if some engine's profiles cannot take it.
-    Returns the build name. Needs no GPU."""
-    name, entry = select_build(bundle, build)
-    facts = bundle.facts
-    for component in [c for c in COMPONENTS if c in bundle.data["components"]]:
-        meta = read_metadata(bundle, name, entry, component)
-        batch = 1 if component in SINGLE_BATCH else num_images * (2 if cfg and component == "transformer" else 1)
-        dims = request_dims(facts, batch, height, width, t5_seq)
-        index, why = EngineProfiles.from_metadata(meta).explain(request_shapes(meta["io"]["inputs"], dims))
-        if index is None:
-            raise Sd3trtError(
-                f"engine build {name!r} cannot take a {width}x{height} px request with {num_images} image(s), "
-                f"CFG {'on' if cfg else 'off'} and T5 length {t5_seq} ({component}: {why}); rebuild with "
-                "`sd3trt build` and --image-size/--batch/--cfg/--t5-seq ranges that cover it"
-            )
-    return name
-
-
-
 # --------------------------------------------------------------------------- the runner
 
 SPECIALIZATIONS = ("lazy", "eager", "none")  # TensorRT-RTX dynamic-shape kernel specialization strategies
@@ -139,6 +74,9 @@ SPECIALIZATIONS = ("lazy", "eager", "none")  # TensorRT-RTX dynamic-shape kernel
 
 class TrtRunner(Runner):
     """One component's TensorRT engine.
+
+    Threads: one stream and one set of device and pinned buffers per runner, so run() holds the runner's
+    lock (Runner.thread_safe is False): calls from several threads take turns, as they would on the GPU.
 
     kernel_specialization (TensorRT-RTX only): "lazy" (its default) swaps in shape-specialized kernels
     compiled in the background after the first runs at a shape, so early outputs may differ in the last
@@ -317,6 +255,7 @@ class TrtRunner(Runner):
         if self._released:
             raise Sd3trtError(f"{self.name}: this engine was closed; load it again")
         cuda = self.cuda
+        cuda.make_current()
         shapes = {n: tuple(a.shape) for n, a in feeds.items()}
         index = self.profiles.select(shapes)
         ctx = self._context(index)
@@ -509,6 +448,9 @@ def _logger(trt):
 
         def log(self, severity, msg):
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                self.errors.append(msg)
+                self.errors.append(msg)  # raised with the Sd3trtError that follows; logged at debug level
+                log.debug("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:  # advice, not failures: info level
+                log.info("TensorRT: %s", msg)
 
     return CaptureLogger()

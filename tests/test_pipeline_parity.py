@@ -84,5 +84,5 @@ def test_low_memory_mode_gives_the_same_image(tiny_sd3):
     full = Img2Img.from_bundle(bundle_dir)(image, "a cat", strength=0.7, steps=3, seed=1)
     lean_pipe = Img2Img.from_bundle(bundle_dir, low_memory=True)
     lean = lean_pipe(image, "a cat", strength=0.7, steps=3, seed=1)
-    assert lean_pipe._runners == {}
+    assert lean_pipe.loaded_components == ()
     assert np.array_equal(np.asarray(full.images[0]), np.asarray(lean.images[0]))

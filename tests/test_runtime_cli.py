@@ -156,6 +156,21 @@ def test_cli_fails_before_it_works(tiny_sd3, tmp_path, input_png):
     assert not (tmp_path / "demo" / "tiny-model").exists()
 
 
+def test_cli_precision_with_tensorrt_is_never_ignored(tiny_sd3, tmp_path, input_png):
+    _, bundle = tiny_sd3  # no engine builds: a TensorRT precision is refused naming the build that makes it
+    base = ["img2img", "--bundle", bundle, "--image", input_png, "--prompt", "x", "--backend", "tensorrt"]
+    for args, message in [
+        (["--precision", "int8"], f"`sd3trt build --bundle {bundle} --precision int8`"),
+        (["--vae-precision", "int8"], "int8 VAE is an ONNX Runtime CPU graph, not for the tensorrt backend"),
+    ]:
+        r = sd3trt(*base, *args, "--out", tmp_path / "o.png")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    r = sd3trt("img2img", "--bundle", bundle, "--image", input_png, "--prompt", "x", "--precision", "bf16",
+               "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "bf16 is a TensorRT engine precision" in r.stderr, r.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_truncation_is_one_short_line(tiny_sd3, tmp_path, input_png):
     _, bundle = tiny_sd3
     prompt = " ".join(f"word{i}" for i in range(800))  # ~7,000 characters
@@ -174,9 +189,23 @@ def test_close_releases_every_loaded_runner(tiny_sd3, input_png):
     closed = []
     with Img2Img.from_bundle(bundle) as pipe:
         pipe(input_png, "a cat", steps=2)
-        loaded = dict(pipe._runners)
-        for name, r in loaded.items():
-            r.close = lambda name=name: closed.append(name)
-    assert sorted(closed) == sorted(loaded) and len(loaded) >= 5 and pipe._runners == {}
+        loaded = pipe.loaded_components
+        for name in loaded:
+            pipe.runner(name).close = lambda name=name: closed.append(name)
+    assert sorted(closed) == sorted(loaded) and len(loaded) >= 5 and pipe.loaded_components == ()
     pipe.close()  # idempotent
     assert len(closed) == len(loaded)
+
+
+def test_cli_shows_library_warnings_only_while_it_runs(capsys):
+    import logging
+
+    from sd3trt.runtime.cli import warnings_on_stderr
+
+    log = logging.getLogger("sd3trt.runtime.caches")
+    with warnings_on_stderr():
+        log.warning("cannot save the runtime cache")
+        log.info("not shown")
+    log.warning("after the command")
+    err = capsys.readouterr().err
+    assert err == "warning: cannot save the runtime cache\n", err

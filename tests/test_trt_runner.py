@@ -131,6 +131,40 @@ def test_build_selection(built, monkeypatch):
         read_metadata(bundle, "f32", entry, "transformer")
 
 
+def test_precision_picks_the_engine_build_or_is_refused(built):
+    """img2img --precision / --vae-precision with tensorrt: the build that has them, or one sentence; never ignored."""
+    pipeline = pytest.importorskip("sd3trt.runtime.pipeline")
+    bundle = load_bundle(built)
+    data = json.loads(json.dumps(bundle.data))
+    f32 = data["engines"]["f32"]
+    data["engines"]["q8"] = dict(f32, precision="bf16", transformer_precision="int8", built_at="2000-01-01T00:00:00")
+    both = type(bundle)(bundle.root, data)
+
+    def build(**kw):
+        return pipeline.Img2Img(both, backend="tensorrt", **kw).engine_build
+
+    assert build() == "f32"  # the newest
+    assert build(transformer_precision="int8") == "q8" and build(vae_precision="bf16") == "q8"
+    assert build(transformer_precision="fp32", vae_precision="fp32") == "f32"
+    assert build(engine_build="q8", transformer_precision="int8") == "q8"
+    with pytest.raises(Sd3trtError, match=r"no engine build with a fp8 transformer \(it has f32 \(fp32/fp32\), "
+                                          r"q8 \(int8/bf16\)\); build one with `sd3trt build --bundle .* --precision fp8`"):
+        build(transformer_precision="fp8")
+    with pytest.raises(Sd3trtError, match=r"engine build 'f32' runs the transformer in fp32 .*--precision int8`"):
+        build(engine_build="f32", transformer_precision="int8")
+    with pytest.raises(Sd3trtError, match="no engine build with a fp16 VAE"):
+        build(vae_precision="fp16")
+    with pytest.raises(Sd3trtError, match="int8 VAE is an ONNX Runtime CPU graph"):
+        build(vae_precision="int8")
+    with pytest.raises(Sd3trtError, match="unknown transformer precision 'int4'"):
+        build(transformer_precision="int4")
+    with pytest.raises(Sd3trtError, match="onnx_files picks ONNX Runtime graphs"):
+        build(onnx_files={"transformer": "x.onnx"})
+    with pytest.raises(Sd3trtError, match=r"onnxruntime backend runs the transformer in fp32 or int8 or fp8; fp16 is a "
+                                          r"TensorRT engine precision: use --backend tensorrt"):
+        pipeline.Img2Img(both, transformer_precision="fp16")
+
+
 def test_engine_from_another_tensorrt_is_refused_before_touching_the_gpu(built):
     bundle = load_bundle(built)
     name, entry = select_build(bundle)
@@ -634,8 +668,7 @@ def test_pipeline_tensorrt_matches_onnxruntime(gpu_builds):
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (96, 64, 3), dtype=np.uint8), "RGB")
     bundle = load_bundle(bundle_dir)
-    trt_pipe = pipeline.Img2Img(bundle, backend="tensorrt",
-                                runner_factory=lambda n: TrtRunner.from_bundle(bundle, n, build=build))
+    trt_pipe = pipeline.Img2Img(bundle, backend="tensorrt", engine_build=build)
     ort_pipe = pipeline.Img2Img(bundle, backend="onnxruntime")
     kw = dict(strength=0.6, steps=4, guidance_scale=5.0, seed=3, max_sequence_length=16)
     a = np.asarray(trt_pipe(picture, "a fox", **kw).images[0], np.int16)
