@@ -9,6 +9,5 @@
   accuracy.py           the accuracy gate of a quantized transformer
   transformer_quant.py  calibrate, quantize, gate and record the INT8/FP8 transformer
   vae_quant.py          the INT8 VAE convolutions for ONNX Runtime CPU
-  quantized_runners.py  runner factories running a quantized transformer on ONNX Runtime
   quantize_cli.py       the `sd3trt quantize` command line
 """

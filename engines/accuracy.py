@@ -66,11 +66,10 @@ def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int
     """End to end: img2img with the quantized transformer graph at `q_path` vs all-fp32, same inputs and
     noise (`settings`: the calibration settings; `runs`: which calibration runs to replay)."""
     from sd3trt.engines.calibrate import run_inputs
-    from sd3trt.engines.quantized_runners import transformer_factory
     from sd3trt.runtime.pipeline import Img2Img
 
     ref_pipe = Img2Img(bundle, threads=threads)
-    q_pipe = Img2Img(bundle, threads=threads, runner_factory=transformer_factory(bundle, Path(q_path), threads))
+    q_pipe = Img2Img(bundle, threads=threads, onnx_files={"transformer": Path(q_path)})
     psnr = []
     for r in runs:
         req = run_inputs(settings, r)

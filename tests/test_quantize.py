@@ -17,7 +17,6 @@ from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibData, CalibSettings, activation_ranges, collect, picture
 from sd3trt.engines.gpu_targets import check_target
 from sd3trt.engines.qdq_graph import DEFAULT_KEEP, lower_qdq, plan_layers, quantize_model, quantize_weight, to_fp8
-from sd3trt.engines.quantized_runners import quantized_runner_factory
 from sd3trt.engines.transformer_quant import quantize_bundle
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
@@ -250,28 +249,27 @@ def test_int8_cpu_path_end_to_end_through_img2img(qbundle, tmp_path):
     image = picture(7, 64)
     kw = dict(strength=0.8, steps=4, guidance_scale=6.0, seed=3)
     ref = Img2Img(bundle)(image, "a lighthouse at dusk", **kw)
-    pipe = Img2Img(bundle, runner_factory=quantized_runner_factory(bundle, "int8"))
+    pipe = Img2Img(bundle, transformer_precision="int8")
     res = pipe(image, "a lighthouse at dusk", **kw)
-    assert res.images[0].size == (64, 64) and set(pipe._runners) >= {"transformer", "vae_decoder"}
+    assert res.images[0].size == (64, 64) and set(pipe.loaded_components) >= {"transformer", "vae_decoder"}
     a, b = np.clip(ref.decoded / 2 + 0.5, 0, 1), np.clip(res.decoded / 2 + 0.5, 0, 1)
     assert acc.psnr_db(a, b) >= acc.THRESHOLDS["int8"]["psnr_db"]
     assert not np.array_equal(a, b)  # it really ran the quantized graph
-    # The pipe form keeps the pipe's own runners for the other components.
-    pipe2 = Img2Img(bundle)
-    pipe2._factory = quantized_runner_factory(pipe2, "int8")
+    # Naming the graph file is the same as naming the precision.
+    pipe2 = Img2Img(bundle, onnx_files={"transformer": bundle.quantized_path("int8")})
     assert np.array_equal(pipe2(image, "a lighthouse at dusk", **kw).decoded, res.decoded)
 
 
 def test_missing_or_stale_quantized_transformer_is_explained(qbundle, tiny_sd3):
     root, _ = qbundle
     with pytest.raises(Sd3trtError, match="sd3trt quantize --bundle .* --precision int8"):
-        quantized_runner_factory(load_bundle(tiny_sd3[1]), "int8")
+        Img2Img(load_bundle(tiny_sd3[1]), transformer_precision="int8")
     bundle = load_bundle(root)
     bundle.data["quantized"]["transformer.int8"]["source"]["sha256"] = "0" * 64
     with pytest.raises(Sd3trtError, match="earlier export; re-run"):
-        quantized_runner_factory(bundle, "int8")
+        Img2Img(bundle, transformer_precision="int8")
     with pytest.raises(Sd3trtError, match="int8 or fp8"):
-        quantized_runner_factory(bundle, "int4")
+        bundle.quantized_path("int4")
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -403,7 +401,7 @@ def test_quantize_command(qbundle, capsys, tmp_path):
 
 
 def test_light_imports():
-    code = ("import sys, argparse; import sd3trt.engines.quantize_cli as c, sd3trt.engines.quantized_runners, "
+    code = ("import sys, argparse; import sd3trt.engines.quantize_cli as c, "
             "sd3trt.engines.gpu_targets; "
             "c.add_quantize_command(argparse.ArgumentParser().add_subparsers()); "
             "bad = [m for m in ('onnx', 'onnxruntime', 'torch', 'diffusers', 'tensorrt_rtx', 'numpy') if m in sys.modules]; "

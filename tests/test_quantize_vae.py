@@ -84,7 +84,8 @@ def test_img2img_with_the_int8_decoder(vbundle):
     kw = dict(strength=0.7, steps=3, guidance_scale=5.0, seed=2)
     ref = Img2Img(bundle)(picture(5, 64), "a red barn", **kw)
     pipe = Img2Img(bundle, vae_precision="int8")
-    assert pipe.onnx_paths == {"vae_decoder": root / "onnx" / "vae_decoder.int8.onnx"}  # no int8 encoder listed
+    assert pipe.onnx_files["vae_decoder"] == root / "onnx" / "vae_decoder.int8.onnx"
+    assert pipe.onnx_files["vae_encoder"] == root / "onnx" / "vae_encoder.onnx"  # no int8 encoder listed
     res = pipe(picture(5, 64), "a red barn", **kw)
     a, b = np.clip(ref.decoded / 2 + 0.5, 0, 1), np.clip(res.decoded / 2 + 0.5, 0, 1)
     assert not np.array_equal(a, b)
