@@ -6,7 +6,9 @@ importlib.import_module / __import__ calls with a literal name:
   runtime  never imports engines, export, server or benchmarks, nor torch, diffusers, transformers or onnx
   core     never imports a subpackage; core/cli.py gathers the commands, and core/__init__.py re-exports
            the runtime's public names lazily (inside its module __getattr__ only)
-  export   never imports runtime or engines
+  export   never imports runtime, engines, server or benchmarks
+  engines  never imports export, server or benchmarks (it builds on core and the runtime)
+  server   never imports engines, export or benchmarks (it serves through the runtime)
 
 Folders map to packages through pyproject.toml's [tool.setuptools.package-dir].
 """
@@ -29,7 +31,9 @@ HEAVY = ("torch", "diffusers", "transformers", "onnx")
 RULES = {  # package -> what it must not import
     "sd3trt.runtime": ["sd3trt.engines", "sd3trt.export", "sd3trt.server", "sd3trt.benchmarks", *HEAVY],
     "sd3trt": SUBPACKAGES,
-    "sd3trt.export": ["sd3trt.runtime", "sd3trt.engines"],
+    "sd3trt.export": ["sd3trt.runtime", "sd3trt.engines", "sd3trt.server", "sd3trt.benchmarks"],
+    "sd3trt.engines": ["sd3trt.export", "sd3trt.server", "sd3trt.benchmarks"],
+    "sd3trt.server": ["sd3trt.engines", "sd3trt.export", "sd3trt.benchmarks"],
 }
 EXCEPTIONS = {  # (module, imported package, only inside a function?) that the rules allow
     ("sd3trt.cli", "*", False),
