@@ -21,6 +21,7 @@ on the recorded inputs with the measured tensors added as outputs:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -31,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.files import write_bytes_atomic
 
 FORMAT = 1
 METHODS = ("max", "percentile", "mse")
@@ -138,19 +140,11 @@ class CalibData:
         return fit, held
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, hidden_states=self.hidden_states, timestep=self.timestep, context=self.context,
-                     encoder_hidden_states=self.encoder_hidden_states, pooled_projections=self.pooled_projections,
-                     run=self.run, meta=np.array(json.dumps({"format": FORMAT, "settings": self.settings,
-                                                             "key": self.key})))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        buf = io.BytesIO()
+        np.savez(buf, hidden_states=self.hidden_states, timestep=self.timestep, context=self.context,
+                 encoder_hidden_states=self.encoder_hidden_states, pooled_projections=self.pooled_projections,
+                 run=self.run, meta=np.array(json.dumps({"format": FORMAT, "settings": self.settings, "key": self.key})))
+        write_bytes_atomic(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> "CalibData":
