@@ -1,4 +1,4 @@
-"""`python -m sd3trt.benchmarks [bench] [options]`: the `sd3trt bench` command before core/cli.py wires it."""
+"""`python -m sd3trt.benchmarks [bench] [options]`: the same as `sd3trt bench [options]`."""
 
 import sys
 

@@ -168,19 +168,8 @@ def add_bench_command(sub) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sd3trt.benchmarks")
-    sub = parser.add_subparsers(dest="command")
-    add_bench_command(sub)
+    """`python -m sd3trt.benchmarks [bench] [options]`: the same as `sd3trt bench [options]`."""
+    from sd3trt.cli import main as sd3trt_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "bench":
-        argv = ["bench"] + argv  # `python -m sd3trt.benchmarks --quick` works too
-    a = parser.parse_args(argv)
-    try:
-        a.func(a)
-    except Sd3trtError as e:
-        print(f"sd3trt bench: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sd3trt bench: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return sd3trt_main(argv if argv[:1] == ["bench"] else ["bench", *argv])

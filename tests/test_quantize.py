@@ -18,6 +18,7 @@ from sd3trt.engines.calibrate import CalibData, CalibSettings, activation_ranges
 from sd3trt.engines.gpu_targets import check_target
 from sd3trt.engines.qdq_graph import DEFAULT_KEEP, lower_qdq, plan_layers, quantize_model, quantize_weight, to_fp8
 from sd3trt.engines.transformer_quant import quantize_bundle
+from sd3trt.cli import main as sd3trt_main
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
 from sd3trt.runtime.ort_session import ort_session
@@ -368,35 +369,18 @@ def test_quantized_engine_builds(qbundle, tmp_path, precision, cc):
 # --------------------------------------------------------------------------- command line
 
 
-def _cli(argv: list[str]) -> int:
-    """`sd3trt <argv>` with the quantize command registered (as core/cli.py's dispatcher does)."""
-    import argparse
-
-    from sd3trt.engines.quantize_cli import add_quantize_command
-
-    parser = argparse.ArgumentParser(prog="sd3trt")
-    add_quantize_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except Sd3trtError as e:
-        print(f"sd3trt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def test_quantize_command(qbundle, capsys, tmp_path):
     root = tmp_path / "bundle"
     shutil.copytree(qbundle[0], root)  # with its calibration cache
     argv = ["quantize", "--bundle", str(root), "--precision", "int8", "--calib-prompts", "3", "--holdout", "1",
             "--calib-steps", "3", "--calib-size", "64", "--no-image-gate", "--threads", "2"]
-    assert _cli(argv) == 0
+    assert sd3trt_main(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{"):])
     assert summary["passed"] and summary["file"] == "onnx/transformer.int8.onnx" and summary["quantized_layers"] == (
         qbundle[1]["int8"]["coverage"]["linear_quantized"])
     assert "calibration: reusing" in out
-    assert _cli(argv[:3] + ["--precision", "fp8", "--engine", "8.6"]) == 2
+    assert sd3trt_main(argv[:3] + ["--precision", "fp8", "--engine", "8.6"]) == 2
     assert "FP8 needs compute capability 8.9" in capsys.readouterr().err
 
 
@@ -411,8 +395,6 @@ def test_light_imports():
 
 def test_quantized_paths_from_the_command_line(qbundle, tmp_path):
     """`sd3trt img2img --precision int8` and `sd3trt build --precision int8` on a quantized bundle."""
-    from sd3trt.cli import main as sd3trt_main
-
     root = tmp_path / "bundle"
     shutil.copytree(qbundle[0], root)
     src = tmp_path / "in.png"
