@@ -37,8 +37,8 @@ class ServerConfig:
     stale_after_s: float = 120.0  # a peer refunds the pending debits of an instance silent this long
     limit_concurrency: int = 256  # requests handled at once (probes excluded); more get 503
     max_inflight_per_key: int = 8  # requests of one key handled at once; more get 429
-    max_uploads: int = 4  # request bodies read and decoded at once; more wait (up to upload_wait_s), then 429
-    upload_wait_s: float = 10.0
+    max_uploads: int = 4  # request bodies read and decoded at once; more wait, then 429
+    upload_wait_s: float = 10.0  # that wait, at most (and at most half the body timeout)
     conn: ConnLimits = field(default_factory=ConnLimits)
 
     def body_limit(self) -> int:

@@ -3,7 +3,7 @@
 A request goes through these steps; nothing is charged before the debit, and no step blocks the
 event loop (key-store calls, parsing, decoding and fetches run in the bounded pools of pools.py):
 
-    key (401) -> requests of this key in flight (429) -> ready (503) -> balance >= cost (406, body unread)
+    key (401) -> ready (503) -> balance >= cost (406, body unread) -> requests of this key in flight (429)
     -> body (413), JSON and fields (400/422) -> image: base64, or URL fetched under one deadline;
     format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
     -> charge (the fence, see keystore.py) -> image handed to the connection.
@@ -204,11 +204,6 @@ class Server:
             raise ApiError(401, "unauthorized", "missing or unknown API key; send it in the x-api-key header")
         state["key_id"] = key_id
         try:
-            if self.per_key.get(key_id, 0) >= self.cfg.max_inflight_per_key:
-                raise ApiError(429, "too_many_requests", f"this key has {self.cfg.max_inflight_per_key} requests in "
-                               "progress, the limit per key; wait for one to finish", headers={"Retry-After": "2"})
-            self.per_key[key_id] = self.per_key.get(key_id, 0) + 1
-            state["inflight_key"] = key_id
             return await self._img2img(request, state, key_id)
         except ApiError as e:
             e.headers = {**await self.credit_headers(state), **e.headers}
@@ -221,6 +216,11 @@ class Server:
         balance = await run(self.pools.db, self.store.balance, key_id)
         if balance < cost:  # before the body is read or any URL fetched
             raise insufficient(cost, balance)
+        if self.per_key.get(key_id, 0) >= cfg.max_inflight_per_key:
+            raise ApiError(429, "too_many_requests", f"this key has {cfg.max_inflight_per_key} requests in progress, "
+                           "the limit per key; wait for one to finish", headers={"Retry-After": "2"})
+        self.per_key[key_id] = self.per_key.get(key_id, 0) + 1
+        state["inflight_key"] = key_id
         req, image = await self._read_input(request, state)
         if image is None:
             image = await self._fetched(req.image, state)
@@ -233,8 +233,9 @@ class Server:
     async def _read_input(self, request: Request, state: dict) -> tuple[Img2ImgRequest, object | None]:
         """Body -> (request, decoded image or None for a URL), at most ``max_uploads`` bodies at a time."""
         cfg = self.cfg
-        deadline = time.monotonic() + cfg.upload_wait_s
-        while self.uploads >= cfg.max_uploads:  # bounded: upload_wait_s / 0.05 rounds
+        # A waiting body is not read, so the wait stays well inside the body timeout.
+        deadline = time.monotonic() + min(cfg.upload_wait_s, cfg.conn.body_timeout_s / 2)
+        while self.uploads >= cfg.max_uploads:  # bounded: at most upload_wait_s / 0.05 rounds
             if time.monotonic() > deadline:
                 raise ApiError(429, "busy", f"the server is reading {cfg.max_uploads} other uploads; retry shortly",
                                headers={"Retry-After": "2"})
