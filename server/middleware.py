@@ -25,7 +25,7 @@ class BodyTooLarge(Exception):
 
 
 class Gate:
-    """Pure ASGI middleware. ``hooks`` is the app's side: ``draining()``, ``credit_headers(state)`` (async),
+    """Pure ASGI middleware. ``hooks`` is the app's side: ``stopping()``, ``credit_headers(state)`` (async),
     ``finished(state)`` (releases what the request held)."""
 
     def __init__(self, app, limit: int, concurrency: int, metrics: Metrics, routes: set[str], hooks):
@@ -67,7 +67,7 @@ class Gate:
         except asyncio.CancelledError:
             if state.get("client_gone") or state.get("timed_out"):
                 return  # nobody to answer; logged below
-            if not self.hooks.draining():
+            if not self.hooks.stopping():
                 raise
             await self._answer_quietly(answer, error_response(
                 503, "shutting_down", "the server shut down before this request finished; no credits were taken, "

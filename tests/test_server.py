@@ -322,6 +322,15 @@ BAD = {
     "guidance negative": (dict(guidance_scale=-1), 422, "invalid_field"),
     "seed negative": (dict(seed=-1), 422, "invalid_field"),
     "base64 not a bool": (dict(base64="maybe"), 422, "invalid_field"),
+    # Strict types: nothing is converted from another JSON type.
+    "strength as a string": (dict(strength="0.5"), 422, "invalid_field"),
+    "strength true": (dict(strength=True), 422, "invalid_field"),
+    "steps as a string": (dict(num_inference_steps="10"), 422, "invalid_field"),
+    "steps as a float": (dict(num_inference_steps=10.0), 422, "invalid_field"),
+    "seed as a string": (dict(seed="7"), 422, "invalid_field"),
+    "base64 as 1": (dict(base64=1), 422, "invalid_field"),
+    "guidance as a string": (dict(guidance_scale="7"), 422, "invalid_field"),
+    "prompt a number": (dict(prompt=5), 422, "invalid_field"),
 }
 
 
@@ -339,6 +348,15 @@ def test_bad_input_is_a_json_error_and_costs_nothing(server, key, site, name):
     assert isinstance(err["error"], str) and 10 < len(err["error"]) < 300 and "\n" not in err["error"]
     assert r.headers["x-remaining-credits"] == "5"
     assert balance(server, key) == 5
+
+
+def test_small_strength_runs_one_step(server, key):
+    """README: strength 0 is refused; any strength above 0 runs at least one step (about steps x strength)."""
+    r = post(server, key, strength=0.01, num_inference_steps=2)
+    assert r.status_code == 200, r.text
+    r = post(server, key, strength=1, num_inference_steps=2)  # an integer JSON number is a number
+    assert r.status_code == 200, r.text
+    assert balance(server, key) == 3
 
 
 def test_malformed_bodies(server, key):
