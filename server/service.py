@@ -417,7 +417,8 @@ class ImageResponse(Response):
             return await resp(scope, receive, send)
         left = await run(srv.pools.db, srv.store.balance, state["key_id"])
         if state.get("client_gone"):  # left while the charge was made: the image never leaves the server
-            if await run(srv.pools.db, srv.store.refund_delivered, charged, "client gone before the image was sent"):
+            if await run(srv.pools.db, srv.store.refund_delivered, charged, "client left before the charged image "
+                         "was sent"):
                 srv.metrics.inc("credits_refunded", self.cost)
             return
         self.raw_headers.append((b"x-remaining-credits", str(left).encode()))

@@ -410,6 +410,33 @@ def test_client_that_leaves_is_refunded_and_its_work_cancelled(srv):
     assert log.count(f"POST {PATH} 499") >= 2
 
 
+def test_finished_image_never_received_is_refunded(srv):
+    """The image is made, but its charge waits (the database is locked) and the client leaves meanwhile:
+    the charge is given back and nothing is sent."""
+    k = new_key(srv, 1)
+    done = srv.metric("sd3trt_inference_seconds_count")
+    raw = json.dumps(body(num_inference_steps=50)).encode()
+    s = connect_from("127.0.0.52", srv.port)
+    db = sqlite3.connect(srv.db, timeout=30, isolation_level=None)
+    try:
+        s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nx-api-key: {k}\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(raw)}\r\n\r\n".encode() + raw)
+        _wait(lambda: len(KeyStore(srv.db).pending()) == 1, what="the debit")
+        db.execute("BEGIN IMMEDIATE")  # from here the charge must wait
+        _wait(lambda: srv.metric("sd3trt_inference_seconds_count") > done, what="the image to be made")
+        time.sleep(0.3)
+        s.close()  # the client leaves with the image made but not sent
+        time.sleep(0.5)
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+        s.close()
+    _wait(lambda: balance(srv, k) == 1 and not KeyStore(srv.db).pending(), what="the refund")
+    with sqlite3.connect(srv.db) as c:
+        rows = c.execute("SELECT state, note FROM debits WHERE key_id = ?", (k.split("_")[1],)).fetchall()
+    assert len(rows) == 1 and rows[0][0] == "refunded" and "client left before the charged image was sent" in rows[0][1]
+
+
 def test_disconnect_mid_upload_logged_499_without_traceback(srv):
     k = new_key(srv, 1)
     s = connect_from("127.0.0.51", srv.port)

@@ -108,3 +108,34 @@ def test_stalled_instance_loses_its_debits_and_the_fence_holds(pair, capsys):
         notes = [n for (n,) in c.execute("SELECT note FROM debits WHERE key_id = ?", (k.split("_")[1],))]
     assert sum("charged again" in n for n in notes) == 1
     assert "image withheld" in a.log.read_text()
+
+
+def test_readyz_reports_a_wedged_instance(pair):
+    """The key database locked by another process: the lease cannot be renewed and the database threads
+    are stuck, so /readyz says not ready (with the reason) while /healthz still answers; then it recovers."""
+    import requests
+
+    a, _ = pair
+    k = new_key(a, 3)
+    db = sqlite3.connect(a.db, timeout=30, isolation_level=None)
+    pool = ThreadPoolExecutor(3)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        stuck = [pool.submit(post, a, k) for _ in range(3)]  # their debits wait for the lock
+        reasons = []
+        deadline = time.monotonic() + LEASE + 5
+        while time.monotonic() < deadline and not reasons:
+            r = requests.get(a.url("/readyz"), timeout=10)
+            if r.status_code == 503:
+                reasons.append(r.json()["reason"])
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        assert requests.get(a.url("/healthz"), timeout=5).status_code == 200 and time.monotonic() - t0 < 1
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert reasons and "database" in reasons[0], reasons
+    _wait(lambda: requests.get(a.url("/readyz"), timeout=10).status_code == 200, timeout=LEASE + 10,
+          what="ready again")
+    assert [f.result(timeout=60).status_code for f in stuck] == [200] * 3
+    pool.shutdown()
