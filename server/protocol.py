@@ -5,7 +5,8 @@ counts idle connections, so connections that send nothing starve every request, 
 This protocol adds, per connection:
 
   * a header timeout: the request line and headers must arrive within ``header_timeout_s`` of the
-    connection opening (or of the previous response), however they are dripped; else 408 and close;
+    connection opening (or of the previous response), however they are dripped; else 408 and close
+    (an idle keep-alive connection, with no byte of a next request, is closed without a 408);
   * a body timeout: the whole body within ``body_timeout_s`` of the headers; else 408 and close;
   * caps on open connections, in total and per client address: a connection over either is answered
     at once (503 / 429) and closed, before it can hold anything.
@@ -110,8 +111,12 @@ def protocol_class(limits: ConnLimits, count: Callable[[str], None] = lambda nam
                 self._timer = None
 
         def _header_timeout(self) -> None:
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self._timed_out(f"the request headers did not arrive within {limits.header_timeout_s:g} s")
+            if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.conn.trailing_data[0]:
+                self.transport.close()  # an idle keep-alive connection: closed quietly, as uvicorn does
+                return
+            self._timed_out(f"the request headers did not arrive within {limits.header_timeout_s:g} s")
 
         def _body_timeout(self) -> None:
             if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():

@@ -223,7 +223,7 @@ class Server:
         state["inflight_key"] = key_id
         req, image = await self._read_input(request, state)
         if image is None:
-            image = await self._fetched(req.image, state)
+            image = await self._fetched(req.image)
         self._check_fits(req, image)
         if self.worker.full():
             raise queue_full()
@@ -272,7 +272,7 @@ class Server:
         except inputs.InputError as e:
             raise ApiError(e.status, e.code, str(e), field="image") from None
 
-    async def _fetched(self, url: str, state: dict):
+    async def _fetched(self, url: str):
         """The image at ``url``: fetched in the fetch pool under one deadline (counted from now, so time
         spent waiting for a fetch thread counts), then decoded in the cpu pool."""
         cfg = self.cfg

@@ -7,7 +7,6 @@ loop is bounded in count and time. The slow image host is a local thread that dr
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -22,7 +21,6 @@ import pytest
 pytest.importorskip("fastapi")
 requests = pytest.importorskip("requests")
 
-from PIL import Image  # noqa: E402
 from test_server import PATH, ServerProcess, _wait, b64, balance, body, new_key, png, post  # noqa: E402
 
 from sd3trt.server.keystore import KeyStore  # noqa: E402

@@ -416,7 +416,7 @@ def test_the_server_refuses_the_ipv6_list_before_any_connect(tmp_path):
 
     async def one(addr):
         with pytest.raises(ApiError) as e:
-            await srv._fetched(f"http://[{addr}]/x.png", {})
+            await srv._fetched(f"http://[{addr}]/x.png")
         return e.value
 
     try:
@@ -616,3 +616,46 @@ def test_gate_collapses_unknown_methods_and_paths():
 
     _, metrics = _gate_call(app, _Hooks(), method="BREW", path="/coffee")
     assert 'method="other",route="other",status="404"' in metrics and "BREW" not in metrics
+
+
+def test_gate_limits_requests_but_never_probes():
+    """--limit-concurrency: with every request slot taken, a request gets 503 busy, the probes still answer."""
+    import asyncio
+
+    from sd3trt.server.metrics import Metrics
+    from sd3trt.server.middleware import Gate
+
+    async def main():
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            if scope["path"] == "/v1/x":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        gate = Gate(app, limit=1000, concurrency=2, metrics=Metrics(), routes={"/v1/x", "/healthz", "/readyz"},
+                    hooks=_Hooks())
+
+        async def call(path):
+            sent = []
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            await gate({"type": "http", "method": "GET", "path": path, "headers": [], "state": {}}, receive, send)
+            return sent[0]["status"], sent[1]["body"]
+
+        held = [asyncio.create_task(call("/v1/x")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        status, body = await call("/v1/x")
+        assert status == 503 and b'"code":"busy"' in body
+        assert (await call("/healthz"))[0] == 200 and (await call("/readyz"))[0] == 200
+        release.set()
+        assert [(await t)[0] for t in held] == [200, 200]
+        assert (await call("/v1/x"))[0] == 200  # the slots are given back
+
+    asyncio.run(main())
