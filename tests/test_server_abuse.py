@@ -372,7 +372,7 @@ def test_large_bodies_in_bounded_memory(srv, capsys):
         in poor_codes
     assert peak_poor - base < 60
     assert {c for c in rich_codes} <= {(400, "not_an_image"), (429, "busy")}, rich_codes
-    assert after - base < 150
+    assert after - base < 40  # the freed buffers are handed back (without malloc_trim: about +60 MiB here)
     assert all(balance(srv, k) == 1 for k in rich)
 
 
