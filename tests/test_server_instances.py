@@ -137,5 +137,9 @@ def test_readyz_reports_a_wedged_instance(pair):
     assert reasons and "database" in reasons[0], reasons
     _wait(lambda: requests.get(a.url("/readyz"), timeout=10).status_code == 200, timeout=LEASE + 10,
           what="ready again")
-    assert [f.result(timeout=60).status_code for f in stuck] == [200] * 3
+    answers = [f.result(timeout=60) for f in stuck]
+    # Those that reached the debit before the lease ran short were served; the others found the server
+    # not ready (it takes no new work on a stale lease). Either way nothing is charged without an image.
+    assert all(r.status_code == 200 or (r.status_code == 503 and r.json()["code"] == "not_ready") for r in answers)
+    assert balance(a, k) == 3 - sum(r.status_code == 200 for r in answers) and not KeyStore(a.db).pending()
     pool.shutdown()
