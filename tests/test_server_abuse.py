@@ -289,6 +289,24 @@ def test_slow_image_urls_answered_within_the_fetch_timeout(srv, what, capsys):
     assert all(balance(srv, k) == 2 for k in keys)
 
 
+def test_fetch_of_a_client_that_left_is_never_started(srv):
+    busy, target = DripHost("header"), DripHost("header")
+    keys = [new_key(srv, 2) for _ in range(2)]
+    pool = ThreadPoolExecutor(4)
+    try:
+        hogs = [pool.submit(post, srv, keys[i % 2], image=busy.url()) for i in range(4)]  # every fetch thread
+        _wait(lambda: busy.accepted == 4, what="the fetch threads to be busy")
+        k = new_key(srv, 1)
+        _post_and_leave(srv, k, 0.5, image=target.url())  # queued for a fetch thread, then gone
+        assert all(f.result(timeout=30).json()["code"] == "url_timeout" for f in hogs)
+        time.sleep(0.5)
+        assert target.accepted == 0 and balance(srv, k) == 1
+    finally:
+        busy.close()
+        target.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 # -- 5. metrics labels ----------------------------------------------------------------------------------------
 
 def test_200_junk_methods_leave_metrics_bounded(srv):
