@@ -3,7 +3,8 @@
 Measured with ONNX Runtime 1.32 on Linux, in a network namespace: about 10 s after the first session
 is created, its native 1DS telemetry looks up ``mobile.events.data.microsoft.com`` (DNS queries from
 native threads), and ``onnxruntime.disable_telemetry_events()`` does not stop it. The environment
-variable ``ORT_DISABLE_TELEMETRY=1`` does, but only when it is set before onnxruntime is imported; so
+variable ``ORT_DISABLE_TELEMETRY=1`` does (and ONNX Runtime then no longer opens its offline event
+store under ~/.cache/Microsoft/DeveloperTools), but only when it is set before onnxruntime is imported; so
 importing ``sd3trt.server`` sets it (an operator's own value wins), and the worker also calls
 ``disable_telemetry_events()`` before loading the engines.
 """
