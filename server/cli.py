@@ -33,6 +33,7 @@ def _serve(a) -> None:
         from sd3trt.server.app import ServerConfig, serve
         from sd3trt.server.fetch import FetchPolicy
         from sd3trt.server.keystore import KeyStore
+        from sd3trt.server.protocol import ConnLimits
     except ImportError as e:
         raise Sd3trtError(f"the server needs its extra ({e.name} is missing); pip install 'sd3trt[server]'") from None
     import logging
@@ -49,8 +50,17 @@ def _serve(a) -> None:
         input_formats=formats,
         fetch=FetchPolicy(enabled=not a.no_url_fetch, timeout_s=a.fetch_timeout, max_redirects=a.fetch_max_redirects,
                           allow_hosts=tuple(a.allow_fetch_host)),
-        graceful_timeout_s=a.graceful_timeout, inflight_grace_s=a.inflight_grace,
+        fetch_workers=a.fetch_workers, graceful_timeout_s=a.graceful_timeout, inflight_grace_s=a.inflight_grace,
+        heartbeat_s=a.heartbeat, stale_after_s=a.lease, limit_concurrency=a.limit_concurrency,
+        max_inflight_per_key=a.max_inflight_per_key, max_uploads=a.max_uploads,
+        conn=ConnLimits(header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
+                        max_connections=a.max_connections, max_per_client=a.max_connections_per_client),
     )
+    if a.max_connections_per_client < 0:
+        raise Sd3trtError(f"--max-connections-per-client must be >= 0 (0: no cap), got {a.max_connections_per_client}")
+    if a.heartbeat * 3 > a.lease:
+        raise Sd3trtError(f"--lease {a.lease:g} must be at least 3 x --heartbeat ({a.heartbeat:g}), so one late "
+                          "heartbeat does not let a peer refund this server's work")
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sd3trt.server")
@@ -58,7 +68,7 @@ def _serve(a) -> None:
     if a.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", a.host)
     KeyStore(cfg.db).close()  # a database that cannot be opened fails here, with its message
-    if not serve(cfg, log_level=a.log_level, limit_concurrency=a.limit_concurrency):
+    if not serve(cfg, log_level=a.log_level):
         raise Sd3trtError("the server did not start; the log above says why")
 
 
@@ -129,14 +139,35 @@ def add_server_commands(sub) -> None:
                    help="a host name, address or network whose image URLs may be fetched even though it is "
                         "loopback/private (repeatable; for trusted internal image stores)")
     p.add_argument("--no-url-fetch", action="store_true", help="refuse image URLs (base64 only)")
-    p.add_argument("--fetch-timeout", type=_positive(float), default=10.0, help="seconds per image URL fetch")
+    p.add_argument("--fetch-timeout", type=_positive(float), default=10.0,
+                   help="seconds for a whole image URL fetch: waiting for a fetch thread, connect, headers, body")
+    p.add_argument("--fetch-workers", type=_positive(int), default=8,
+                   help="image URL fetches at once; as many more may wait, beyond that 429 (default %(default)s)")
     p.add_argument("--fetch-max-redirects", type=int, default=3, choices=range(0, 11), metavar="0..10")
     p.add_argument("--graceful-timeout", type=_positive(float), default=60.0,
                    help="on SIGTERM, seconds to keep working through the queue; what is left is refunded (503)")
     p.add_argument("--inflight-grace", type=_positive(float), default=30.0,
                    help="then, seconds the image being generated may still take before it too is refunded (503)")
     p.add_argument("--limit-concurrency", type=_positive(int), default=256,
-                   help="open connections/requests before uvicorn answers 503")
+                   help="requests handled at once before 503 (probes are exempt; default %(default)s)")
+    p.add_argument("--max-inflight-per-key", type=_positive(int), default=8,
+                   help="requests of one key handled at once before 429 (default %(default)s)")
+    p.add_argument("--max-uploads", type=_positive(int), default=4,
+                   help="request bodies read and decoded at once; more wait up to 10 s, then 429 (default %(default)s)")
+    p.add_argument("--max-connections", type=_positive(int), default=1024,
+                   help="open connections in total; more are answered 503 and closed (default %(default)s)")
+    p.add_argument("--max-connections-per-client", type=int, default=64, metavar="N",
+                   help="open connections per client address; more are answered 429 and closed; 0: no cap, e.g. "
+                        "behind a reverse proxy (default %(default)s)")
+    p.add_argument("--header-timeout", type=_positive(float), default=10.0,
+                   help="seconds for a request's line and headers to arrive; else 408 and close (default %(default)s)")
+    p.add_argument("--body-timeout", type=_positive(float), default=60.0,
+                   help="seconds for a request's whole body to arrive; else 408 and close (default %(default)s)")
+    p.add_argument("--heartbeat", type=_positive(float), default=10.0,
+                   help="seconds between lease renewals in the key database (default %(default)s)")
+    p.add_argument("--lease", type=_positive(float), default=120.0,
+                   help="a server silent this long is presumed gone and its pending debits are refunded by its "
+                        "peers (default %(default)s)")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -11,10 +11,16 @@ A request's credits move through the ``debits`` journal:
     refund()  pending -> refunded and ``credits += n``, in one transaction
 
 Every transition is guarded by ``WHERE state = 'pending'``, so a debit is settled exactly once. Each
-server process registers an ``instances`` row and heartbeats it; pending debits of an instance that
-is gone (its pid is dead on this host, it stopped, or its heartbeat is stale) are refunded by
-``recover()``, which a server runs at start-up and then periodically. A server killed mid-request
-therefore leaves the balance consistent once any server on the database starts again.
+server process registers an ``instances`` row and heartbeats it (its lease); pending debits of an
+instance that is gone (its pid is dead on this host, it stopped, or its heartbeat is stale) are
+refunded by ``recover()``, which a server runs at start-up and then periodically. A server killed
+mid-request therefore leaves the balance consistent once any server on the database starts again.
+
+The fence: a server whose heartbeat stalled may still be alive, and a peer may have refunded its
+pending debit. ``charge()`` (commit, or when the debit was refunded meanwhile, a new debit in the same
+transaction) is what a server calls before handing out an image, so no image is ever free: when the
+key can no longer pay, the server withholds the image. ``refund_delivered()`` undoes a charge whose
+image never left the server (the client had gone).
 """
 
 from __future__ import annotations
@@ -250,6 +256,40 @@ class KeyStore:
             cur = db.execute("UPDATE debits SET state = 'committed', settled_at = ? WHERE id = ? AND state = 'pending'",
                              (time.time(), debit_id))
             return cur.rowcount == 1
+
+    def charge(self, debit_id: int) -> int | None:
+        """Make the debit final before its image is handed out: pending -> committed, or, when recovery
+        refunded it meanwhile, take the amount again as a new committed debit. Returns the id of the
+        committed debit, or None when the key can no longer pay (the image must not be handed out)."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("UPDATE debits SET state = 'committed', settled_at = ? WHERE id = ? AND state = 'pending' "
+                             "RETURNING id", (now, debit_id)).fetchone()
+            if row is not None:
+                return debit_id
+            key_id, amount, state, owner = db.execute("SELECT key_id, amount, state, owner FROM debits WHERE id = ?",
+                                                      (debit_id,)).fetchone()
+            if state == "committed":
+                return debit_id
+            if db.execute("UPDATE keys SET credits = credits - ? WHERE id = ? AND credits >= ? AND disabled = 0 "
+                          "RETURNING credits", (amount, key_id, amount)).fetchone() is None:
+                return None
+            cur = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at, settled_at) "
+                             "VALUES (?, ?, 'committed', ?, ?, ?, ?)",
+                             (key_id, amount, owner, f"charged again: debit {debit_id} was refunded by recovery",
+                              now, now))
+            return cur.lastrowid
+
+    def refund_delivered(self, debit_id: int, note: str = "") -> bool:
+        """committed -> refunded, credits given back: the image of a charged request never left the server."""
+        with self._tx() as db:
+            row = db.execute("UPDATE debits SET state = 'refunded', settled_at = ?, note = note || ? "
+                             "WHERE id = ? AND state = 'committed' RETURNING key_id, amount",
+                             (time.time(), f" refund: {note}" if note else " refund", debit_id)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE keys SET credits = credits + ? WHERE id = ?", (row[1], row[0]))
+            return True
 
     def refund(self, debit_id: int, note: str = "") -> bool:
         """pending -> refunded, credits given back. False when already settled (refunds happen once)."""

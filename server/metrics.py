@@ -1,10 +1,15 @@
-"""A few Prometheus metrics in the text exposition format (no client library needed)."""
+"""A few Prometheus metrics in the text exposition format (no client library needed).
+
+Every label value comes from a fixed set, so no request can grow the output: methods outside
+``METHODS`` are counted as ``other`` (routes are mapped the same way by the caller).
+"""
 
 from __future__ import annotations
 
 import threading
 from typing import Callable
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -13,6 +18,17 @@ def _labels(d: dict[str, str]) -> str:
         return ""
     esc = (lambda v: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
     return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in sorted(d.items())) + "}"
+
+
+HELPS = {
+    "images_generated": "Images generated and returned.",
+    "credits_debited": "Credits charged for delivered images.",
+    "credits_refunded": "Credits given back after a failed or abandoned request.",
+    "inference_failures": "Generations that raised an error.",
+    "connections_refused": "Connections closed at once: over the per-address or total connection cap.",
+    "request_timeouts": "Connections closed because the request headers or body arrived too slowly.",
+    "clients_gone": "Requests whose client disconnected before the answer (cancelled, refunded).",
+}
 
 
 class _Histogram:
@@ -35,12 +51,13 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple, int] = {}
         self.latency: dict[tuple, _Histogram] = {}
-        self.counters = {"images_generated": 0, "credits_debited": 0, "credits_refunded": 0,
-                         "inference_failures": 0}
+        self.counters = {name: 0 for name in HELPS}
         self.inference = _Histogram(LATENCY_BUCKETS)
         self.gauges: dict[str, Callable[[], float]] = {}
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
+        method = method if method in METHODS else "other"
+        status = status if 100 <= status <= 599 else 500
         with self._lock:
             k = (method, route, str(status))
             self.requests[k] = self.requests.get(k, 0) + 1
@@ -66,14 +83,8 @@ class Metrics:
                     "# TYPE sd3trt_http_request_duration_seconds histogram"]
             for (m, r), h in sorted(self.latency.items()):
                 out += self._hist("sd3trt_http_request_duration_seconds", h, {"method": m, "route": r})
-            helps = {
-                "images_generated": "Images generated and returned.",
-                "credits_debited": "Credits charged for delivered images.",
-                "credits_refunded": "Credits given back after a failed or abandoned request.",
-                "inference_failures": "Generations that raised an error.",
-            }
             for name, v in self.counters.items():
-                out += [f"# HELP sd3trt_{name}_total {helps[name]}", f"# TYPE sd3trt_{name}_total counter",
+                out += [f"# HELP sd3trt_{name}_total {HELPS[name]}", f"# TYPE sd3trt_{name}_total counter",
                         f"sd3trt_{name}_total {v}"]
             out += ["# HELP sd3trt_inference_seconds Time per generation in the worker (encode included).",
                     "# TYPE sd3trt_inference_seconds histogram"]

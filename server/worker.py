@@ -9,7 +9,8 @@ batching different prompts and images would need a per-item API in the pipeline.
 a time, in arrival order.
 
 The worker never touches credits: it hands each result (or exception) back to the request's event
-loop, and the request handler commits or refunds its own debit.
+loop, and the request handler commits or refunds its own debit. A job whose request was cancelled is
+skipped if still queued, and stopped at its next denoising step if running (``Job.check``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class Draining(Exception):
     pass
 
 
+class JobCancelled(Exception):
+    """Raised inside a generation whose request was cancelled (its client left): it stops at the next step."""
+
+
 @dataclass
 class Job:
     image: Any  # PIL image, already decoded and size-checked
@@ -48,6 +53,11 @@ class Job:
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+
+    def check(self) -> None:
+        """Called between denoising steps: stop the work of a request nobody waits for any more."""
+        if self.cancelled:
+            raise JobCancelled()
 
 
 @dataclass

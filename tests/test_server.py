@@ -175,7 +175,7 @@ def server(tiny_sd3, tmp_path_factory):
     s = ServerProcess(tiny_sd3[1], root / "keys.db", root / "server.log",
                       "--queue-size", "16", "--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-pixels", str(MAX_PIXELS),
                       "--max-prompt-chars", "500", "--max-steps", "60", "--allow-fetch-host", "127.0.0.1",
-                      "--fetch-timeout", "3")
+                      "--fetch-timeout", "3", "--max-inflight-per-key", "32")
     s.start()
     s.secrets: list[str] = []  # every key handed out, to check the log never shows one
     yield s
@@ -261,11 +261,17 @@ def test_401_404_405(server, key):
         r = post(server, k)
         assert r.status_code == 401, (k, r.text)
         assert r.json()["code"] == "unauthorized" and "x-remaining-credits" not in r.headers
-    assert requests.get(server.url(), timeout=10).status_code == 405
+    r = requests.get(server.url(), timeout=10)
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed" and "x-remaining-credits" not in r.headers
     r = requests.get(server.url("/v1/nope"), timeout=10)
-    assert r.status_code == 404 and r.json()["error"] == "no such URL"
+    assert r.status_code == 404 and r.json()["error"].startswith("no such URL")
+    # With a valid key, 404 and 405 carry the balance like every other answer (README: every response).
     r = requests.post(server.url("/v1/stable-diffusion-3-large-txt2img"), json=body(), headers={"x-api-key": key})
-    assert r.status_code == 404
+    assert r.status_code == 404 and r.headers["x-remaining-credits"] == "5"
+    r = requests.get(server.url(), headers={"x-api-key": key}, timeout=10)
+    assert r.status_code == 405 and r.headers["x-remaining-credits"] == "5"
+    r = requests.put(server.url("/healthz"), headers={"x-api-key": "sd3_000000000000_nope"}, timeout=10)
+    assert r.status_code == 405 and "x-remaining-credits" not in r.headers
     KeyStore(server.db).set_disabled(key.split("_")[1], True)
     assert post(server, key).status_code == 401
     assert balance(server, key) == 5
@@ -316,6 +322,15 @@ BAD = {
     "guidance negative": (dict(guidance_scale=-1), 422, "invalid_field"),
     "seed negative": (dict(seed=-1), 422, "invalid_field"),
     "base64 not a bool": (dict(base64="maybe"), 422, "invalid_field"),
+    # Strict types: nothing is converted from another JSON type.
+    "strength as a string": (dict(strength="0.5"), 422, "invalid_field"),
+    "strength true": (dict(strength=True), 422, "invalid_field"),
+    "steps as a string": (dict(num_inference_steps="10"), 422, "invalid_field"),
+    "steps as a float": (dict(num_inference_steps=10.0), 422, "invalid_field"),
+    "seed as a string": (dict(seed="7"), 422, "invalid_field"),
+    "base64 as 1": (dict(base64=1), 422, "invalid_field"),
+    "guidance as a string": (dict(guidance_scale="7"), 422, "invalid_field"),
+    "prompt a number": (dict(prompt=5), 422, "invalid_field"),
 }
 
 
@@ -333,6 +348,15 @@ def test_bad_input_is_a_json_error_and_costs_nothing(server, key, site, name):
     assert isinstance(err["error"], str) and 10 < len(err["error"]) < 300 and "\n" not in err["error"]
     assert r.headers["x-remaining-credits"] == "5"
     assert balance(server, key) == 5
+
+
+def test_small_strength_runs_one_step(server, key):
+    """README: strength 0 is refused; any strength above 0 runs at least one step (about steps x strength)."""
+    r = post(server, key, strength=0.01, num_inference_steps=2)
+    assert r.status_code == 200, r.text
+    r = post(server, key, strength=1, num_inference_steps=2)  # an integer JSON number is a number
+    assert r.status_code == 200, r.text
+    assert balance(server, key) == 3
 
 
 def test_malformed_bodies(server, key):

@@ -354,3 +354,308 @@ def test_worker_closes_the_pipeline_in_its_own_thread_when_stopped():
     w.start()
     assert w.ready.wait(10)
     assert w.stop(timeout=5) == [] and closed == ["sd3trt-w-test"]
+
+
+# -- IPv6 spellings of internal addresses (issue 15, item 4) -----------------------------------------------
+
+IPV6_REFUSED = [
+    "::169.254.169.254",  # IPv4-compatible metadata
+    "::127.0.0.1",  # IPv4-compatible loopback
+    "64:ff9b:1::a9fe:a9fe",  # local-use NAT64, /96 layout
+    "64:ff9b:1:7f00:0:100::",  # local-use NAT64, /48 layout of 127.0.0.1
+    "64:ff9b::7f00:1",  # well-known NAT64 of loopback
+    "fec0::1",  # site-local
+    "::ffff:0:7f00:1",  # IPv4-translated loopback
+    "::ffff:a9fe:a9fe",  # IPv4-mapped metadata
+    "2002:a9fe:a9fe::1",  # 6to4 of metadata
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo, client 192.0.2.45 (documentation)
+    "2001:db8::1",  # documentation
+    "100::1",  # discard-only
+    "5f00::1",  # outside 2000::/3
+    "::",
+    "fc00::1",
+]
+
+
+def recording_connect(calls):
+    def connect(ip, port, timeout):
+        calls.append((ip, port))
+        raise OSError("test: no connection is ever made")
+    return connect
+
+
+@pytest.mark.parametrize("addr", IPV6_REFUSED)
+def test_ipv6_spellings_refused_before_any_connect(addr):
+    calls = []
+    for url, resolve in ((f"http://[{addr}]/x.png", F.default_resolve),  # a literal: no DNS
+                         ("http://internal.test/x.png", fake_dns({"internal.test": [addr]}))):
+        with pytest.raises(F.FetchError) as e:
+            F.fetch(url, F.FetchPolicy(), 10**6, resolve=resolve, connect=recording_connect(calls))
+        assert e.value.code == "url_refused", (url, str(e.value))
+    assert calls == []
+
+
+@pytest.mark.parametrize("addr", ["2606:4700::1111", "64:ff9b::808:808", "2002:808:808::1"])
+def test_public_ipv6_and_public_embedded_ipv4_are_allowed(addr):
+    calls = []
+    with pytest.raises(F.FetchError) as e:
+        F.fetch(f"http://[{addr}]/x.png", F.FetchPolicy(), 10**6, connect=recording_connect(calls))
+    assert e.value.code == "url_unreachable" and calls == [(addr, 80)]
+
+
+def test_the_server_refuses_the_ipv6_list_before_any_connect(tmp_path):
+    """The server's own fetch path (fetch pool, deadline, error mapping) with its connect hook recording."""
+    import asyncio
+
+    from sd3trt.server.app import Server, ServerConfig
+    from sd3trt.server.schema import ApiError
+
+    srv = Server(ServerConfig(bundle=None, db=tmp_path / "k.db"))
+    calls = []
+    srv.fetch_connect = recording_connect(calls)
+
+    async def one(addr):
+        with pytest.raises(ApiError) as e:
+            await srv._fetched(f"http://[{addr}]/x.png")
+        return e.value
+
+    try:
+        for addr in IPV6_REFUSED:
+            err = asyncio.run(one(addr))
+            assert (err.status, err.code, err.field) == (400, "url_refused", "image"), addr
+    finally:
+        srv.pools.close()
+    assert calls == []
+
+
+# -- one deadline for the whole fetch, enforced on the socket (issue 15, item 2) ---------------------------
+
+class Dripper:
+    """127.0.0.1: answers one connection by dripping its response header, or its body, a byte per 0.2 s."""
+
+    def __init__(self, what):
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(1)
+        self.port = self.lsock.getsockname()[1]
+        self.stop = threading.Event()
+        self.what = what
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.lsock.settimeout(10)
+        try:
+            conn, _ = self.lsock.accept()
+        except OSError:
+            return
+        data = png_bytes()
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        out, start = head + data, (0 if self.what == "header" else len(head))
+        try:
+            conn.sendall(out[:start])
+            for i in range(start, len(out)):  # bounded by the response and by stop
+                if self.stop.wait(0.2):
+                    break
+                conn.sendall(out[i:i + 1])
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.lsock.close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("what", ["header", "body"])
+def test_fetch_deadline_holds_against_a_dripping_host(what):
+    host = Dripper(what)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(F.FetchError) as e:
+            F.fetch(f"http://127.0.0.1:{host.port}/x.png", local_policy(timeout_s=1.0), 10**6, connect=guarded_connect)
+        took = time.monotonic() - t0
+    finally:
+        host.close()
+    assert e.value.code == "url_timeout", str(e.value)
+    assert 0.9 < took < 2.5, took  # every byte arrives within the socket timeout; only the deadline stops it
+
+
+def test_fetch_deadline_cancel_cuts_a_running_fetch():
+    host = Dripper("header")
+    deadline = F.Deadline(30)
+    threading.Timer(0.5, deadline.cancel).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(F.FetchError) as e:
+            F.fetch(f"http://127.0.0.1:{host.port}/x.png", local_policy(), 10**6, connect=guarded_connect,
+                    deadline=deadline)
+    finally:
+        host.close()
+    assert (e.value.status, e.value.code) == (503, "shutting_down")
+    assert time.monotonic() - t0 < 2
+
+
+def test_fetch_deadline_counts_time_spent_waiting():
+    deadline = F.Deadline(0.05)
+    time.sleep(0.1)  # e.g. queued behind other fetches
+    with pytest.raises(F.FetchError) as e:
+        F.fetch("http://127.0.0.1:9/x.png", local_policy(), 10**6, connect=no_connect, deadline=deadline)
+    assert e.value.code == "url_timeout"
+
+
+# -- the fence: no image is free, none charged twice (issue 15, item 3) ------------------------------------
+
+def test_charge_after_a_peer_refunded_the_debit(tmp_path):
+    """In one process both instances share a pid, so the peer's recovery is its refund itself (the same
+    transition recover() makes); the two-process version is tests/test_server_instances.py."""
+    db = tmp_path / "k.db"
+    a = KeyStore(db)
+    a.register_instance()
+    peer = KeyStore(db)
+    key_id = a.create_key(2).split("_")[1]
+    d1, _ = a.debit(key_id, 1)
+    d2, _ = a.debit(key_id, 1)
+    assert a.charge(d1) == d1 and a.charge(d1) == d1  # the normal case; idempotent
+    assert peer.refund(d2, "server stopped before finishing") and a.balance(key_id) == 1
+    d3 = a.charge(d2)  # A's image is ready: charged again, in one transaction
+    assert d3 not in (None, d2) and a.balance(key_id) == 0
+    a.topup(key_id, 1)
+    d4, _ = a.debit(key_id, 1)
+    assert peer.refund(d4, "server stopped before finishing")
+    peer.debit(key_id, 1)  # the peer spends the refunded credit
+    assert a.charge(d4) is None and a.balance(key_id) == 0  # nothing to pay with: the image is withheld
+    # A charge whose image never left the server is given back, once.
+    assert a.refund_delivered(d3) and not a.refund_delivered(d3) and a.balance(key_id) == 1
+    assert not a.refund_delivered(d4)  # never charged: nothing to give back
+    states = dict(a._read("SELECT state, COUNT(*) FROM debits GROUP BY state"))
+    assert states == {"committed": 1, "refunded": 3, "pending": 1}  # d1; d2, d4, d3; the peer's debit
+
+
+# -- the ASGI gate: generic 500, 499, 503 at shutdown (issue 15, items 9 and 11) ---------------------------
+
+class _Hooks:
+    def __init__(self, draining=False):
+        self.draining, self.released = draining, []
+
+    def stopping(self):
+        return self.draining
+
+    async def credit_headers(self, state):
+        return {"x-request-id": state.get("request_id", "-"), "x-remaining-credits": "7"} if "key_id" in state else {}
+
+    def finished(self, state):
+        self.released.append(dict(state))
+
+
+def _gate_call(app, hooks, method="POST", path="/v1/x"):
+    import asyncio
+
+    from sd3trt.server.metrics import Metrics
+    from sd3trt.server.middleware import Gate
+
+    metrics = Metrics()
+    gate = Gate(app, limit=1000, concurrency=4, metrics=metrics, routes={"/v1/x"}, hooks=hooks)
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "state": {}}
+    asyncio.run(gate(scope, receive, send))
+    return sent, metrics.render()
+
+
+def test_gate_answers_a_bug_with_a_json_500_and_the_credit_header(caplog):
+    async def app(scope, receive, send):
+        scope["state"].update(request_id="r1", key_id="k1")
+        raise RuntimeError("boom")
+
+    sent, metrics = _gate_call(app, _Hooks())
+    start = sent[0]
+    assert start["status"] == 500
+    headers = dict(start["headers"])
+    assert headers[b"x-remaining-credits"] == b"7" and headers[b"content-type"] == b"application/json"
+    assert b'"code":"internal_error"' in sent[1]["body"]
+    assert 'status="500"' in metrics
+    assert sum("unhandled RuntimeError" in r.message for r in caplog.records) == 1
+
+
+def test_gate_logs_a_client_that_left_as_499_without_answering(caplog):
+    from starlette.requests import ClientDisconnect
+
+    async def app(scope, receive, send):
+        raise ClientDisconnect()
+
+    sent, metrics = _gate_call(app, _Hooks())
+    assert sent == [] and 'status="499"' in metrics
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_gate_answers_503_for_a_request_cancelled_at_shutdown():
+    import asyncio
+
+    async def app(scope, receive, send):
+        scope["state"].update(request_id="r2", key_id="k2")
+        raise asyncio.CancelledError()
+
+    sent, metrics = _gate_call(app, _Hooks(draining=True))
+    assert sent[0]["status"] == 503 and dict(sent[0]["headers"])[b"x-remaining-credits"] == b"7"
+    assert b"shutting_down" in sent[1]["body"] and 'status="503"' in metrics
+
+
+def test_gate_collapses_unknown_methods_and_paths():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    _, metrics = _gate_call(app, _Hooks(), method="BREW", path="/coffee")
+    assert 'method="other",route="other",status="404"' in metrics and "BREW" not in metrics
+
+
+def test_gate_limits_requests_but_never_probes():
+    """--limit-concurrency: with every request slot taken, a request gets 503 busy, the probes still answer."""
+    import asyncio
+
+    from sd3trt.server.metrics import Metrics
+    from sd3trt.server.middleware import Gate
+
+    async def main():
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            if scope["path"] == "/v1/x":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        gate = Gate(app, limit=1000, concurrency=2, metrics=Metrics(), routes={"/v1/x", "/healthz", "/readyz"},
+                    hooks=_Hooks())
+
+        async def call(path):
+            sent = []
+
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+
+            await gate({"type": "http", "method": "GET", "path": path, "headers": [], "state": {}}, receive, send)
+            return sent[0]["status"], sent[1]["body"]
+
+        held = [asyncio.create_task(call("/v1/x")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        status, body = await call("/v1/x")
+        assert status == 503 and b'"code":"busy"' in body
+        assert (await call("/healthz"))[0] == 200 and (await call("/readyz"))[0] == 200
+        release.set()
+        assert [(await t)[0] for t in held] == [200, 200]
+        assert (await call("/v1/x"))[0] == 200  # the slots are given back
+
+    asyncio.run(main())

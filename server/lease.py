@@ -1,0 +1,60 @@
+"""This server instance's lease on its pending debits, renewed by a thread of its own.
+
+Peers sharing the key database refund the pending debits of an instance whose heartbeat is older
+than ``stale_after_s`` (``KeyStore.recover``). The heartbeat therefore runs in a dedicated thread on
+its own SQLite connection: a busy event loop, exhausted request pools or a slow fetch cannot stall
+it. The same thread runs ``recover()`` for the peers. ``fresh()`` turns false well before peers would
+judge this instance gone, and the server then reports not-ready and takes no new work; the fence in
+``KeyStore.charge`` covers the rest (a debit refunded anyway is charged again or the image withheld).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from sd3trt.server.keystore import KeyStore
+
+log = logging.getLogger("sd3trt.server")
+
+
+class Lease:
+    def __init__(self, db: Path, instance_id: str, interval_s: float, stale_after_s: float):
+        self.db, self.instance_id = db, instance_id
+        self.interval_s, self.stale_after_s = interval_s, stale_after_s
+        self.renewed_at = time.monotonic()  # register_instance() wrote the first heartbeat
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sd3trt-lease", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def age(self) -> float:
+        return time.monotonic() - self.renewed_at
+
+    def fresh(self) -> bool:
+        """Renewed recently enough that no peer can have judged this instance gone."""
+        return self._thread.is_alive() and self.age() < self.stale_after_s / 2
+
+    def _run(self) -> None:
+        store = KeyStore(self.db, stale_after_s=self.stale_after_s)
+        store.instance_id = self.instance_id
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    store.heartbeat()
+                    self.renewed_at = time.monotonic()
+                    n = store.recover()
+                except Exception as e:  # noqa: BLE001 - keep renewing; fresh() reports a lease running out
+                    log.error("heartbeat failed (the key database: %s); retrying in %g s", e, self.interval_s)
+                    continue
+                if n:
+                    log.warning("refunded %d pending debit(s) of a server that is gone", n)
+        finally:
+            store.close()

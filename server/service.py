@@ -1,0 +1,443 @@
+"""The img2img service behind the route: key, credits, input, the worker, and the lifecycle.
+
+A request goes through these steps; nothing is charged before the debit, and no step blocks the
+event loop (key-store calls, parsing, decoding and fetches run in the bounded pools of pools.py):
+
+    key (401) -> ready (503) -> balance >= cost (406, body unread) -> requests of this key in flight (429)
+    -> body (413), JSON and fields (400/422) -> image: base64, or URL fetched under one deadline;
+    format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
+    -> charge (the fence, see keystore.py) -> image handed to the connection.
+
+A client that leaves is noticed as soon as its connection closes (a watcher task): a fetch not yet
+started is dropped, queued work is cancelled, a generation stops at its next step, and the debit is
+refunded. An image is charged when its bytes are handed to the connection; a client gone before that
+(even after the image was made) is not charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64 as b64
+import logging
+import os
+import secrets
+import time
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from sd3trt.errors import Sd3trtError
+from sd3trt.runtime import images as imgs
+from sd3trt.runtime.pipeline import Img2Img
+from sd3trt.server import fetch as fetching
+from sd3trt.server import inputs, telemetry
+from sd3trt.server.config import ServerConfig
+from sd3trt.server.keystore import InsufficientCredits, KeyStore
+from sd3trt.server.lease import Lease
+from sd3trt.server.metrics import Metrics
+from sd3trt.server.middleware import BodyTooLarge
+from sd3trt.server.pools import Pools, in_thread, release_heap, run
+from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response, parse
+from sd3trt.server.worker import Draining, Job, JobCancelled, Output, QueueFull, Worker
+
+log = logging.getLogger("sd3trt.server")
+
+BIG_BODY = 1 << 20  # after a body this large, freed heap pages are handed back to the OS
+
+
+def queue_full() -> ApiError:
+    return ApiError(429, "queue_full", "the server is busy (queue full); retry shortly", headers={"Retry-After": "2"})
+
+
+def shutting_down(what: str) -> ApiError:
+    return ApiError(503, "shutting_down", f"the server shut down before this request {what}; no credits were taken, "
+                    "retry later", headers={"Retry-After": "5"})
+
+
+class Server:
+    """Holds the state the routes share: config, key store, pools, lease, worker, metrics."""
+
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.store: KeyStore | None = None
+        self.lease: Lease | None = None
+        self.draining = False
+        self.bundle = None  # set by the worker once the pipeline is built
+        self.pools = Pools(cfg.fetch_workers, cpu_workers=max(1, min(4, os.cpu_count() or 1)))
+        self.per_key: dict[str, int] = {}
+        self.uploads = 0
+        self.fetches = 0
+        self.deadlines: set[fetching.Deadline] = set()
+        self.fetch_resolve, self.fetch_connect = fetching.default_resolve, fetching.default_connect  # test hooks
+        self.worker = Worker(self._load, self._render, cfg.queue_size, on_done=self.metrics.observe_inference)
+        self.metrics.gauge("queue_depth", "Requests waiting for the inference worker.", self.worker.depth)
+        self.metrics.gauge("inflight", "Requests being generated now.", self.worker.busy)
+        self.metrics.gauge("ready", "1 when the engines are loaded and requests are accepted.",
+                           lambda: int(self.ready()))
+
+    # -- pipeline -------------------------------------------------------------------------------
+    def _load(self) -> Img2Img:
+        """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
+        telemetry.disable_events()
+        pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
+                                   threads=self.cfg.threads, engine_build=self.cfg.engine_build)
+        pipe.load_all()
+        self.bundle = pipe.bundle
+        return pipe
+
+    def _render(self, pipe, job: Job) -> Output:
+        t0 = time.perf_counter()
+        res = pipe(job.image, job.prompt, negative_prompt=job.negative_prompt or None, strength=job.strength,
+                   steps=job.steps, guidance_scale=job.guidance_scale, seed=job.seed, num_images=1,
+                   max_pixels=self.cfg.max_pixels, progress=lambda i, n: job.check())
+        data = imgs.encode_image(res.images[0], job.output_format)
+        return Output(data, imgs.MEDIA_TYPES[job.output_format], time.perf_counter() - t0, list(res.warnings))
+
+    # -- readiness ------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return (self.worker.accepting and not self.draining and self.store is not None
+                and self.lease is not None and self.lease.fresh())
+
+    def stopping(self) -> bool:
+        return self.draining
+
+    def not_ready_reason(self) -> str:
+        if self.worker.load_error:
+            return "the engines failed to load: " + self.worker.load_error
+        if self.draining or self.worker.closed:
+            return "the server is shutting down"
+        if self.lease is not None and not self.lease.fresh():
+            return (f"the key database has not taken this server's heartbeat for {self.lease.age():.0f} s; "
+                    "check the database file and its disk")
+        return "the engines are still loading"
+
+    async def readiness(self) -> str | None:
+        """None when ready, else why not: also when the database or decode threads are all stuck (wedged)."""
+        if not self.ready():
+            return self.not_ready_reason()
+        for name, pool in (("key database", self.pools.db), ("decode", self.pools.cpu)):
+            try:
+                await asyncio.wait_for(run(pool, int), 2.0)
+            except asyncio.TimeoutError:
+                return f"every {name} thread has been busy for over 2 s (the server is wedged); see the log"
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def startup(self) -> None:
+        cfg = self.cfg
+        self.store = await in_thread(KeyStore, cfg.db, cfg.stale_after_s)
+        instance = await in_thread(self.store.register_instance)
+        n = await in_thread(self.store.recover)
+        if n:
+            log.warning("refunded %d pending debit(s) left by a server that stopped mid-request", n)
+        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s)
+        self.lease.start()
+        self.worker.start()
+
+    async def drain(self) -> None:
+        """Refuse new requests (503), cut running fetches, run the queue for up to graceful_timeout_s, fail
+        the rest (refunded). Runs in a thread of its own: never waits behind request work."""
+        self.draining = True
+        for d in list(self.deadlines):
+            d.cancel()
+        left = await in_thread(self.worker.stop, self.cfg.graceful_timeout_s)
+        if left:
+            log.warning("shutdown: %d queued request(s) not run; refunded", len(left))
+
+    async def shutdown(self) -> None:
+        """The lifespan's end. Under `sd3trt serve` the queue was drained already (see serve()); under
+        another host (Ray Serve) this drains it: queued work runs for up to graceful_timeout_s, what is
+        left is answered 503 and refunded by its handler. Then any debit of ours still pending is refunded."""
+        if not self.draining:
+            await self.drain()
+        await asyncio.sleep(0.05)  # let cancelled handlers start their refunds
+        if self.lease is not None:
+            await in_thread(self.lease.stop)
+        if self.store is not None:
+            n = await in_thread(self._refund_own_pending)
+            if n:
+                self.metrics.inc("credits_refunded", n)
+            await in_thread(self.store.unregister_instance)
+            await in_thread(self.store.close)
+        self.pools.close()
+
+    def _refund_own_pending(self) -> int:
+        total = 0
+        for debit_id, _key, amount, owner in self.store.pending():
+            if owner == self.store.instance_id and self.store.refund(debit_id, "server shut down"):
+                total += amount
+        return total
+
+    # -- the hooks the middleware calls ---------------------------------------------------------
+    async def credit_headers(self, state: dict) -> dict[str, str]:
+        out = {"x-request-id": state["request_id"]} if "request_id" in state else {}
+        if "key_id" in state:
+            out["x-remaining-credits"] = str(await run(self.pools.db, self.store.balance, state["key_id"]))
+        return out
+
+    async def key_headers(self, key: str | None) -> dict[str, str]:
+        """x-remaining-credits for a request no route took (404, 405), when its key is valid."""
+        if not key or self.store is None:
+            return {}
+        key_id = await run(self.pools.db, self.store.authenticate, key)
+        return await self.credit_headers({"key_id": key_id}) if key_id else {}
+
+    def finished(self, state: dict) -> None:
+        watcher = state.pop("watcher", None)
+        if watcher is not None:
+            watcher.cancel()
+        key_id = state.pop("inflight_key", None)
+        if key_id is not None:
+            n = self.per_key.get(key_id, 1) - 1
+            if n > 0:
+                self.per_key[key_id] = n
+            else:
+                self.per_key.pop(key_id, None)
+
+    # -- the endpoint ---------------------------------------------------------------------------
+    async def img2img(self, request: Request, x_api_key: str | None) -> Response:
+        state = request.scope.setdefault("state", {})
+        state["request_id"] = secrets.token_hex(6)
+        key_id = await run(self.pools.db, self.store.authenticate, x_api_key)
+        if key_id is None:
+            raise ApiError(401, "unauthorized", "missing or unknown API key; send it in the x-api-key header")
+        state["key_id"] = key_id
+        try:
+            return await self._img2img(request, state, key_id)
+        except ApiError as e:
+            e.headers = {**await self.credit_headers(state), **e.headers}
+            raise
+
+    async def _img2img(self, request: Request, state: dict, key_id: str) -> Response:
+        cfg, cost = self.cfg, self.cfg.credits_per_image
+        if not self.ready():
+            raise ApiError(503, "not_ready", f"{self.not_ready_reason()}; retry later", headers={"Retry-After": "5"})
+        balance = await run(self.pools.db, self.store.balance, key_id)
+        if balance < cost:  # before the body is read or any URL fetched
+            raise insufficient(cost, balance)
+        if self.per_key.get(key_id, 0) >= cfg.max_inflight_per_key:
+            raise ApiError(429, "too_many_requests", f"this key has {cfg.max_inflight_per_key} requests in progress, "
+                           "the limit per key; wait for one to finish", headers={"Retry-After": "2"})
+        self.per_key[key_id] = self.per_key.get(key_id, 0) + 1
+        state["inflight_key"] = key_id
+        req, image = await self._read_input(request, state)
+        if image is None:
+            image = await self._fetched(req.image)
+        self._check_fits(req, image)
+        if self.worker.full():
+            raise queue_full()
+        debit_id = await self._debit(key_id, cost, state["request_id"])
+        return await self._generate(req, image, state, debit_id, cost)
+
+    async def _read_input(self, request: Request, state: dict) -> tuple[Img2ImgRequest, object | None]:
+        """Body -> (request, decoded image or None for a URL), at most ``max_uploads`` bodies at a time."""
+        cfg = self.cfg
+        # A waiting body is not read, so the wait stays well inside the body timeout.
+        deadline = time.monotonic() + min(cfg.upload_wait_s, cfg.conn.body_timeout_s / 2)
+        while self.uploads >= cfg.max_uploads:  # bounded: at most upload_wait_s / 0.05 rounds
+            if time.monotonic() > deadline:
+                raise ApiError(429, "busy", f"the server is reading {cfg.max_uploads} other uploads; retry shortly",
+                               headers={"Retry-After": "2"})
+            await asyncio.sleep(0.05)
+        self.uploads += 1
+        size = 0
+        try:
+            body = bytearray()
+            try:
+                async for chunk in request.stream():
+                    body += chunk
+            except BodyTooLarge:
+                raise ApiError(413, "body_too_large", f"the request body is larger than {cfg.body_limit()} bytes; "
+                               "send a smaller image") from None
+            size = len(body)
+            state["watcher"] = self._watch(request, state, asyncio.current_task())
+            return await run(self.pools.cpu, self._prepare, body)
+        finally:
+            self.uploads -= 1
+            if size > BIG_BODY and self.uploads == 0:
+                self.pools.cpu.submit(release_heap)
+
+    def _prepare(self, body: bytearray) -> tuple[Img2ImgRequest, object | None]:
+        """In the cpu pool: parse the body and decode a base64 image; the large strings die here."""
+        cfg = self.cfg
+        req = parse(body, cfg.max_prompt_chars, cfg.max_steps)
+        body.clear()
+        if inputs.is_url(req.image):
+            return req, None
+        try:
+            data = inputs.decode_base64(req.image, cfg.max_image_bytes)
+            req.image = ""
+            return req, inputs.open_image(data, cfg.max_pixels, cfg.input_formats)
+        except inputs.InputError as e:
+            raise ApiError(e.status, e.code, str(e), field="image") from None
+
+    async def _fetched(self, url: str):
+        """The image at ``url``: fetched in the fetch pool under one deadline (counted from now, so time
+        spent waiting for a fetch thread counts), then decoded in the cpu pool."""
+        cfg = self.cfg
+        if self.fetches >= 2 * cfg.fetch_workers:
+            raise ApiError(429, "busy", f"the server is fetching {self.fetches} image URLs; retry shortly or send "
+                           "the image as base64", headers={"Retry-After": "2"})
+        deadline = fetching.Deadline(cfg.fetch.timeout_s)
+        self.fetches += 1
+        self.deadlines.add(deadline)
+        fut = self.pools.fetch.submit(fetching.fetch, url, cfg.fetch, cfg.max_image_bytes, self.fetch_resolve,
+                                      self.fetch_connect, deadline)
+        try:
+            data = await asyncio.wait_for(asyncio.wrap_future(fut), cfg.fetch.timeout_s + 1.0)
+            return await run(self.pools.cpu, inputs.open_image, data, cfg.max_pixels, cfg.input_formats)
+        except asyncio.TimeoutError:  # the resolver outlived the deadline (the socket ones cannot)
+            raise ApiError(400, "url_timeout", f"fetching the image URL took longer than {cfg.fetch.timeout_s:g} s; "
+                           "use a faster host or send the image as base64", field="image") from None
+        except (fetching.FetchError, inputs.InputError) as e:
+            if self.draining:
+                raise shutting_down("was read") from None
+            raise ApiError(e.status, e.code, str(e), field="image") from None
+        finally:
+            fut.cancel()  # never started: never runs
+            deadline.cancel()
+            self.deadlines.discard(deadline)
+            self.fetches -= 1
+
+    def _check_fits(self, req: Img2ImgRequest, image) -> None:
+        """The runtime's own size rules and (tensorrt) the engines' profiles, before any credit moves."""
+        facts = self.bundle.facts
+        try:
+            width, height = imgs.target_size(image.width, image.height, multiple=facts.pixel_multiple,
+                                             max_side=facts.max_image_side)
+            if self.cfg.backend == "tensorrt":
+                from sd3trt.runtime.trt_runner import check_request
+
+                check_request(self.bundle, height, width, 1, req.guidance_scale > 1.0, build=self.cfg.engine_build)
+        except Sd3trtError as e:
+            raise ApiError(422, "invalid_field", str(e), field="image") from None
+
+    # -- credits --------------------------------------------------------------------------------
+    async def _debit(self, key_id: str, cost: int, note: str) -> int:
+        fut = self.pools.db.submit(self.store.debit, key_id, cost, note)
+        try:
+            debit_id, _ = await asyncio.wrap_future(fut)
+        except InsufficientCredits as e:
+            raise insufficient(cost, e.remaining) from None
+        except asyncio.CancelledError:
+            if not fut.cancel():  # running: undo it once it lands
+                fut.add_done_callback(lambda f: f.exception() or self._refund_now(f.result()[0], cost))
+            raise
+        return debit_id
+
+    def _refund_now(self, debit_id: int, cost: int, why: str = "request failed") -> None:
+        if self.store.refund(debit_id, why):
+            self.metrics.inc("credits_refunded", cost)
+
+    async def _refund(self, debit_id: int, cost: int, why: str) -> None:
+        """Refund in the db pool; a cancelled wait still lets the refund finish there."""
+        fut = self.pools.db.submit(self._refund_now, debit_id, cost, why)
+        try:
+            await asyncio.shield(asyncio.wrap_future(fut))
+        except asyncio.CancelledError:
+            pass
+
+    # -- generation and delivery ----------------------------------------------------------------
+    async def _generate(self, req: Img2ImgRequest, image, state: dict, debit_id: int, cost: int) -> Response:
+        rid = state["request_id"]
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        loop = asyncio.get_running_loop()
+        job = Job(image, req.prompt, req.negative_prompt, req.strength, req.num_inference_steps,
+                  req.guidance_scale, seed, req.output_format, rid, loop, loop.create_future())
+        try:
+            try:
+                self.worker.submit(job)
+            except QueueFull:
+                raise queue_full() from None
+            except Draining:
+                raise shutting_down("ran") from None
+            try:
+                out: Output = await job.future
+            except asyncio.CancelledError:
+                job.cancelled = True  # dropped if queued, stopped at its next step if running
+                if state.get("client_gone") or not self.draining:
+                    raise
+                raise shutting_down("finished") from None  # uvicorn's shutdown gave up waiting for it
+            except (Draining, JobCancelled):
+                raise shutting_down("ran") from None
+            except Exception as e:  # noqa: BLE001 - any generation failure is the server's
+                self.metrics.inc("inference_failures")
+                log.error("generation failed rid=%s: %s: %s", rid, type(e).__name__, str(e)[:300])
+                raise ApiError(500, "generation_failed",
+                               f"the server failed while generating (request {rid}); no credits were taken") from None
+        except BaseException:
+            await self._refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
+            raise
+        headers = {"x-request-id": rid, "x-seed": str(seed), "x-inference-time": f"{out.seconds:.3f}"}
+        if out.warnings:
+            headers["x-warnings"] = "; ".join(out.warnings)[:500].encode("ascii", "replace").decode()
+        if req.base64:
+            return ImageResponse(self, state, debit_id, cost, b64.b64encode(out.data), "text/plain; charset=utf-8",
+                                 headers)
+        return ImageResponse(self, state, debit_id, cost, out.data, out.media_type, headers)
+
+    def _watch(self, request: Request, state: dict, task: asyncio.Task) -> asyncio.Task:
+        """A task that notices the client leaving (its connection closed) once the body is read: the
+        request is cancelled, unless it is already answering (then ImageResponse sees the flag)."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            if state.get("answered"):
+                return
+            state["client_gone"] = True
+            self.metrics.inc("clients_gone")
+            if not state.get("delivering"):
+                task.cancel()
+        return asyncio.create_task(watch())
+
+
+class ImageResponse(Response):
+    """The image, handed out only once it is paid for: ``KeyStore.charge`` (the fence) right before the
+    bytes go to the connection, and no charge at all when the client has left."""
+
+    def __init__(self, srv: Server, state: dict, debit_id: int, cost: int, content: bytes, media_type: str,
+                 headers: dict[str, str]):
+        super().__init__(content, media_type=media_type, headers=headers)
+        self.srv, self.state, self.debit_id, self.cost = srv, state, debit_id, cost
+
+    async def __call__(self, scope, receive, send):
+        srv, state, rid = self.srv, self.state, self.state["request_id"]
+        state["delivering"] = True  # from here a leaving client is seen through the flag, not by cancelling
+        if state.get("client_gone"):
+            return await srv._refund(self.debit_id, self.cost, "client gone before the image was sent")
+        charged = await _charge(srv, self.debit_id)
+        if charged is None:
+            log.warning("rid=%s: debit %s was refunded by a peer that judged this server gone, and the key cannot "
+                        "pay again: image withheld", rid, self.debit_id)
+            resp = error_response(503, "payment_lost", "this server was presumed stopped and its charge for the "
+                                  "request refunded, and the key has too few credits to charge it again; the image "
+                                  "is withheld, retry later", headers={"Retry-After": "5",
+                                                                       **await srv.credit_headers(state)})
+            return await resp(scope, receive, send)
+        left = await run(srv.pools.db, srv.store.balance, state["key_id"])
+        if state.get("client_gone"):  # left while the charge was made: the image never leaves the server
+            if await run(srv.pools.db, srv.store.refund_delivered, charged, "client left before the charged image "
+                         "was sent"):
+                srv.metrics.inc("credits_refunded", self.cost)
+            return
+        self.raw_headers.append((b"x-remaining-credits", str(left).encode()))
+        srv.metrics.inc("credits_debited", self.cost)
+        srv.metrics.inc("images_generated")
+        await super().__call__(scope, receive, send)
+
+
+async def _charge(srv: Server, debit_id: int) -> int | None:
+    fut = srv.pools.db.submit(srv.store.charge, debit_id)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:  # shutdown: a charge that lands anyway is undone (no image went out)
+        if not fut.cancel():
+            fut.add_done_callback(lambda f: f.exception() or f.result() is None
+                                  or srv.store.refund_delivered(f.result(), "server shut down"))
+        raise
+
+
+def insufficient(cost: int, balance: int) -> ApiError:
+    return ApiError(406, "insufficient_credits", f"not enough credits: this request costs {cost}, the key has "
+                    f"{balance}; top the key up")
