@@ -93,7 +93,7 @@ def default_name(cfg, spec) -> str:
 
 def write_outputs(rep: dict, out_dir: Path, name: str) -> dict:
     """<name>.json, <name>.md, <name>.png in out_dir, each written atomically (temp file + rename)."""
-    from sd3trt.manifest import write_bytes_atomic
+    from sd3trt.files import write_bytes_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import Callable
 
 from sd3trt import precision as precision_words
 from sd3trt.errors import Sd3trtError
-from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from sd3trt.files import sha256_file, write_json_atomic
 from sd3trt.spec import ModelFacts
 
 FORMAT = "sd3trt-bundle"

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import importlib
 
+from sd3trt.runtime import telemetry as _telemetry
+
+_telemetry.disable_before_import()  # before anything imports onnxruntime (see telemetry.py)
+
 _PUBLIC = {
     "Img2Img": "sd3trt.runtime.pipeline",
     "Plan": "sd3trt.runtime.plan",

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import write_bytes_atomic
+from sd3trt.files import write_bytes_atomic
 
 ENV_CACHE = "SD3TRT_CACHE_DIR"  # where runtime caches go when the bundle is read-only
 log = logging.getLogger(__name__)

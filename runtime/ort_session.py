@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sd3trt.runtime.telemetry import disable_events
+
 
 def ort_session(model: Path | str | bytes, threads: int = 0, providers: list | None = None,
                 optimized_path: Path | None = None):
     """An onnxruntime.InferenceSession over a path or serialized model bytes (CPU unless `providers`)."""
     import onnxruntime as ort
 
+    disable_events()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

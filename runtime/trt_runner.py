@@ -25,7 +25,7 @@ import numpy as np
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.profiles import EngineProfiles
-from sd3trt.runtime.builds import ENV_BUILD, check_request, read_metadata, select_build  # noqa: F401  (re-exported)
+from sd3trt.runtime.builds import read_metadata, select_build
 from sd3trt.runtime.caches import RuntimeCacheFile, runtime_cache_path
 from sd3trt.runtime.cuda import Cuda, pinned_view
 from sd3trt.runtime.cuda_graph import CudaGraph

@@ -1,5 +1,3 @@
 """sd3trt HTTP server (optional extra: pip install sd3trt[server])."""
 
-from sd3trt.server import telemetry as _telemetry
-
-_telemetry.disable_before_import()  # before anything imports onnxruntime (see telemetry.py)
+import sd3trt.runtime  # noqa: F401  (turns ONNX Runtime's telemetry off before anything imports it)

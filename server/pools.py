@@ -12,9 +12,6 @@ when the request is cancelled and drops the work if it has not started.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import functools
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -53,19 +50,3 @@ async def in_thread(fn: Callable, *args: Any) -> Any:
 
     threading.Thread(target=target, name="sd3trt-lifecycle", daemon=True).start()
     return await asyncio.wrap_future(fut, loop=loop)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-def release_heap() -> None:
-    """Give freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere): a large request
-    body's buffers would otherwise stay in the process's resident memory."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

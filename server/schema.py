@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.runtime import images as imgs
-from sd3trt.runtime import scheduler as sch
 from sd3trt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 MAX_SEED = 2**63 - 1
@@ -99,8 +98,4 @@ def parse(body: bytes | bytearray, max_prompt_chars: int, max_steps: int) -> Img
     if req.num_inference_steps > max_steps:
         raise ApiError(422, "invalid_field", f"num_inference_steps must be at most {max_steps}",
                        field="num_inference_steps")
-    try:
-        sch.img2img_start_index(req.num_inference_steps, req.strength)
-    except Sd3trtError as e:
-        raise ApiError(422, "invalid_field", str(e), field="strength") from None
     return req

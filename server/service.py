@@ -26,17 +26,18 @@ import time
 from fastapi import Request
 from fastapi.responses import Response
 
-from sd3trt.errors import Sd3trtError
 from sd3trt.runtime import images as imgs
 from sd3trt.runtime.pipeline import Img2Img
+from sd3trt.runtime.plan import Plan, RequestError
 from sd3trt.server import fetch as fetching
-from sd3trt.server import inputs, telemetry
+from sd3trt.server import inputs
 from sd3trt.server.config import ServerConfig
 from sd3trt.server.keystore import InsufficientCredits, KeyStore
 from sd3trt.server.lease import Lease
 from sd3trt.server.metrics import Metrics
 from sd3trt.server.middleware import BodyTooLarge
-from sd3trt.server.pools import Pools, in_thread, release_heap, run
+from sd3trt.runtime.runners import release_heap
+from sd3trt.server.pools import Pools, in_thread, run
 from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response, parse
 from sd3trt.server.worker import Draining, Job, JobCancelled, Output, QueueFull, Worker
 
@@ -79,7 +80,6 @@ class Server:
     # -- pipeline -------------------------------------------------------------------------------
     def _load(self) -> Img2Img:
         """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
-        telemetry.disable_events()
         pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
                                    threads=self.cfg.threads, engine_build=self.cfg.engine_build)
         pipe.load_all()
@@ -88,9 +88,7 @@ class Server:
 
     def _render(self, pipe, job: Job) -> Output:
         t0 = time.perf_counter()
-        res = pipe(job.image, job.prompt, negative_prompt=job.negative_prompt or None, strength=job.strength,
-                   steps=job.steps, guidance_scale=job.guidance_scale, seed=job.seed, num_images=1,
-                   max_pixels=self.cfg.max_pixels, progress=lambda i, n: job.check())
+        res = pipe.run(job.plan, progress=lambda i, n: job.check())
         data = imgs.encode_image(res.images[0], job.output_format)
         return Output(data, imgs.MEDIA_TYPES[job.output_format], time.perf_counter() - t0, list(res.warnings))
 
@@ -224,11 +222,12 @@ class Server:
         req, image = await self._read_input(request, state)
         if image is None:
             image = await self._fetched(req.image)
-        self._check_fits(req, image)
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        plan = await run(self.pools.cpu, self._plan, req, image, seed)
         if self.worker.full():
             raise queue_full()
         debit_id = await self._debit(key_id, cost, state["request_id"])
-        return await self._generate(req, image, state, debit_id, cost)
+        return await self._generate(req, plan, state, debit_id, cost)
 
     async def _read_input(self, request: Request, state: dict) -> tuple[Img2ImgRequest, object | None]:
         """Body -> (request, decoded image or None for a URL), at most ``max_uploads`` bodies at a time."""
@@ -300,18 +299,17 @@ class Server:
             self.deadlines.discard(deadline)
             self.fetches -= 1
 
-    def _check_fits(self, req: Img2ImgRequest, image) -> None:
-        """The runtime's own size rules and (tensorrt) the engines' profiles, before any credit moves."""
-        facts = self.bundle.facts
-        try:
-            width, height = imgs.target_size(image.width, image.height, multiple=facts.pixel_multiple,
-                                             max_side=facts.max_image_side)
-            if self.cfg.backend == "tensorrt":
-                from sd3trt.runtime.trt_runner import check_request
+    # The pipeline's parameter names that the API spells otherwise.
+    API_FIELDS = {"steps": "num_inference_steps"}
 
-                check_request(self.bundle, height, width, 1, req.guidance_scale > 1.0, build=self.cfg.engine_build)
-        except Sd3trtError as e:
-            raise ApiError(422, "invalid_field", str(e), field="image") from None
+    def _plan(self, req: Img2ImgRequest, image, seed: int) -> Plan:
+        """The pipeline's own checks of the request (sizes, schedule, engine profiles) before any credit moves."""
+        try:
+            return self.worker.pipe.prepare(image, req.prompt, req.negative_prompt or None, strength=req.strength,
+                                            steps=req.num_inference_steps, guidance_scale=req.guidance_scale,
+                                            seed=seed, max_pixels=self.cfg.max_pixels)
+        except RequestError as e:
+            raise ApiError(422, "invalid_field", str(e), field=self.API_FIELDS.get(e.field, e.field)) from None
 
     # -- credits --------------------------------------------------------------------------------
     async def _debit(self, key_id: str, cost: int, note: str) -> int:
@@ -339,12 +337,11 @@ class Server:
             pass
 
     # -- generation and delivery ----------------------------------------------------------------
-    async def _generate(self, req: Img2ImgRequest, image, state: dict, debit_id: int, cost: int) -> Response:
+    async def _generate(self, req: Img2ImgRequest, plan: Plan, state: dict, debit_id: int, cost: int) -> Response:
         rid = state["request_id"]
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+        seed = plan.seed
         loop = asyncio.get_running_loop()
-        job = Job(image, req.prompt, req.negative_prompt, req.strength, req.num_inference_steps,
-                  req.guidance_scale, seed, req.output_format, rid, loop, loop.create_future())
+        job = Job(plan, req.output_format, rid, loop, loop.create_future())
         try:
             try:
                 self.worker.submit(job)

@@ -1,7 +1,7 @@
 """One inference worker (a thread owning one pipeline) per accelerator, fed by a bounded queue.
 
 Requests are not batched. Measured on the project's 2-core CPU machine with ONNX Runtime
-(``python -m sd3trt.server.bench_batching``, best of 7, several runs): 4 requests' transformer step
+(``python -m sd3trt.benchmarks.batching``, best of 7, several runs): 4 requests' transformer step
 as one call instead of 4 was 1.02-1.16x faster on the tiny model, whose layers are too small to
 keep the cores busy, and a matrix product of SD3's width at 512 px was 1.02x faster batched, i.e.
 nothing at real model sizes; meanwhile a batch makes the first request wait for the last, and
@@ -40,13 +40,7 @@ class JobCancelled(Exception):
 
 @dataclass
 class Job:
-    image: Any  # PIL image, already decoded and size-checked
-    prompt: str
-    negative_prompt: str
-    strength: float
-    steps: int
-    guidance_scale: float
-    seed: int
+    plan: Any  # the pipeline's Plan of the request (checked, with its seed and noise)
     output_format: str
     request_id: str
     loop: asyncio.AbstractEventLoop

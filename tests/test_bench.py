@@ -146,3 +146,11 @@ def test_cli_hook_is_light_and_registers_bench():
             "print(a.c, a.quick, heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "bench True []"
+
+
+def test_batching_probe_times_every_engine(tiny_sd3):
+    r = subprocess.run([sys.executable, "-m", "sd3trt.benchmarks.batching", "--bundle", str(tiny_sd3[1]), "--size",
+                        "64", "--requests", "2", "--reps", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [l.split()[0] for l in r.stdout.splitlines() if "speed-up" in l]
+    assert rows == ["transformer", "vae_encoder", "vae_decoder"], r.stdout

@@ -31,7 +31,7 @@ from sd3trt.profiles import EngineProfiles, Range, ShapeRequest  # noqa: E402
 from sd3trt.errors import Sd3trtError  # noqa: E402
 from sd3trt.export.bundle import export_bundle  # noqa: E402
 from sd3trt.manifest import load_bundle, sha256_file  # noqa: E402
-from sd3trt.runtime.trt_runner import check_request  # noqa: E402
+from sd3trt.runtime.builds import check_request  # noqa: E402
 from sd3trt.spec import concrete_shape, request_dims  # noqa: E402
 
 ALL = ("clip_l", "clip_g", "t5", "vae_encoder", "vae_decoder", "transformer")

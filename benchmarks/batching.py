@@ -1,6 +1,6 @@
 """Would batching requests help on this machine? Time the engines batched vs one request at a time.
 
-    python -m sd3trt.server.bench_batching --bundle B [--backend onnxruntime] [--size 512] [--requests 4]
+    python -m sd3trt.benchmarks.batching --bundle B [--backend onnxruntime] [--size 512] [--requests 4]
 
 For each of the transformer (one denoising step, with the CFG copies), the VAE encoder and the VAE
 decoder: ``--requests`` requests as one engine call vs as separate calls, best of ``--reps``. The
@@ -36,7 +36,7 @@ def best(fn, reps: int) -> float:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sd3trt.server.bench_batching", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m sd3trt.benchmarks.batching", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True)
     p.add_argument("--backend", default="onnxruntime")

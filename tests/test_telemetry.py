@@ -1,9 +1,9 @@
-"""The server resolves no host name of its own (issue 15, item 10): ONNX Runtime's telemetry is off.
+"""Neither the runtime nor the server resolves a host name of its own: ONNX Runtime's telemetry is off.
 
 Each run happens in namespaces made for it (tests/dns_sandbox.py): a private network with only
 loopback and a fake DNS server that records every lookup; nothing can leave the machine. The control
-runs a plain inference without the server and must see ONNX Runtime look its telemetry host up
-(about 9 s after the session starts, with ONNX Runtime 1.32), so the wait is long enough to catch it.
+runs ONNX Runtime alone (no sd3trt) and must see it look its telemetry host up (about 9 s after the
+session starts, with ONNX Runtime 1.32), so the wait is long enough to catch it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ proc.wait(60)
 sys.exit(0 if status == 200 else 1)
 """
 
-CONTROL = r"""
+RUNTIME = r"""
 import sys, time
 from PIL import Image
 from sd3trt.runtime.pipeline import Img2Img
@@ -65,10 +65,18 @@ pipe(Image.new("RGB", (64, 64), (200, 40, 40)), "a red square", steps=2, seed=1)
 assert "sd3trt.server" not in sys.modules
 time.sleep(float(sys.argv[2]))
 """
+CONTROL = r"""
+import sys, time
+import numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1] + "/onnx/clip_l.onnx", providers=["CPUExecutionProvider"])
+s.run(None, {"input_ids": np.zeros((1, 77), np.int64)})
+assert not any(m.startswith("sd3trt") for m in sys.modules)
+time.sleep(float(sys.argv[2]))
+"""
 
 
 def sandboxed(*program: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}  # the server must set it itself
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}  # sd3trt must set it itself
     env["PYTHONUNBUFFERED"] = "1"
     cmd = ["unshare", "--user", "--map-root-user", "--mount", "--net", sys.executable, str(SANDBOX),
            str(WAIT_S + 120), "--", *program]
@@ -81,7 +89,7 @@ def result(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_inference_under_the_server_resolves_no_host_name(tiny_sd3, tmp_path):
+def test_neither_the_runtime_nor_the_server_resolves_a_host_name(tiny_sd3, tmp_path):
     if not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs unshare (util-linux) and ip (iproute2) to make a private network")
     probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--net", "true"], capture_output=True)
@@ -91,12 +99,15 @@ def test_inference_under_the_server_resolves_no_host_name(tiny_sd3, tmp_path):
     key = KeyStore(db).create_key(1)
     bundle = str(tiny_sd3[1])
     server = sandboxed(sys.executable, "-c", SERVER, bundle, str(db), key, "8000", str(WAIT_S))
+    runtime = sandboxed(sys.executable, "-c", RUNTIME, bundle, str(WAIT_S))
     control = sandboxed(sys.executable, "-c", CONTROL, bundle, str(WAIT_S))
-    served, plain = result(server), result(control)
-    assert served["probe_seen"] and plain["probe_seen"], "the fake resolver did not see the probe lookup"
+    served, ours, plain = result(server), result(runtime), result(control)
+    assert served["probe_seen"] and ours["probe_seen"] and plain["probe_seen"], "the fake resolver saw no probe"
     assert plain["returncode"] == 0, plain["output"]
     assert any("microsoft.com" in n for n in plain["names"]), (
         f"the control saw no telemetry lookup in {WAIT_S} s ({plain['names']}): ONNX Runtime changed; re-measure "
         "WAIT_S or drop the control")
     assert served["returncode"] == 0 and "image request: 200" in served["output"], served["output"]
     assert served["names"] == [], f"the server looked up {served['names']}"
+    assert ours["returncode"] == 0, ours["output"]
+    assert ours["names"] == [], f"the runtime looked up {ours['names']}"
