@@ -32,7 +32,7 @@ DEPLOYMENT = "Sd3trtReplica"
 def config_from_env(env=os.environ) -> ServerConfig:
     """SD3TRT_BUNDLE (required), SD3TRT_DB (a SQLite file or a postgresql:// URL), SD3TRT_BACKEND,
     SD3TRT_ENGINES, SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE, SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES,
-    SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1, SD3TRT_MAX_INFLIGHT_PER_KEY,
+    SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1, SD3TRT_MAX_STEPS, SD3TRT_MAX_INFLIGHT_PER_KEY,
     SD3TRT_LIMIT_CONCURRENCY, SD3TRT_HEARTBEAT, SD3TRT_LEASE (seconds), SD3TRT_THREADS, SD3TRT_LOW_MEMORY=1."""
     d = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
     allow = tuple(h.strip() for h in env.get("SD3TRT_ALLOW_FETCH_HOSTS", "").split(",") if h.strip())
@@ -45,6 +45,7 @@ def config_from_env(env=os.environ) -> ServerConfig:
         credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", d.credits_per_image)),
         max_pixels=int(env.get("SD3TRT_MAX_PIXELS", d.max_pixels)),
         max_image_bytes=int(env.get("SD3TRT_MAX_IMAGE_BYTES", d.max_image_bytes)),
+        max_steps=int(env.get("SD3TRT_MAX_STEPS", d.max_steps)),
         max_inflight_per_key=int(env.get("SD3TRT_MAX_INFLIGHT_PER_KEY", d.max_inflight_per_key)),
         limit_concurrency=int(env.get("SD3TRT_LIMIT_CONCURRENCY", d.limit_concurrency)),
         heartbeat_s=float(env.get("SD3TRT_HEARTBEAT", d.heartbeat_s)),
