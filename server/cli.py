@@ -28,7 +28,25 @@ def _positive(kind):
     return parse
 
 
+def _serve_ray(config: str) -> None:
+    """``sd3trt serve --ray CONFIG`` is ``serve run CONFIG``: Ray Serve deploys the application the config
+    file names (server/ray-serve.yaml) on the local Ray cluster, or the one RAY_ADDRESS points to."""
+    if not Path(config).is_file():
+        raise Sd3trtError(f"--ray {config}: no such config file (see server/ray-serve.yaml)")
+    try:
+        import ray.serve.scripts  # noqa: F401
+    except ImportError as e:
+        raise Sd3trtError(f"--ray needs the scale extra ({e.name} is missing); pip install 'sd3trt[scale]'") from None
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; "
+                              "sys.argv[0] = 'serve'; cli()", "run", config])
+
+
 def _serve(a) -> None:
+    if a.ray:
+        return _serve_ray(a.ray)
+    if a.bundle is None:
+        raise Sd3trtError("sd3trt serve needs --bundle (or --ray CONFIG)")
     try:
         import uvicorn  # noqa: F401
 
@@ -118,7 +136,10 @@ def add_server_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve the hosted SD3-Large img2img HTTP API over a bundle",
                        description="HTTP server compatible with the hosted SD3-Large img2img API "
                                    "(POST /v1/stable-diffusion-3-large-img2img). Needs the server extra.")
-    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, default=None, help="the exported bundle (required without --ray)")
+    p.add_argument("--ray", metavar="CONFIG", default=None,
+                   help="run as a Ray Serve application from this config file (`serve run CONFIG`; scale extra); "
+                        "settings then come from the file, see server/ray-serve.yaml")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--host", default="127.0.0.1")

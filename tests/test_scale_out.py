@@ -8,6 +8,7 @@ its HTTP proxy on 127.0.0.1. Every wait is bounded; the cluster and the database
 from __future__ import annotations
 
 import base64
+import importlib
 import io
 import os
 import socket
@@ -20,9 +21,18 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-requests = pytest.importorskip("requests")
-pytest.importorskip("psycopg")  # the scale extra; CI installs it (not skipped there)
+
+
+def need(module: str):
+    """Skip without the module, except in CI (CI=true), which installs the scale extra: there it must run."""
+    if os.environ.get("CI"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+need("fastapi")
+requests = need("requests")
+need("psycopg")
 
 from PIL import Image  # noqa: E402
 
@@ -30,13 +40,15 @@ from sd3trt.errors import Sd3trtError  # noqa: E402
 from sd3trt.server.keystore import InsufficientCredits, KeyStore, open_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pg_local import LocalPostgres  # noqa: E402
+from pg_local import LocalPostgres, pg_bin  # noqa: E402
 
 PATH = "/v1/stable-diffusion-3-large-img2img"
 
 
 @pytest.fixture(scope="module")
 def pg():
+    if pg_bin() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
     server = LocalPostgres().start()
     yield server
     server.stop()
@@ -230,6 +242,50 @@ def _wait(cond, timeout=60.0, what="a condition", every=0.1):
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def listeners_beyond_loopback(pids: set[int]) -> list[str]:
+    """TCP sockets listening on an address other than loopback, held by any of ``pids`` (from /proc)."""
+    inodes = {}
+    for table, loop in (("/proc/net/tcp", ("0100007F",)), ("/proc/net/tcp6", ("00000000000000000000000001000000",
+                                                                             "0000000000000000FFFF00000100007F"))):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            addr, state, inode = f[1], f[3], f[9]
+            if state == "0A" and addr.split(":")[0] not in loop:
+                inodes[inode] = f"{table}:{addr}"
+    found = []
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    found.append(f"pid {pid} {Path(f'/proc/{pid}/comm').read_text().strip()}: {inodes[link[8:-1]]}")
+        except OSError:
+            continue
+    return found
+
+
 class Cluster:
     def __init__(self, url: str, db: str):
         self.url, self.db = url, db
@@ -249,13 +305,36 @@ class Cluster:
             return 0
         return app.deployments["Sd3trtReplica"].replica_states.get(ReplicaState.RUNNING, 0)
 
+    @staticmethod
+    def replicas():
+        """Serve's replica actors, with each one's pid."""
+        import ray
+
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA::")]
+        handles = [ray.get_actor(n, namespace="serve") for n in names]
+        pids = ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in handles], timeout=30)
+        return handles, pids
+
+    def posts_per_replica(self) -> list[int]:
+        """POST requests each replica's own app has answered (its metrics, read inside the replica)."""
+        import ray
+
+        def count(actor):
+            # The replica actor wraps the deployment's instance (Ray internals, for this figure only).
+            user = actor._replica_impl._user_callable_wrapper.user_callable
+            reqs = user._asgi_app.state.server.metrics.requests
+            return sum(n for (method, _route, _status), n in reqs.items() if method == "POST")
+        handles, _ = self.replicas()
+        return ray.get([h.__ray_call__.remote(count) for h in handles], timeout=30)
+
     def live_instances(self) -> list[tuple[str, int]]:
         return self.store()._read("SELECT id, pid FROM instances WHERE stopped_at IS NULL ORDER BY started_at")
 
 
 @pytest.fixture(scope="module")
 def ray_cluster(pg, tiny_sd3):
-    ray = pytest.importorskip("ray")
+    ray = need("ray")
     from ray import serve
 
     from sd3trt.server import ray_serve
@@ -264,9 +343,14 @@ def ray_cluster(pg, tiny_sd3):
     settings = {"SD3TRT_BUNDLE": str(tiny_sd3[1]), "SD3TRT_DB": db, "SD3TRT_HEARTBEAT": "1", "SD3TRT_LEASE": "6",
                 "SD3TRT_MAX_INFLIGHT_PER_KEY": "64", "SD3TRT_QUEUE_SIZE": "64", "SD3TRT_THREADS": "1",
                 "SD3TRT_MAX_STEPS": "5000", "SD3TRT_NO_URL_FETCH": "1", "OMP_NUM_THREADS": "1",
-                "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+                # Ray binds its servers to the node address; this makes that 127.0.0.1 (nothing beyond loopback).
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)  # the local cluster's processes, replicas included, inherit them
+    from ray._private import ray_constants
+    cluster_flag = ray_constants.ENABLE_RAY_CLUSTER  # read at import (ray may be imported already)
+    ray_constants.ENABLE_RAY_CLUSTER = False
     port = free_port()
     t0 = time.monotonic()
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -285,6 +369,13 @@ def ray_cluster(pg, tiny_sd3):
             streak["n"] = streak["n"] + 1 if r.status_code == 200 else 0
             return streak["n"] >= 8
         _wait(ready, timeout=120, what="the replicas to load the bundle")
+        assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+        # Nothing of the cluster listens beyond loopback, except one port per Serve replica: its
+        # inter-deployment gRPC server, which Ray Serve binds to [::]:0 unconditionally (replica.py);
+        # no test connects to it (the proxy reaches replicas through Ray's loopback-bound core).
+        beyond = listeners_beyond_loopback(_descendants(os.getpid()))
+        serve_grpc = [x for x in beyond if " ray::ServeRepli" in x]
+        assert len(serve_grpc) == len(beyond) and len({x.split()[1] for x in serve_grpc}) == len(serve_grpc), beyond
         c.startup_s = time.monotonic() - t0
         yield c
     finally:
@@ -292,6 +383,7 @@ def ray_cluster(pg, tiny_sd3):
             serve.shutdown()
         finally:
             ray.shutdown()
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -304,6 +396,7 @@ def test_ray_32_concurrent_requests_on_10_credits(ray_cluster):
     store = c.store()
     key = store.create_key(10)
     key_id = key.split("_")[1]
+    before = c.posts_per_replica()
     with ThreadPoolExecutor(32) as ex:
         t0 = time.monotonic()
         rs = list(ex.map(lambda _: c.post(key), range(32)))
@@ -317,8 +410,10 @@ def test_ray_32_concurrent_requests_on_10_credits(ray_cluster):
     per_owner = dict(store._read("SELECT owner, COUNT(*) FROM debits WHERE key_id = ? AND state = 'committed' "
                                  "GROUP BY owner", (key_id,)))
     assert sum(per_owner.values()) == 10 and len(per_owner) == 2, per_owner  # both replicas served
+    served = [n - b for n, b in zip(c.posts_per_replica(), before)]
+    assert sum(served) == 32 and min(served) > 0, served
     print(f"\n[figures] 32 requests on 10 credits: {len(ok)} images, {codes.count(406)} x 406 in {took:.1f} s; "
-          f"images per replica {sorted(per_owner.values())}; cluster up in {c.startup_s:.1f} s")
+          f"requests per replica {sorted(served)}, images per replica {sorted(per_owner.values())}; cluster up in {c.startup_s:.1f} s")
     # The app's endpoints through Ray's proxy.
     assert requests.get(c.url + "/healthz", timeout=10).json() == {"status": "ok"}
     assert "sd3trt_" in requests.get(c.url + "/metrics", timeout=10).text
@@ -349,10 +444,7 @@ def test_ray_replica_killed_mid_request_is_refunded_and_replaced(ray_cluster):
         victim_pid = dict(c.live_instances())[victim_owner]
 
         # The victim's actor, found by its pid among Serve's replica actors.
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA::")]
-        handles = [ray.get_actor(n, namespace="serve") for n in names]
-        pids = ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in handles], timeout=30)
+        handles, pids = c.replicas()
         victim = handles[pids.index(victim_pid)]
         balance_before = store.balance(key_id)
         known = {i for i, _ in c.live_instances()}
@@ -391,7 +483,7 @@ def test_ray_replica_killed_mid_request_is_refunded_and_replaced(ray_cluster):
 
 
 def test_ray_config_file_is_a_valid_serve_config():
-    pytest.importorskip("ray")
+    need("ray")
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
