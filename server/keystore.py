@@ -1,4 +1,8 @@
-"""API keys and credits in SQLite (WAL mode), with a debit journal so no credit is lost or spent twice.
+"""API keys and credits with a debit journal so no credit is lost or spent twice.
+
+``CreditStore`` is the one interface and holds the logic; ``KeyStore`` stores it in SQLite (WAL mode,
+one host, the default) and ``pgstore.PgKeyStore`` in PostgreSQL (many hosts), with the same semantics.
+``open_store(--db)`` picks by the value: a ``postgresql://`` URL or a file path.
 
 Keys look like ``sd3_<id>_<secret>``. Only ``sha256(secret)`` is stored; ``<id>`` is not secret
 (it is what ``sd3trt keys list`` shows and what logs name) and selects the row, then the secret's
