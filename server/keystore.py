@@ -351,16 +351,25 @@ class CreditStore:
         return now - heartbeat_at > self.stale_after_s
 
     def recover(self) -> int:
-        """Refund pending debits whose server is gone. Returns how many were refunded."""
+        """Refund pending debits whose server is gone. Returns how many were refunded.
+
+        One transaction per debit, re-judging its owner inside it: each takes the debit's row, then the
+        key's, the order every other transition uses, so replicas recovering at once never deadlock
+        (PostgreSQL), and an owner that renewed its lease meanwhile keeps its debit."""
         now = time.time()
-        with self._tx() as db:
-            inst = {r[0]: r[1:] for r in db.execute("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances")}
-            pend = db.execute("SELECT id, owner FROM debits WHERE state = 'pending'").fetchall()
-            n = 0
-            for debit_id, owner in pend:
-                if self._owner_gone(owner, inst, now):
+        inst = {r[0]: r[1:] for r in self._read("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances")}
+        pend = self._read("SELECT id, owner FROM debits WHERE state = 'pending' ORDER BY id")
+        n = 0
+        for debit_id, owner in pend:
+            if not self._owner_gone(owner, inst, now):
+                continue
+            with self._tx() as db:
+                row = db.execute("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances WHERE id = ?",
+                                 (owner,)).fetchone()
+                if self._owner_gone(owner, {row[0]: row[1:]} if row else {}, time.time()):
                     n += self._refund_in_tx(db, debit_id, "server stopped before finishing")
-            # Forget instances that stopped long ago and own nothing pending.
+        # Forget instances that stopped long ago and own nothing pending.
+        with self._tx() as db:
             db.execute("DELETE FROM instances WHERE id != ? AND (stopped_at IS NOT NULL OR heartbeat_at < ?) "
                        "AND id NOT IN (SELECT owner FROM debits WHERE state = 'pending')",
                        (self.instance_id or "", now - 7 * 86400))

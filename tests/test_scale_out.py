@@ -162,6 +162,23 @@ def test_recovery_refunds_only_dead_owners(store_at):
     assert [p[3] for p in live.pending()] == ["far-live"]
 
 
+def test_replicas_recovering_at_once_refund_each_debit_once(store_at):
+    """A dead replica left 6 debits; 4 live ones recover at the same moment: 6 refunds in all, no deadlock."""
+    store = open_store(store_at)
+    key_id = store.create_key(20).split("_")[1]
+    code = ("import sys, os\nfrom sd3trt.server.keystore import open_store, db_target\n"
+            "s = open_store(db_target(sys.argv[1])); s.register_instance()\n"
+            "for _ in range(6): s.debit(sys.argv[2], 1)\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(store_at), key_id], check=True, timeout=60)
+    assert store.balance(key_id) == 14
+    replicas = [open_store(store_at) for _ in range(4)]
+    for r in replicas:
+        r.register_instance()
+    with ThreadPoolExecutor(4) as ex:
+        refunded = list(ex.map(lambda r: r.recover(), replicas))
+    assert sum(refunded) == 6 and store.balance(key_id) == 20 and not store.pending()
+
+
 def test_charge_after_a_peer_refunded_the_debit(store_at):
     a = open_store(store_at)
     a.register_instance()
