@@ -227,6 +227,48 @@ def test_cli_keys_on_postgresql(pg):
     assert open_store(url).balance(key_id) == 7
 
 
+def test_two_servers_on_postgresql_stalled_one_loses_its_debits_and_the_fence_holds(pg, tiny_sd3, tmp_path):
+    """tests/test_server_instances.py's fence test, with the credits in PostgreSQL: two `sd3trt serve`
+    processes; A stopped (SIGSTOP) past its lease loses its pending debits to B's recovery, B spends the
+    credits, A resumes: one image charged again, the other withheld (503 payment_lost)."""
+    import signal
+
+    from test_server import ServerProcess, post
+
+    url = pg.fresh_database("fence")
+    args = ("--heartbeat", "0.5", "--lease", "3", "--max-steps", "6000", "--graceful-timeout", "1",
+            "--inflight-grace", "1")
+    a = ServerProcess(tiny_sd3[1], url, tmp_path / "a.log", *args).start()
+    b = ServerProcess(tiny_sd3[1], url, tmp_path / "b.log", *args).start()
+    store = open_store(url)
+    key = store.create_key(5)
+    key_id = key.split("_")[1]
+    pool = ThreadPoolExecutor(2)
+    try:
+        on_a = [pool.submit(post, a, key, num_inference_steps=800) for _ in range(2)]  # one generating, one queued
+        (a_id,) = store._read("SELECT id FROM instances WHERE pid = ? AND stopped_at IS NULL", (a.proc.pid,))[0]
+        _wait(lambda: sum(1 for p in store.pending() if p[3] == a_id) == 2, what="A's two debits")
+        a.proc.send_signal(signal.SIGSTOP)
+        _wait(lambda: store.balance(key_id) == 5, timeout=25, what="B to refund A's pending debits")
+        on_b = [post(b, key) for _ in range(4)]
+        assert [r.status_code for r in on_b] == [200] * 4 and store.balance(key_id) == 1
+        a.proc.send_signal(signal.SIGCONT)
+        from_a = [f.result(timeout=120) for f in on_a]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for srv in (a, b):
+            if srv.proc.poll() is None:
+                srv.proc.send_signal(signal.SIGCONT)
+            srv.stop(signal.SIGKILL)
+    codes = sorted(r.status_code for r in from_a)
+    assert codes == [200, 503], [(r.status_code, r.text[:200]) for r in from_a]
+    assert next(r for r in from_a if r.status_code == 503).json()["code"] == "payment_lost"
+    states = dict(store._read("SELECT state, CAST(SUM(amount) AS BIGINT) FROM debits WHERE key_id = ? GROUP BY state",
+                              (key_id,)))
+    images = 4 + codes.count(200)
+    assert images == 5 - store.balance(key_id) == states["committed"] == 5 and not store.pending()
+
+
 # -- Ray Serve on a real local cluster, credits in PostgreSQL --------------------------------------------------
 
 def png(w=64, h=64) -> bytes:
