@@ -15,6 +15,8 @@ from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle
 
 DEFAULT_DB = os.environ.get("SD3TRT_DB", "sd3trt-keys.db")
+DB_HELP = ("key/credit database: a SQLite file, or postgresql://user@host/dbname (scale extra) "
+           "(default: $SD3TRT_DB or %(default)s)")
 
 
 def _positive(kind):
@@ -26,13 +28,31 @@ def _positive(kind):
     return parse
 
 
+def _serve_ray(config: str) -> None:
+    """``sd3trt serve --ray CONFIG`` is ``serve run CONFIG``: Ray Serve deploys the application the config
+    file names (server/ray-serve.yaml) on the local Ray cluster, or the one RAY_ADDRESS points to."""
+    if not Path(config).is_file():
+        raise Sd3trtError(f"--ray {config}: no such config file (see server/ray-serve.yaml)")
+    try:
+        import ray.serve.scripts  # noqa: F401
+    except ImportError as e:
+        raise Sd3trtError(f"--ray needs the scale extra ({e.name} is missing); pip install 'sd3trt[scale]'") from None
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-c", "import sys; from ray.serve.scripts import cli; "
+                              "sys.argv[0] = 'serve'; cli()", "run", config])
+
+
 def _serve(a) -> None:
+    if a.ray:
+        return _serve_ray(a.ray)
+    if a.bundle is None:
+        raise Sd3trtError("sd3trt serve needs --bundle (or --ray CONFIG)")
     try:
         import uvicorn  # noqa: F401
 
         from sd3trt.server.app import ServerConfig, serve
         from sd3trt.server.fetch import FetchPolicy
-        from sd3trt.server.keystore import KeyStore
+        from sd3trt.server.keystore import db_target, open_store
         from sd3trt.server.protocol import ConnLimits
     except ImportError as e:
         raise Sd3trtError(f"the server needs its extra ({e.name} is missing); pip install 'sd3trt[server]'") from None
@@ -43,7 +63,7 @@ def _serve(a) -> None:
     if unknown:
         raise Sd3trtError(f"--input-formats {','.join(unknown)} not supported; choose from png, jpeg, webp")
     cfg = ServerConfig(
-        bundle=Path(a.bundle), db=Path(a.db), backend=a.backend, engine_build=a.engines, host=a.host, port=a.port,
+        bundle=Path(a.bundle), db=db_target(a.db), backend=a.backend, engine_build=a.engines, host=a.host, port=a.port,
         low_memory=a.low_memory, threads=a.threads, credits_per_image=a.credits_per_image,
         queue_size=a.queue_size, max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
         max_pixels=a.max_pixels, max_prompt_chars=a.max_prompt_chars, max_steps=a.max_steps,
@@ -67,15 +87,15 @@ def _serve(a) -> None:
     load_bundle(a.bundle, verify_checksums=True)  # every file re-hashed before the server listens
     if a.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", a.host)
-    KeyStore(cfg.db).close()  # a database that cannot be opened fails here, with its message
+    open_store(cfg.db).close()  # a database that cannot be opened fails here, with its message
     if not serve(cfg, log_level=a.log_level):
         raise Sd3trtError("the server did not start; the log above says why")
 
 
 def _store(a):
-    from sd3trt.server.keystore import KeyStore
+    from sd3trt.server.keystore import open_store
 
-    return KeyStore(a.db)
+    return open_store(a.db)
 
 
 def _keys_add(a) -> None:
@@ -116,12 +136,15 @@ def add_server_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve the hosted SD3-Large img2img HTTP API over a bundle",
                        description="HTTP server compatible with the hosted SD3-Large img2img API "
                                    "(POST /v1/stable-diffusion-3-large-img2img). Needs the server extra.")
-    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, default=None, help="the exported bundle (required without --ray)")
+    p.add_argument("--ray", metavar="CONFIG", default=None,
+                   help="run as a Ray Serve application from this config file (`serve run CONFIG`; scale extra); "
+                        "settings then come from the file, see server/ray-serve.yaml")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--db", default=DEFAULT_DB, help="SQLite key/credit database (default: $SD3TRT_DB or %(default)s)")
+    p.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)
     p.add_argument("--credits-per-image", type=_positive(int), default=1)
     p.add_argument("--queue-size", type=_positive(int), default=16,
                    help="requests that may wait for the worker; more get 429 (default %(default)s)")
@@ -192,4 +215,4 @@ def add_server_commands(sub) -> None:
     en.add_argument("key")
     en.set_defaults(func=lambda a: _keys_enable(a, False))
     for q in (add, ls, top, dis, en):
-        q.add_argument("--db", default=DEFAULT_DB, help="SQLite key/credit database (default: $SD3TRT_DB or %(default)s)")
+        q.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)

@@ -14,7 +14,7 @@ from sd3trt.server.protocol import ConnLimits
 @dataclass
 class ServerConfig:
     bundle: Path | None
-    db: Path
+    db: Path | str  # a SQLite file, or a postgresql:// URL
     backend: str = "onnxruntime"
     engine_build: str | None = None  # tensorrt backend: which `sd3trt build` output
     host: str = "127.0.0.1"

@@ -1,4 +1,8 @@
-"""API keys and credits in SQLite (WAL mode), with a debit journal so no credit is lost or spent twice.
+"""API keys and credits with a debit journal so no credit is lost or spent twice.
+
+``CreditStore`` is the one interface and holds the logic; ``KeyStore`` stores it in SQLite (WAL mode,
+one host, the default) and ``pgstore.PgKeyStore`` in PostgreSQL (many hosts), with the same semantics.
+``open_store(--db)`` picks by the value: a ``postgresql://`` URL or a file path.
 
 Keys look like ``sd3_<id>_<secret>``. Only ``sha256(secret)`` is stored; ``<id>`` is not secret
 (it is what ``sd3trt keys list`` shows and what logs name) and selects the row, then the secret's
@@ -128,54 +132,53 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class KeyStore:
-    """Thread-safe: one connection guarded by a lock (every operation is a short transaction)."""
+def is_url(target) -> bool:
+    """A PostgreSQL URL (``postgresql://...`` or ``postgres://...``) rather than a SQLite file path."""
+    return isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres")
 
-    def __init__(self, path: str | Path, stale_after_s: float = 120.0):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise Sd3trtError(f"cannot create the directory of the key database {self.path} ({e.strerror}); "
-                              "pass a writable --db path") from None
-        self.stale_after_s = stale_after_s
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 30000")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous = FULL")  # money: a committed debit survives power loss
-            self._db.execute("PRAGMA foreign_keys = ON")
-            with self._tx():
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(stmt)
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.DatabaseError as e:
-            raise Sd3trtError(f"cannot open the key database {self.path} ({e}); pass a writable --db path") from None
-        if mode.lower() != "wal":
-            raise Sd3trtError(f"the key database {self.path} cannot use WAL mode (got {mode}); put it on a local disk")
-        self.instance_id: str | None = None
 
-    # -- plumbing -------------------------------------------------------------------------------
+def open_store(target, stale_after_s: float = 120.0) -> "CreditStore":
+    """The credit store for ``--db``: PostgreSQL for a ``postgresql://`` URL, else a SQLite file."""
+    if is_url(target):
+        from sd3trt.server.pgstore import PgKeyStore
+
+        return PgKeyStore(target, stale_after_s=stale_after_s)
+    return KeyStore(target, stale_after_s=stale_after_s)
+
+
+def db_target(value: str):
+    """``--db`` as given: a URL stays a string, anything else is a path."""
+    return value if is_url(value) else Path(value)
+
+
+class CreditStore:
+    """Keys and the credit journal, whatever the database. Subclasses provide ``_tx()`` (a write
+    transaction yielding an object with ``execute(sql, args)`` that takes ``?`` placeholders),
+    ``_read()``, ``close()`` and ``where`` (how messages name the database). Every operation is one
+    short transaction; every state change is guarded so that it happens once under concurrency."""
+
+    where = "the key database"
+    instance_id: str | None = None
+    stale_after_s: float = 120.0
+
     @contextmanager
     def _tx(self):
-        """A write transaction; BEGIN IMMEDIATE takes SQLite's write lock at once (no upgrade deadlocks)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        raise NotImplementedError
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        raise NotImplementedError
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        raise NotImplementedError
+
+    def schema_version(self) -> int:
+        rows = self._read("SELECT value FROM meta WHERE name = 'schema_version'")
+        return int(rows[0][0]) if rows else 0
+
+    def _check_version(self, found: str | None) -> None:
+        if found is not None and int(found) > SCHEMA_VERSION:
+            raise Sd3trtError(f"{self.where} has schema version {found}, newer than this sd3trt ({SCHEMA_VERSION}); "
+                              "upgrade sd3trt")
 
     # -- keys -----------------------------------------------------------------------------------
     def create_key(self, credits: int, name: str = "") -> str:
@@ -195,7 +198,7 @@ class KeyStore:
         parts = split_key(key_or_id)
         key_id = parts[0] if parts else key_or_id
         if not self._read("SELECT 1 FROM keys WHERE id = ?", (key_id,)):
-            raise Sd3trtError(f"no key with id {key_id!r} in {self.path}; `sd3trt keys list` shows the ids")
+            raise Sd3trtError(f"no key with id {key_id!r} in {self.where}; `sd3trt keys list` shows the ids")
         return key_id
 
     def topup(self, key_or_id: str, amount: int) -> int:
@@ -216,8 +219,8 @@ class KeyStore:
     def list_keys(self) -> list[KeyInfo]:
         rows = self._read(
             "SELECT k.id, k.name, k.credits, k.created_at, k.disabled, "
-            " COALESCE(SUM(CASE WHEN d.state = 'pending' THEN d.amount END), 0), "
-            " COALESCE(SUM(CASE WHEN d.state = 'committed' THEN d.amount END), 0) "
+            " CAST(COALESCE(SUM(CASE WHEN d.state = 'pending' THEN d.amount END), 0) AS BIGINT), "
+            " CAST(COALESCE(SUM(CASE WHEN d.state = 'committed' THEN d.amount END), 0) AS BIGINT) "
             "FROM keys k LEFT JOIN debits d ON d.key_id = k.id GROUP BY k.id ORDER BY k.created_at")
         return [KeyInfo(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
@@ -246,9 +249,10 @@ class KeyStore:
             if row is None:
                 left = db.execute("SELECT credits FROM keys WHERE id = ?", (key_id,)).fetchone()
                 raise InsufficientCredits(left[0] if left else 0, amount)
-            cur = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at) "
-                             "VALUES (?, ?, 'pending', ?, ?, ?)", (key_id, amount, owner, note, time.time()))
-            return cur.lastrowid, row[0]
+            (debit_id,) = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at) "
+                                     "VALUES (?, ?, 'pending', ?, ?, ?) RETURNING id",
+                                     (key_id, amount, owner, note, time.time())).fetchone()
+            return debit_id, row[0]
 
     def commit(self, debit_id: int) -> bool:
         """pending -> committed. False when the debit was already settled (e.g. refunded by recovery)."""
@@ -274,11 +278,11 @@ class KeyStore:
             if db.execute("UPDATE keys SET credits = credits - ? WHERE id = ? AND credits >= ? AND disabled = 0 "
                           "RETURNING credits", (amount, key_id, amount)).fetchone() is None:
                 return None
-            cur = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at, settled_at) "
-                             "VALUES (?, ?, 'committed', ?, ?, ?, ?)",
-                             (key_id, amount, owner, f"charged again: debit {debit_id} was refunded by recovery",
-                              now, now))
-            return cur.lastrowid
+            (new_id,) = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at, settled_at) "
+                                   "VALUES (?, ?, 'committed', ?, ?, ?, ?) RETURNING id",
+                                   (key_id, amount, owner, f"charged again: debit {debit_id} was refunded by recovery",
+                                    now, now)).fetchone()
+            return new_id
 
     def refund_delivered(self, debit_id: int, note: str = "") -> bool:
         """committed -> refunded, credits given back: the image of a charged request never left the server."""
@@ -347,17 +351,79 @@ class KeyStore:
         return now - heartbeat_at > self.stale_after_s
 
     def recover(self) -> int:
-        """Refund pending debits whose server is gone. Returns how many were refunded."""
+        """Refund pending debits whose server is gone. Returns how many were refunded.
+
+        One transaction per debit, re-judging its owner inside it: each takes the debit's row, then the
+        key's, the order every other transition uses, so replicas recovering at once never deadlock
+        (PostgreSQL), and an owner that renewed its lease meanwhile keeps its debit."""
         now = time.time()
-        with self._tx() as db:
-            inst = {r[0]: r[1:] for r in db.execute("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances")}
-            pend = db.execute("SELECT id, owner FROM debits WHERE state = 'pending'").fetchall()
-            n = 0
-            for debit_id, owner in pend:
-                if self._owner_gone(owner, inst, now):
+        inst = {r[0]: r[1:] for r in self._read("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances")}
+        pend = self._read("SELECT id, owner FROM debits WHERE state = 'pending' ORDER BY id")
+        n = 0
+        for debit_id, owner in pend:
+            if not self._owner_gone(owner, inst, now):
+                continue
+            with self._tx() as db:
+                row = db.execute("SELECT id, host, pid, heartbeat_at, stopped_at FROM instances WHERE id = ?",
+                                 (owner,)).fetchone()
+                if self._owner_gone(owner, {row[0]: row[1:]} if row else {}, time.time()):
                     n += self._refund_in_tx(db, debit_id, "server stopped before finishing")
-            # Forget instances that stopped long ago and own nothing pending.
+        # Forget instances that stopped long ago and own nothing pending.
+        with self._tx() as db:
             db.execute("DELETE FROM instances WHERE id != ? AND (stopped_at IS NOT NULL OR heartbeat_at < ?) "
                        "AND id NOT IN (SELECT owner FROM debits WHERE state = 'pending')",
                        (self.instance_id or "", now - 7 * 86400))
         return n
+
+
+class KeyStore(CreditStore):
+    """SQLite (WAL mode), one host. Thread-safe: one connection guarded by a lock."""
+
+    def __init__(self, path: str | Path, stale_after_s: float = 120.0):
+        self.path = Path(path)
+        self.where = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise Sd3trtError(f"cannot create the directory of the key database {self.path} ({e.strerror}); "
+                              "pass a writable --db path") from None
+        self.stale_after_s = stale_after_s
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 30000")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous = FULL")  # money: a committed debit survives power loss
+            self._db.execute("PRAGMA foreign_keys = ON")
+            with self._tx():
+                for stmt in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(stmt)
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                found = self._db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+            self._check_version(found[0] if found else None)
+        except sqlite3.DatabaseError as e:
+            raise Sd3trtError(f"cannot open the key database {self.path} ({e}); pass a writable --db path") from None
+        if mode.lower() != "wal":
+            raise Sd3trtError(f"the key database {self.path} cannot use WAL mode (got {mode}); put it on a local disk")
+        self.instance_id: str | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self):
+        """A write transaction; BEGIN IMMEDIATE takes SQLite's write lock at once (no upgrade deadlocks)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

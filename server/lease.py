@@ -2,7 +2,7 @@
 
 Peers sharing the key database refund the pending debits of an instance whose heartbeat is older
 than ``stale_after_s`` (``KeyStore.recover``). The heartbeat therefore runs in a dedicated thread on
-its own SQLite connection: a busy event loop, exhausted request pools or a slow fetch cannot stall
+its own database connection: a busy event loop, exhausted request pools or a slow fetch cannot stall
 it. The same thread runs ``recover()`` for the peers. ``fresh()`` turns false well before peers would
 judge this instance gone, and the server then reports not-ready and takes no new work; the fence in
 ``KeyStore.charge`` covers the rest (a debit refunded anyway is charged again or the image withheld).
@@ -15,13 +15,13 @@ import threading
 import time
 from pathlib import Path
 
-from sd3trt.server.keystore import KeyStore
+from sd3trt.server.keystore import open_store
 
 log = logging.getLogger("sd3trt.server")
 
 
 class Lease:
-    def __init__(self, db: Path, instance_id: str, interval_s: float, stale_after_s: float):
+    def __init__(self, db: Path | str, instance_id: str, interval_s: float, stale_after_s: float):
         self.db, self.instance_id = db, instance_id
         self.interval_s, self.stale_after_s = interval_s, stale_after_s
         self.renewed_at = time.monotonic()  # register_instance() wrote the first heartbeat
@@ -43,7 +43,7 @@ class Lease:
         return self._thread.is_alive() and self.age() < self.stale_after_s / 2
 
     def _run(self) -> None:
-        store = KeyStore(self.db, stale_after_s=self.stale_after_s)
+        store = open_store(self.db, stale_after_s=self.stale_after_s)
         store.instance_id = self.instance_id
         try:
             while not self._stop.wait(self.interval_s):

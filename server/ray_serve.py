@@ -1,15 +1,20 @@
-"""Running the server as Ray Serve replicas: one replica per GPU, each with its own inference worker.
+"""The server as a Ray Serve application: the same HTTP API, replicas on as many nodes as Ray has.
 
-    SD3TRT_BUNDLE=/models/sd3-bundle SD3TRT_DB=/var/lib/sd3trt/keys.db \\
-        serve run sd3trt.server.ray_serve:app
+    serve run server/ray-serve.yaml          # or: sd3trt serve --ray server/ray-serve.yaml
 
-Ray evaluates ``build_app`` on each replica and runs the app's lifespan (engines load, pending debits
-of dead replicas are refunded) exactly as ``sd3trt serve`` does; Ray's proxy does the HTTP, so the
-path, fields, status codes and headers are the same. Settings come from environment variables
-(see ``config_from_env``). Every replica must see the same SQLite file on a local disk, i.e. all
-replicas on one node; see server/README.md for more than one node.
+Each replica is one Ray actor that builds the FastAPI app (``build_app``) and runs its lifespan exactly
+as ``sd3trt serve`` does: the bundle is loaded once per replica, the replica registers in the credit
+database and renews its lease, and pending debits of dead replicas are refunded. Ray's proxy does the
+HTTP, so the path, fields, status codes and headers are the same; ``/healthz``, ``/readyz`` and
+``/metrics`` answer from whichever replica the proxy picks, and Ray's own metrics (``ray_serve_*``)
+cover every replica. Credits live in one database all replicas share: SQLite on one node, PostgreSQL
+(``SD3TRT_DB=postgresql://...``) for more than one.
 
-Importing this module without Ray installed gives ``build_app`` only (tests use it that way).
+Settings come from environment variables (``config_from_env``; ``runtime_env.env_vars`` in the config
+file); replicas, autoscaling and resources from the config file's ``deployments`` section, or
+SD3TRT_REPLICAS, SD3TRT_MIN_REPLICAS/SD3TRT_MAX_REPLICAS (autoscaling), SD3TRT_CPUS_PER_REPLICA and
+SD3TRT_GPUS_PER_REPLICA. Importing this module without Ray installed gives ``build_app`` and
+``config_from_env`` only.
 """
 
 from __future__ import annotations
@@ -19,29 +24,60 @@ from pathlib import Path
 
 from sd3trt.server.app import ServerConfig, create_app
 from sd3trt.server.fetch import FetchPolicy
+from sd3trt.server.keystore import db_target
+
+DEPLOYMENT = "Sd3trtReplica"
 
 
 def config_from_env(env=os.environ) -> ServerConfig:
-    """SD3TRT_BUNDLE (required), SD3TRT_DB, SD3TRT_BACKEND, SD3TRT_ENGINES, SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE,
-    SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES, SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1."""
-    defaults = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
+    """SD3TRT_BUNDLE (required), SD3TRT_DB (a SQLite file or a postgresql:// URL), SD3TRT_BACKEND,
+    SD3TRT_ENGINES, SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE, SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES,
+    SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1, SD3TRT_MAX_STEPS, SD3TRT_MAX_INFLIGHT_PER_KEY,
+    SD3TRT_LIMIT_CONCURRENCY, SD3TRT_HEARTBEAT, SD3TRT_LEASE (seconds), SD3TRT_THREADS, SD3TRT_LOW_MEMORY=1."""
+    d = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
     allow = tuple(h.strip() for h in env.get("SD3TRT_ALLOW_FETCH_HOSTS", "").split(",") if h.strip())
     return ServerConfig(
         bundle=Path(env["SD3TRT_BUNDLE"]),
-        db=Path(env.get("SD3TRT_DB", str(defaults.db))),
-        backend=env.get("SD3TRT_BACKEND", defaults.backend),
+        db=db_target(env.get("SD3TRT_DB", str(d.db))),
+        backend=env.get("SD3TRT_BACKEND", d.backend),
         engine_build=env.get("SD3TRT_ENGINES") or None,
-        queue_size=int(env.get("SD3TRT_QUEUE_SIZE", defaults.queue_size)),
-        credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", defaults.credits_per_image)),
-        max_pixels=int(env.get("SD3TRT_MAX_PIXELS", defaults.max_pixels)),
-        max_image_bytes=int(env.get("SD3TRT_MAX_IMAGE_BYTES", defaults.max_image_bytes)),
+        queue_size=int(env.get("SD3TRT_QUEUE_SIZE", d.queue_size)),
+        credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", d.credits_per_image)),
+        max_pixels=int(env.get("SD3TRT_MAX_PIXELS", d.max_pixels)),
+        max_image_bytes=int(env.get("SD3TRT_MAX_IMAGE_BYTES", d.max_image_bytes)),
+        max_steps=int(env.get("SD3TRT_MAX_STEPS", d.max_steps)),
+        max_inflight_per_key=int(env.get("SD3TRT_MAX_INFLIGHT_PER_KEY", d.max_inflight_per_key)),
+        limit_concurrency=int(env.get("SD3TRT_LIMIT_CONCURRENCY", d.limit_concurrency)),
+        heartbeat_s=float(env.get("SD3TRT_HEARTBEAT", d.heartbeat_s)),
+        stale_after_s=float(env.get("SD3TRT_LEASE", d.stale_after_s)),
+        threads=int(env.get("SD3TRT_THREADS", d.threads)),
+        low_memory=env.get("SD3TRT_LOW_MEMORY", "") == "1",
         fetch=FetchPolicy(enabled=env.get("SD3TRT_NO_URL_FETCH", "") != "1", allow_hosts=allow),
     )
 
 
 def build_app():
-    """The ASGI app for one replica (Ray calls this on the replica, after placing it on its GPU)."""
+    """The ASGI app for one replica (Ray calls this on the replica, after placing it on its resources)."""
     return create_app(config_from_env())
+
+
+def deployment_options(env=os.environ) -> dict:
+    """The deployment's defaults; a config file's ``deployments`` entry overrides any of them."""
+    opts = {
+        "ray_actor_options": {"num_cpus": float(env.get("SD3TRT_CPUS_PER_REPLICA", "1")),
+                              "num_gpus": float(env.get("SD3TRT_GPUS_PER_REPLICA", "1"))},
+        # Above the worker's queue (default 16) so the replica's own 429 answers, not Ray's.
+        "max_ongoing_requests": 64,
+        "graceful_shutdown_timeout_s": 60,
+        "health_check_period_s": 10,
+    }
+    if env.get("SD3TRT_MAX_REPLICAS"):
+        opts["autoscaling_config"] = {"min_replicas": int(env.get("SD3TRT_MIN_REPLICAS", "1")),
+                                      "max_replicas": int(env["SD3TRT_MAX_REPLICAS"]),
+                                      "target_ongoing_requests": 4}
+    else:
+        opts["num_replicas"] = int(env.get("SD3TRT_REPLICAS", "1"))
+    return opts
 
 
 try:
@@ -50,17 +86,9 @@ except ImportError:  # Ray is optional: without it this module only offers build
     serve = None
 
 if serve is not None:
-    @serve.deployment(
-        ray_actor_options={"num_gpus": float(os.environ.get("SD3TRT_GPUS_PER_REPLICA", "1"))},
-        # Above the worker's queue (default 16) so the replica's own 429 answers, not Ray's.
-        max_ongoing_requests=64,
-        autoscaling_config={"min_replicas": 1, "max_replicas": int(os.environ.get("SD3TRT_MAX_REPLICAS", "1")),
-                            "target_ongoing_requests": 4},
-        graceful_shutdown_timeout_s=60,
-        health_check_period_s=10,
-    )
     @serve.ingress(build_app)
     class Sd3trtReplica:
-        pass
+        """One replica: the whole FastAPI app (its worker owns one pipeline)."""
 
-    app = Sd3trtReplica.bind()
+    deployment = serve.deployment(Sd3trtReplica, name=DEPLOYMENT, **deployment_options())
+    app = deployment.bind()

@@ -32,7 +32,7 @@ from sd3trt.runtime.plan import Plan, RequestError
 from sd3trt.server import fetch as fetching
 from sd3trt.server import inputs
 from sd3trt.server.config import ServerConfig
-from sd3trt.server.keystore import InsufficientCredits, KeyStore
+from sd3trt.server.keystore import CreditStore, InsufficientCredits, open_store
 from sd3trt.server.lease import Lease
 from sd3trt.server.metrics import Metrics
 from sd3trt.server.middleware import BodyTooLarge
@@ -61,7 +61,7 @@ class Server:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.store: KeyStore | None = None
+        self.store: CreditStore | None = None
         self.lease: Lease | None = None
         self.draining = False
         self.bundle = None  # set by the worker once the pipeline is built
@@ -124,7 +124,7 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
         cfg = self.cfg
-        self.store = await in_thread(KeyStore, cfg.db, cfg.stale_after_s)
+        self.store = await in_thread(open_store, cfg.db, cfg.stale_after_s)
         instance = await in_thread(self.store.register_instance)
         n = await in_thread(self.store.recover)
         if n:

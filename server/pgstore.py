@@ -1,0 +1,130 @@
+"""Keys and credits in PostgreSQL: the same journal, leases and fence as the SQLite store (keystore.py),
+for many hosts sharing one database (`--db postgresql://user@host/dbname`).
+
+The SQL is the shared ``CreditStore``'s; what differs is the connection and the transactions:
+
+    debit    ``UPDATE keys SET credits = credits - n WHERE id = $1 AND credits >= n RETURNING credits``
+             and the pending row, in one transaction. Concurrent debits of one key queue on the key's
+             row lock; READ COMMITTED re-checks ``credits >= n`` on the row each one finally sees, so
+             the balance can never go below zero, whatever the number of replicas or hosts.
+    settle   every transition is ``... WHERE state = 'pending'`` (row-locked), so it happens once.
+    recover  a replica refunds the pending debits of an instance that is gone (its pid dead on this
+             host, stopped, or its lease older than ``stale_after_s``), exactly as with SQLite.
+
+The schema is created on first use under an advisory lock (replicas starting together do not race)
+and carries its version in ``meta``. Needs the ``scale`` extra (psycopg 3).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from contextlib import contextmanager
+
+from sd3trt.errors import Sd3trtError
+from sd3trt.server.keystore import SCHEMA_VERSION, CreditStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    credits BIGINT NOT NULL CHECK (credits >= 0),
+    created_at DOUBLE PRECISION NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS debits (
+    id BIGSERIAL PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(id),
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'committed', 'refunded')),
+    owner TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    created_at DOUBLE PRECISION NOT NULL,
+    settled_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS debits_pending ON debits(owner) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS grants (
+    id BIGSERIAL PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(id),
+    amount BIGINT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL,
+    stopped_at DOUBLE PRECISION
+)
+"""
+
+_SCHEMA_LOCK = 0x5D37_C0DE  # pg_advisory_xact_lock key: one schema creator at a time
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", url)
+
+
+class _Tx:
+    """``execute`` with the shared SQL's ``?`` placeholders (the SQL has no literal ``?`` or ``%``)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql: str, args: tuple = ()):
+        return self.conn.execute(sql.replace("?", "%s"), args)
+
+
+class PgKeyStore(CreditStore):
+    """PostgreSQL. Thread-safe: one connection guarded by a lock, reopened if the server dropped it."""
+
+    def __init__(self, url: str, stale_after_s: float = 120.0, connect_timeout_s: float = 10.0):
+        try:
+            import psycopg
+        except ImportError as e:
+            raise Sd3trtError(f"a postgresql:// --db needs the scale extra ({e.name} is missing); "
+                              "pip install 'sd3trt[scale]'") from None
+        self._psycopg = psycopg
+        self.url, self.where = url, redact(url)
+        self.stale_after_s = stale_after_s
+        self.connect_timeout_s = connect_timeout_s
+        self.instance_id = None
+        self._lock = threading.Lock()
+        self._conn = self._connect()
+        with self._tx() as db:
+            db.execute(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(stmt)
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (name) DO NOTHING",
+                       (str(SCHEMA_VERSION),))
+            found = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        self._check_version(found[0] if found else None)
+
+    def _connect(self):
+        try:
+            return self._psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout_s)),
+                                         application_name="sd3trt")
+        except self._psycopg.Error as e:
+            raise Sd3trtError(f"cannot open the key database {self.where} ({str(e).strip()}); "
+                              "check the postgresql:// URL and that the server is reachable") from None
+
+    @contextmanager
+    def _tx(self):
+        """A READ COMMITTED transaction; the guarded UPDATEs make every change safe under concurrency."""
+        with self._lock:
+            if self._conn.closed or self._conn.broken:
+                self._conn = self._connect()
+            with self._conn.transaction():
+                yield _Tx(self._conn)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._tx() as db:
+            return db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
