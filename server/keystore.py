@@ -287,13 +287,7 @@ class CreditStore:
     def refund_delivered(self, debit_id: int, note: str = "") -> bool:
         """committed -> refunded, credits given back: the image of a charged request never left the server."""
         with self._tx() as db:
-            row = db.execute("UPDATE debits SET state = 'refunded', settled_at = ?, note = note || ? "
-                             "WHERE id = ? AND state = 'committed' RETURNING key_id, amount",
-                             (time.time(), f" refund: {note}" if note else " refund", debit_id)).fetchone()
-            if row is None:
-                return False
-            db.execute("UPDATE keys SET credits = credits + ? WHERE id = ?", (row[1], row[0]))
-            return True
+            return self._refund_in_tx(db, debit_id, note, state="committed")
 
     def refund(self, debit_id: int, note: str = "") -> bool:
         """pending -> refunded, credits given back. False when already settled (refunds happen once)."""
@@ -301,10 +295,11 @@ class CreditStore:
             return self._refund_in_tx(db, debit_id, note)
 
     @staticmethod
-    def _refund_in_tx(db, debit_id: int, note: str) -> bool:
+    def _refund_in_tx(db, debit_id: int, note: str, state: str = "pending") -> bool:
+        """`state` -> refunded, in the caller's transaction; False when the debit is not in `state`."""
         row = db.execute("UPDATE debits SET state = 'refunded', settled_at = ?, note = note || ? "
-                         "WHERE id = ? AND state = 'pending' RETURNING key_id, amount",
-                         (time.time(), f" refund: {note}" if note else " refund", debit_id)).fetchone()
+                         "WHERE id = ? AND state = ? RETURNING key_id, amount",
+                         (time.time(), f" refund: {note}" if note else " refund", debit_id, state)).fetchone()
         if row is None:
             return False
         db.execute("UPDATE keys SET credits = credits + ? WHERE id = ?", (row[1], row[0]))
