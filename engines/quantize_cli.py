@@ -154,7 +154,7 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-image-gate", action="store_true", help="skip the end-to-end image comparison")
     g.add_argument("--min-psnr-db", type=float, help="gate: worst image PSNR vs the fp32 pipeline in dB (default 30, "
                                                       "every precision)")
-    g.add_argument("--min-ssim", type=float, help="gate: worst image SSIM vs the fp32 pipeline (default 0.95)")
+    g.add_argument("--min-ssim", type=float, help="gate: worst image SSIM vs the fp32 pipeline (default 0.97)")
     g.add_argument("--min-cosine", type=float, help="also gate on the worst transformer cosine (default: reported only)")
     g.add_argument("--min-snr-db", type=float, help="also gate on the worst transformer SNR in dB (default: reported only)")
     g.add_argument("--force", action="store_true", help="record the result even when it fails the gate")
