@@ -22,7 +22,9 @@ What the pass writes, for each quantized layer (MatMul, or Gemm rewritten as Mat
 INT8 Q/DQ graphs keep the bundle's opset (>= 13); FP8 needs opset 19 (float8 types), so the graph is
 converted to 19 first. Layer names are the diffusers module paths, recovered from the exporter's node
 names (`/transformer/transformer_blocks.0/attn/to_q/MatMul` -> `transformer_blocks.0.attn.to_q`);
-attention matmuls are `<block>.attn.qk` (Q K^T) and `<block>.attn.pv` (softmax V).
+attention matmuls are `<block>.attn.qk` (Q K^T) and `<block>.attn.pv` (softmax V); quantizing one puts a
+Q/DQ pair on both of its inputs (Q and K^T; the softmax output P and V), as NVIDIA's FP8 attention recipe
+does. KEEP holds each precision's keep-list (FP8: NVIDIA's ModelOpt SD3 recipe), LEVELS the levels.
 
 `lower_qdq` turns the stored graph (fp32 around the Q/DQ pairs, so ONNX Runtime can run it) into a
 network in fp16/bf16: the autocast pass (engines/mixed_precision.py) puts matmuls, elementwise and

@@ -4,8 +4,11 @@
 
 1. calibration inputs: recorded img2img runs of the bundle (engines/calibrate.py, cached npz);
 2. ranges of every candidate layer's input on the fitting runs (method max / percentile / mse);
-3. the Q/DQ graph (engines/qdq_graph.py) written to a temporary file beside the bundle's graphs;
-4. the accuracy gate (engines/accuracy.py) on the held-out runs: transformer cosine/SNR and image PSNR;
+3. for each level tried (DEFAULT_LEVELS: fp8 "attention" then "linear"; int8 "linear"), the Q/DQ graph
+   (engines/qdq_graph.py, the precision's recipe) written to a temporary file beside the bundle's graphs,
+4. and the accuracy gate (engines/accuracy.py) on the held-out runs: image PSNR/SSIM vs the fp32 pipeline
+   (the same thresholds for every precision), transformer cosine/SNR as diagnostics; the first level
+   that passes is kept;
 5. on a pass (or with force=True, recorded as failed), the graph moves into place as
    onnx/transformer.<precision>.onnx (+ .data past 2 GB), with onnx/transformer.<precision>.json (the
    per-layer report), and manifest.json gains quantized["transformer.<precision>"], rewritten atomically.
