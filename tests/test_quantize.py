@@ -90,6 +90,9 @@ def test_qdq_graph_is_valid_and_covers_the_planned_layers(qbundle, precision):
     cov = entry["coverage"]
     # The tiny model's head_dim is 8: fp8's attention level has nothing to quantize, so the default is linear.
     assert entry["level"] == "linear" and cov["attention_quantized"] == 0
+    if precision == "fp8":  # tried first, skipped with the reason recorded
+        assert entry["levels_tried"][0]["level"] == "attention"
+        assert "head_dim 8 is not a multiple of 16" in entry["levels_tried"][0]["skipped"]
     per_channel = precision == "int8"  # fp8: per-tensor weights (NVIDIA's recipe)
     assert cov["quantized"] == [l.name for l in plan.quantized]
     assert set(cov["kept"]) == {l.name for l in plan.kept}
