@@ -22,7 +22,9 @@ What the pass writes, for each quantized layer (MatMul, or Gemm rewritten as Mat
 INT8 Q/DQ graphs keep the bundle's opset (>= 13); FP8 needs opset 19 (float8 types), so the graph is
 converted to 19 first. Layer names are the diffusers module paths, recovered from the exporter's node
 names (`/transformer/transformer_blocks.0/attn/to_q/MatMul` -> `transformer_blocks.0.attn.to_q`);
-attention matmuls are `<block>.attn.qk` (Q K^T) and `<block>.attn.pv` (softmax V).
+attention matmuls are `<block>.attn.qk` (Q K^T) and `<block>.attn.pv` (softmax V); quantizing one puts a
+Q/DQ pair on both of its inputs (Q and K^T; the softmax output P and V), as NVIDIA's FP8 attention recipe
+does. KEEP holds each precision's keep-list (FP8: NVIDIA's ModelOpt SD3 recipe), LEVELS the levels.
 
 `lower_qdq` turns the stored graph (fp32 around the Q/DQ pairs, so ONNX Runtime can run it) into a
 network in fp16/bf16: the autocast pass (engines/mixed_precision.py) puts matmuls, elementwise and
@@ -59,6 +61,16 @@ DEFAULT_KEEP = (
     "norm_out.linear",  # final adaLN modulation
     "proj_out",  # final projection to patches
 )
+# FP8 follows NVIDIA's ModelOpt SD3 recipe (TensorRT demo/Diffusion): the text-stream input projection
+# `context_embedder` stays in 16-bit as well (the patch embedding is a Conv, never quantized here).
+FP8_KEEP = DEFAULT_KEEP + ("context_embedder",)
+KEEP = {"int8": DEFAULT_KEEP, "fp8": FP8_KEEP}
+# Quantization levels, like NVIDIA's demo: the linear layers only, or those plus the attention batched
+# matmuls (Q.K^T and P.V, with the softmax output P quantized). `sd3trt quantize` defaults to the fastest
+# level that passes the gate (transformer_quant.DEFAULT_LEVELS).
+LEVELS = ("linear", "attention")
+# TensorRT fuses FP8 Q/DQ attention into its fused multi-head attention kernels when head_dim % 16 == 0.
+FP8_HEAD_MULTIPLE = 16
 # Not MatMul/Gemm, so never quantized by this pass; listed in the coverage report for completeness.
 NEVER = {"Conv": "patch embedding (Conv)", "LayerNormalization": "normalization"}
 
@@ -160,9 +172,75 @@ def expand_keep(patterns, names: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def plan_layers(model: onnx.ModelProto, keep=DEFAULT_KEEP, attention: bool = False) -> Plan:
-    """Every MatMul/Gemm of the graph as a Layer; `quantize` False (with a reason) for kept ones."""
+def _head_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """tensor name -> static last dimension, from ONNX shape inference (no weights needed)."""
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    out = {}
+    for vi in inferred.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            out[vi.name] = int(dims[-1].dim_value)
+    return out
+
+
+def _const_value(name: str, prod: dict, inits: dict):
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    n = prod.get(name)
+    if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
+        return numpy_helper.to_array(n.attribute[0].t)
+    return None
+
+
+def _head_dim_from_reshape(q: str, prod: dict, inits: dict) -> int | None:
+    """head_dim of the attention whose query tensor is `q`, read from the graph when shape inference cannot:
+    the Reshape [B, S, heads, head_dim] (or [B, -1, heads, head_dim] with head_dim computed) upstream of q,
+    and the width N of the linear layer feeding it (head_dim = N / heads)."""
+    seen, todo = set(), [q]
+    while todo:
+        x = todo.pop(0)
+        n = prod.get(x)
+        if n is None or id(n) in seen or len(seen) > 64:
+            continue
+        seen.add(id(n))
+        if n.op_type == "Reshape":
+            shape = _const_value(n.input[1], prod, inits)
+            parts = None
+            if shape is None and (c := prod.get(n.input[1])) is not None and c.op_type == "Concat":
+                parts = [_const_value(i, prod, inits) for i in c.input]
+                parts = [None if v is None or v.size != 1 else int(v.reshape(-1)[0]) for v in parts]
+            elif shape is not None:
+                parts = [int(v) for v in shape.reshape(-1)]
+            if not parts or len(parts) != 4:
+                continue
+            if parts[3] is not None and parts[3] > 0:
+                return parts[3]
+            heads = parts[2]
+            y, w = n.input[0], None
+            for _ in range(4):  # through the bias Add to the MatMul / Gemm
+                m = prod.get(y)
+                if m is None:
+                    break
+                if m.op_type in ("MatMul", "Gemm") and m.input[1] in inits:
+                    dims = tuple(inits[m.input[1]].dims)
+                    w = dims[0] if m.op_type == "Gemm" and _attr(m, "transB", 0) else dims[-1]
+                    break
+                y = m.input[0] if m.input[0] not in inits else m.input[1]
+            if heads and heads > 0 and w and w % heads == 0:
+                return w // heads
+            continue
+        if n.op_type in ("MatMul", "Gemm", "Softmax"):
+            continue
+        todo += [i for i in n.input if i and i not in inits]
+    return None
+
+
+def plan_layers(model: onnx.ModelProto, keep=DEFAULT_KEEP, attention: bool = False,
+                head_multiple: int | None = None) -> Plan:
+    """Every MatMul/Gemm of the graph as a Layer; `quantize` False (with a reason) for kept ones.
+    `head_multiple`: quantize an attention matmul only when its head_dim is a multiple of this (FP8: 16)."""
     inits = {i.name: i for i in model.graph.initializer}
+    head_dims = _head_dims(model) if attention and head_multiple else {}
     prod = _producers(model)
     layers: list[Layer] = []
     other: dict[str, int] = {}
@@ -191,6 +269,20 @@ def plan_layers(model: onnx.ModelProto, keep=DEFAULT_KEEP, attention: bool = Fal
             layer = Layer(f"{name}.{suffix}", node.name, node.op_type, "attention", a)
             if not attention:
                 layer.quantize, layer.reason = False, "attention matmul (quantize with attention=True)"
+            elif head_multiple:  # head_dim: the last dim of Q (the data input of Q.K^T)
+                qk = node if suffix == "qk" else None
+                if qk is None:  # P.V: find its Q.K^T through the softmax
+                    sm = prod.get(a)
+                    qk = prod.get(sm.input[0]) if sm is not None else None
+                    while qk is not None and qk.op_type not in ("MatMul",) and qk.input:
+                        qk = prod.get(qk.input[0])
+                hd = None
+                if qk is not None:
+                    hd = head_dims.get(qk.input[0]) or _head_dim_from_reshape(qk.input[0], prod, inits)
+                if hd is None or hd % head_multiple:
+                    layer.quantize, layer.reason = False, (
+                        f"attention head_dim {hd if hd is not None else 'unknown'} is not a multiple of "
+                        f"{head_multiple} (TensorRT's fused 8-bit attention)")
         else:
             continue  # constant data input: not a layer
         layers.append(layer)

@@ -14,21 +14,35 @@ from sd3trt import precision as words
 
 EXAMPLES = """examples:
   sd3trt quantize --bundle B --precision int8                     # CPU INT8 path (ONNX Runtime)
-  sd3trt quantize --bundle B --precision fp8 --method percentile --engine 8.9 --engine-name fp16-rtx-sm89
+  sd3trt quantize --bundle B --precision fp8 --engine 8.9         # NVIDIA's FP8 recipe, FP8 attention if it passes
+  sd3trt quantize --bundle B --precision fp8 --calib-scale 0.25   # a quarter of the calibration, small machines
+  sd3trt quantize --bundle B --precision fp8 --level linear --method percentile --engine-name fp16-rtx-sm89
   sd3trt quantize --bundle B --precision int8 --keep default,@first_block,@last_block --calib-prompts 16
   sd3trt quantize --bundle B --precision int8 --component vae_decoder   # int8 VAE convolutions (CPU)
 """
 
 
-def _keep(text: str | None) -> tuple[str, ...]:
-    from sd3trt.engines.qdq_graph import DEFAULT_KEEP
+def _settings(a):
+    """The calibration settings: the defaults (CalibSettings) scaled by --calib-scale, then any named value."""
+    from sd3trt.engines.calibrate import CalibSettings
+
+    base = CalibSettings().scaled(a.calib_scale)
+    given = {"prompts": a.calib_prompts, "steps": a.calib_steps, "strength": a.calib_strength,
+             "size": a.calib_size, "seed": a.seed}
+    kw = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}}
+    kw["holdout"] = a.holdout or (base.holdout if a.calib_prompts is None else max(1, a.calib_prompts // 4))
+    return CalibSettings(**kw)
+
+
+def _keep(text: str | None, precision: str = "int8") -> tuple[str, ...]:
+    from sd3trt.engines.qdq_graph import KEEP
 
     if text is None:
-        return DEFAULT_KEEP
+        return KEEP[precision]
     out: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if part == "default":
-            out += DEFAULT_KEEP
+            out += KEEP[precision]
         elif part and part != "none":
             out.append(part)
     return tuple(out)
@@ -46,17 +60,18 @@ def _quantize(a) -> None:
         from sd3trt.engines.gpu_targets import check_target
 
         check_target(a.precision, [c for c in ccs if c.lower() != "current"])
-    settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
-                             steps=a.calib_steps, strength=a.calib_strength, size=a.calib_size, seed=a.seed)
-    from sd3trt.engines.accuracy import THRESHOLDS
+    settings = _settings(a)
+    from sd3trt.engines.accuracy import GATE
 
-    th = dict(THRESHOLDS[a.precision])
-    for k, v in (("cosine", a.min_cosine), ("snr_db", a.min_snr_db), ("psnr_db", a.min_psnr_db)):
+    th = dict(GATE)
+    for k, v in (("cosine", a.min_cosine), ("snr_db", a.min_snr_db), ("psnr_db", a.min_psnr_db), ("ssim", a.min_ssim)):
         if v is not None:
             th[k] = v
+    level = a.level if a.level != "auto" else ("attention" if a.attention else None)
+    per_channel = None if a.weights == "auto" else a.weights == "per-channel"
     entry = quantize_bundle(
-        a.bundle, a.precision, settings, method=a.method, percentile=a.percentile, keep=_keep(a.keep),
-        attention=a.attention, per_channel=not a.per_tensor_weights, image_gate=not a.no_image_gate,
+        a.bundle, a.precision, settings, method=a.method, percentile=a.percentile, keep=_keep(a.keep, a.precision),
+        level=level, per_channel=per_channel, image_gate=not a.no_image_gate,
         thresholds=th, force=a.force, threads=a.threads,
     )
     acc = entry["accuracy"]
@@ -65,8 +80,11 @@ def _quantize(a) -> None:
         "file": entry["file"], "precision": entry["precision"], "method": entry["method"],
         "quantized_layers": cov["linear_quantized"] + cov["attention_quantized"],
         "kept_layers": len(cov["kept"]), "weight_fraction_quantized": cov["weight_fraction_quantized"],
+        "level": entry["level"], "weights": entry["scheme"]["weights"],
         "transformer": {k: acc["transformer"][k] for k in ("cosine", "snr_db")},
-        "image_psnr_db": acc.get("image", {}).get("psnr_db"), "thresholds": acc["thresholds"], "passed": acc["passed"],
+        "image_psnr_db": acc.get("image", {}).get("psnr_db"), "image_ssim": acc.get("image", {}).get("ssim"),
+        "thresholds": acc["thresholds"], "passed": acc["passed"],
+        "calibration_seconds": entry["calibration"]["seconds"], "seconds": entry["seconds"],
     }
     print(json.dumps(summary, indent=2))
     if ccs:  # the quantized transformer's engine, through `sd3trt build`'s loop
@@ -86,8 +104,10 @@ def _quantize_vae(a) -> None:
                           f"path), not {a.precision}; GPU engines run the VAE in fp16/bf16")
     if a.engine:
         raise Sd3trtError("--engine builds a quantized transformer engine; the int8 VAE is an ONNX Runtime CPU graph")
-    settings = CalibSettings(prompts=a.calib_prompts, holdout=a.holdout or max(1, a.calib_prompts // 4),
-                             size=a.calib_size, seed=a.seed)
+    vae_defaults = CalibSettings(prompts=8, holdout=2, size=512)  # the VAE gate's measured defaults
+    prompts = a.calib_prompts or vae_defaults.prompts
+    settings = CalibSettings(prompts=prompts, holdout=a.holdout or max(1, prompts // 4),
+                             size=a.calib_size or vae_defaults.size, seed=a.seed or 0)
     th = {"psnr_db": a.min_psnr_db} if a.min_psnr_db is not None else None
     entry = quantize_vae(a.bundle, a.component, settings, thresholds=th, force=a.force, threads=a.threads)
     print(json.dumps({"file": entry["file"], "precision": a.precision, "component": a.component,
@@ -106,25 +126,37 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
                    help="what to quantize (default transformer); vae_decoder / vae_encoder: int8 convolutions for "
                         "ONNX Runtime CPU, gated on the decoded image")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib-prompts", type=int, default=8, help="img2img runs recorded (default 8)")
+    g.add_argument("--calib-scale", type=float, default=1.0,
+                   help="scale the calibration down for small machines: runs and steps times this (0-1, default 1: "
+                        "12 runs of 28 steps at strength 0.75, 1024 px capped by the model)")
+    g.add_argument("--calib-prompts", type=int, help="img2img runs recorded (default 12, times --calib-scale)")
     g.add_argument("--holdout", type=int, default=0, help="runs kept for the accuracy gate (default a quarter, >= 1)")
-    g.add_argument("--calib-steps", type=int, default=10, help="denoising steps per run (default 10)")
-    g.add_argument("--calib-strength", type=float, default=0.9, help="img2img strength of the runs (default 0.9)")
-    g.add_argument("--calib-size", type=int, default=512, help="image side in px (default 512, capped by the model)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--calib-steps", type=int, help="denoising steps per run (default 28, times --calib-scale)")
+    g.add_argument("--calib-strength", type=float, help="img2img strength of the runs (default 0.75)")
+    g.add_argument("--calib-size", type=int, help="image side in px (default 1024, capped by the model)")
+    g.add_argument("--seed", type=int)
     g.add_argument("--method", choices=("max", "percentile", "mse"), default="max",
                    help="activation range: max |x|, a percentile of |x|, or the least-error clip (default max)")
     g.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
     g = p.add_argument_group("layers")
     g.add_argument("--keep", help="layers kept in float: comma-separated globs over module paths, 'default' for the "
                                   "built-in list, @first_block/@last_block, or none (default: the built-in list)")
-    g.add_argument("--attention", action="store_true", help="also quantize the attention matmuls (QK^T, PV)")
-    g.add_argument("--per-tensor-weights", action="store_true", help="one scale per weight instead of per channel")
+    g.add_argument("--level", choices=("auto", "linear", "attention"), default="auto",
+                   help="linear: the linear layers; attention: also the attention matmuls (Q.K^T, P.V, softmax "
+                        "output quantized; fp8 needs head_dim %% 16 == 0). auto (default): the fastest level that "
+                        "passes the gate (fp8: attention, then linear; int8: linear)")
+    g.add_argument("--attention", action="store_true", help="same as --level attention")
+    g.add_argument("--weights", choices=("auto", "per-channel", "per-tensor"), default="auto",
+                   help="weight scales (default auto: int8 per output channel, fp8 per tensor as NVIDIA's recipe)")
+    g.add_argument("--per-tensor-weights", dest="weights", action="store_const", const="per-tensor",
+                   help="same as --weights per-tensor")
     g = p.add_argument_group("gate")
     g.add_argument("--no-image-gate", action="store_true", help="skip the end-to-end image comparison")
-    g.add_argument("--min-cosine", type=float, help="gate: worst transformer cosine similarity (default per precision)")
-    g.add_argument("--min-snr-db", type=float, help="gate: worst transformer SNR in dB (default per precision)")
-    g.add_argument("--min-psnr-db", type=float, help="gate: worst end-to-end image PSNR in dB (default per precision)")
+    g.add_argument("--min-psnr-db", type=float, help="gate: worst image PSNR vs the fp32 pipeline in dB (default 30, "
+                                                      "every precision)")
+    g.add_argument("--min-ssim", type=float, help="gate: worst image SSIM vs the fp32 pipeline (default 0.97)")
+    g.add_argument("--min-cosine", type=float, help="also gate on the worst transformer cosine (default: reported only)")
+    g.add_argument("--min-snr-db", type=float, help="also gate on the worst transformer SNR in dB (default: reported only)")
     g.add_argument("--force", action="store_true", help="record the result even when it fails the gate")
     g.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
     g = p.add_argument_group("TensorRT engine (optional)")

@@ -23,6 +23,8 @@ class TinyOptions:
     sd35: bool = False  # SD3.5 style: qk_norm="rms_norm" and dual-attention layers
     with_t5: bool = True
     pos_embed_max_size: int = 32  # largest image side = 32 * patch * 8 px
+    head_dim: int = 8  # attention head dim (4 heads); 16 or more lets FP8 quantize attention
+    vae_levels: int = 4  # VAE resolution levels (3: downsampling by 4, as in the issue-14 SD3.5-style model)
 
 
 def _seeded(seed: int, offset: int):
@@ -52,6 +54,10 @@ def build_tiny_pipeline(opts: TinyOptions, tokenizer_dir: Path):
         raise Sd3trtError("--layers must be at least 1")
     if opts.patch_size not in (1, 2, 4):
         raise Sd3trtError(f"--patch-size {opts.patch_size} is not supported; use 1, 2 or 4")
+    if opts.vae_levels not in (2, 3, 4):
+        raise Sd3trtError(f"vae_levels {opts.vae_levels} is not supported; use 2, 3 or 4")
+    if opts.head_dim < 1:
+        raise Sd3trtError("head_dim must be at least 1")
     if opts.latent_channels < 1:
         raise Sd3trtError("--latent-channels must be at least 1")
 
@@ -102,10 +108,10 @@ def build_tiny_pipeline(opts: TinyOptions, tokenizer_dir: Path):
         in_channels=opts.latent_channels,
         out_channels=opts.latent_channels,
         num_layers=opts.num_layers,
-        attention_head_dim=8,
+        attention_head_dim=opts.head_dim,
         num_attention_heads=4,
         joint_attention_dim=t5_hidden,
-        caption_projection_dim=32,
+        caption_projection_dim=4 * opts.head_dim,  # the inner width (4 heads)
         pooled_projection_dim=2 * proj,
         pos_embed_max_size=opts.pos_embed_max_size,
         qk_norm="rms_norm" if opts.sd35 else None,
@@ -115,9 +121,9 @@ def build_tiny_pipeline(opts: TinyOptions, tokenizer_dir: Path):
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * opts.vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * opts.vae_levels,
+        block_out_channels=(8, 16, 16, 16)[:opts.vae_levels],
         layers_per_block=1,
         latent_channels=opts.latent_channels,
         norm_num_groups=4,
