@@ -23,6 +23,8 @@ def _make_tiny(a) -> None:
         num_layers=a.layers,
         sd35=a.sd35,
         with_t5=not a.no_t5,
+        head_dim=a.head_dim,
+        vae_levels=a.vae_levels,
     )
     make_tiny(a.out, opts, overwrite=a.overwrite)
     print(f"tiny SD3{'.5' if a.sd35 else ''} model written to {a.out}")
@@ -90,6 +92,8 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--sd35", action="store_true", help="SD3.5 style: qk_norm and dual-attention layers")
     p.add_argument("--no-t5", action="store_true", help="a model without the T5 text encoder")
+    p.add_argument("--head-dim", type=int, default=8, help="attention head dim (16 or more: FP8 quantizes attention)")
+    p.add_argument("--vae-levels", type=int, default=4, choices=(2, 3, 4), help="VAE resolution levels")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_make_tiny)
 
