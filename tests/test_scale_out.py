@@ -37,7 +37,7 @@ need("psycopg")
 from PIL import Image  # noqa: E402
 
 from sd3trt.errors import Sd3trtError  # noqa: E402
-from sd3trt.server.keystore import InsufficientCredits, KeyStore, open_store  # noqa: E402
+from sd3trt.server.keystore import InsufficientCredits, open_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pg_local import LocalPostgres, pg_bin  # noqa: E402
@@ -55,11 +55,12 @@ def pg():
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store_at(request, tmp_path, pg):
-    """A fresh, empty credit database of either kind: a SQLite path or a PostgreSQL URL."""
+def store_at(request, tmp_path):
+    """A fresh, empty credit database of either kind: a SQLite path or a PostgreSQL URL (the SQLite runs need
+    no PostgreSQL)."""
     if request.param == "sqlite":
         return tmp_path / "k.db"
-    return pg.fresh_database("t" + format(zlib.crc32(request.node.name.encode()), "x"))
+    return request.getfixturevalue("pg").fresh_database("t" + format(zlib.crc32(request.node.name.encode()), "x"))
 
 
 # -- the credit journal, the same tests on both stores -------------------------------------------------------

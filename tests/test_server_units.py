@@ -1,4 +1,5 @@
-"""Server building blocks in-process: URL fetch policy (SSRF), image input checks, the credit journal.
+"""Server building blocks in-process: URL fetch policy (SSRF), image input checks, the worker thread (the
+credit journal's tests run on both stores in test_scale_out.py).
 
 No traffic leaves 127.0.0.1: refused URLs are checked with an injected resolver and a connector that
 fails the test if it is ever called; the one real fetch goes to a local HTTP server.
@@ -8,14 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import socket
-import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -23,7 +19,6 @@ from PIL import Image
 
 from sd3trt.server import fetch as F
 from sd3trt.server import inputs
-from sd3trt.server.keystore import InsufficientCredits, KeyStore
 
 
 def no_connect(ip, port, timeout):
@@ -250,93 +245,7 @@ def test_image_checks(tmp_path):
         inputs.open_image(png_bytes()[:60], 10**6)
 
 
-# -- the credit journal ------------------------------------------------------------------------------------
-
-def test_keys_hashed_and_authenticated(tmp_path):
-    store = KeyStore(tmp_path / "k.db")
-    key = store.create_key(3, name="t")
-    key_id = key.split("_")[1]
-    assert store.authenticate(key) == key_id
-    assert store.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
-    assert store.authenticate("sd3_" + key_id + "_wrong") is None
-    assert store.authenticate("garbage") is None and store.authenticate("") is None and store.authenticate(None) is None
-    raw = (tmp_path / "k.db").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("k.db-*"))
-    assert key.split("_", 2)[2].encode() not in raw  # only the hash is stored
-    store.set_disabled(key_id, True)
-    assert store.authenticate(key) is None
-
-
-def test_concurrent_debits_never_overspend(tmp_path):
-    store = KeyStore(tmp_path / "k.db")
-    key_id = store.create_key(10).split("_")[1]
-
-    def one(_):
-        try:
-            return store.debit(key_id, 1)[0]
-        except InsufficientCredits:
-            return None
-
-    with ThreadPoolExecutor(16) as ex:
-        got = [d for d in ex.map(one, range(40)) if d is not None]
-    assert len(got) == 10 and store.balance(key_id) == 0
-    for d in got[:4]:
-        assert store.refund(d) and not store.refund(d) and not store.commit(d)  # settled exactly once
-    for d in got[4:]:
-        assert store.commit(d) and not store.refund(d)
-    assert store.balance(key_id) == 4
-
-
-def test_debits_across_processes(tmp_path):
-    """Two processes and this one share the database: the total taken never exceeds the balance."""
-    db = tmp_path / "k.db"
-    store = KeyStore(db)
-    key_id = store.create_key(25).split("_")[1]
-    code = (
-        "import sys\nfrom sd3trt.server.keystore import KeyStore, InsufficientCredits\n"
-        "s = KeyStore(sys.argv[1]); n = 0\n"
-        "for _ in range(20):\n"
-        "    try: s.debit(sys.argv[2], 1); n += 1\n"
-        "    except InsufficientCredits: pass\n"
-        "print(n)\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(db), key_id], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    mine = 0
-    for _ in range(20):
-        try:
-            store.debit(key_id, 1)
-            mine += 1
-        except InsufficientCredits:
-            pass
-    theirs = sum(int(p.communicate(timeout=60)[0]) for p in procs)
-    assert mine + theirs == 25 and store.balance(key_id) == 0
-
-
-def test_recovery_refunds_only_dead_owners(tmp_path):
-    db = tmp_path / "k.db"
-    live = KeyStore(db)
-    live.register_instance()
-    key_id = live.create_key(10).split("_")[1]
-    mine, _ = live.debit(key_id, 2)
-    # A server process that takes a debit and dies without settling it.
-    code = ("import sys, os\nfrom sd3trt.server.keystore import KeyStore\n"
-            "s = KeyStore(sys.argv[1]); s.register_instance(); s.debit(sys.argv[2], 3)\nos._exit(0)\n")
-    subprocess.run([sys.executable, "-c", code, str(db), key_id], check=True, timeout=60)
-    assert live.balance(key_id) == 5
-    other = KeyStore(db)
-    other.register_instance()
-    assert other.recover() == 1  # the dead process's debit; the live instance's one stays pending
-    assert live.balance(key_id) == 8
-    assert [p[0] for p in live.pending()] == [mine]
-    assert live.commit(mine) and live.balance(key_id) == 8
-    # A predecessor that had our pid (a restart in a container gets pid 1 again) and a fresh heartbeat:
-    # not an instance of this process, so gone.
-    with sqlite3.connect(db) as c:
-        c.execute("INSERT INTO instances VALUES ('old', ?, ?, 0, ?, NULL)", (socket.gethostname(), os.getpid(), time.time()))
-        c.execute("UPDATE keys SET credits = credits - 1 WHERE id = ?", (key_id,))
-        c.execute("INSERT INTO debits (key_id, amount, state, owner, created_at) VALUES (?, 1, 'pending', 'old', 0)",
-                  (key_id,))
-    assert other.recover() == 1 and live.balance(key_id) == 8
-
+# -- the worker thread ------------------------------------------------------------------------------------
 
 def test_worker_closes_the_pipeline_in_its_own_thread_when_stopped():
     """Engines are released (TensorRT saves its runtime cache) by the thread that ran them, at stop."""
@@ -504,34 +413,6 @@ def test_fetch_deadline_counts_time_spent_waiting():
     with pytest.raises(F.FetchError) as e:
         F.fetch("http://127.0.0.1:9/x.png", local_policy(), 10**6, connect=no_connect, deadline=deadline)
     assert e.value.code == "url_timeout"
-
-
-# -- the fence: no image is free, none charged twice (issue 15, item 3) ------------------------------------
-
-def test_charge_after_a_peer_refunded_the_debit(tmp_path):
-    """In one process both instances share a pid, so the peer's recovery is its refund itself (the same
-    transition recover() makes); the two-process version is tests/test_server_instances.py."""
-    db = tmp_path / "k.db"
-    a = KeyStore(db)
-    a.register_instance()
-    peer = KeyStore(db)
-    key_id = a.create_key(2).split("_")[1]
-    d1, _ = a.debit(key_id, 1)
-    d2, _ = a.debit(key_id, 1)
-    assert a.charge(d1) == d1 and a.charge(d1) == d1  # the normal case; idempotent
-    assert peer.refund(d2, "server stopped before finishing") and a.balance(key_id) == 1
-    d3 = a.charge(d2)  # A's image is ready: charged again, in one transaction
-    assert d3 not in (None, d2) and a.balance(key_id) == 0
-    a.topup(key_id, 1)
-    d4, _ = a.debit(key_id, 1)
-    assert peer.refund(d4, "server stopped before finishing")
-    peer.debit(key_id, 1)  # the peer spends the refunded credit
-    assert a.charge(d4) is None and a.balance(key_id) == 0  # nothing to pay with: the image is withheld
-    # A charge whose image never left the server is given back, once.
-    assert a.refund_delivered(d3) and not a.refund_delivered(d3) and a.balance(key_id) == 1
-    assert not a.refund_delivered(d4)  # never charged: nothing to give back
-    states = dict(a._read("SELECT state, COUNT(*) FROM debits GROUP BY state"))
-    assert states == {"committed": 1, "refunded": 3, "pending": 1}  # d1; d2, d4, d3; the peer's debit
 
 
 # -- the ASGI gate: generic 500, 499, 503 at shutdown (issue 15, items 9 and 11) ---------------------------
