@@ -33,7 +33,8 @@ def _make_tiny(a) -> None:
 def _export(a) -> None:
     from sd3trt.export.bundle import export_bundle
 
-    export_bundle(a.model, a.out, dtype=a.dtype, opset=a.opset, skip_t5=a.skip_t5, overwrite=a.overwrite)
+    export_bundle(a.model, a.out, dtype=a.dtype, opset=a.opset, skip_t5=a.skip_t5, overwrite=a.overwrite,
+                  loras=a.lora)
 
 
 def _verify(a) -> None:
@@ -106,6 +107,9 @@ def add_export(sub) -> None:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--skip-t5", action="store_true", help="leave T5 out (the runtime then feeds zeros, as diffusers does)")
     p.add_argument("--overwrite", action="store_true", help="update an existing bundle; unchanged components are kept")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (diffusers/PEFT safetensors) into the exported weights at SCALE (default 1); "
+                        "repeatable")
     p.set_defaults(func=_export)
 
 

@@ -18,17 +18,20 @@ from typing import Callable
 import sd3trt
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, update_manifest, write_json_atomic
+from sd3trt import lora as lora_files
 from sd3trt import precision as words
 from sd3trt.spec import COMPONENT_SOURCES, COMPONENTS, TOKENIZER_SOURCES, component_specs, read_model_facts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _fingerprint(model_dir: Path, component: str, dtype: str, opset: int) -> str:
-    """Hash of everything the component's export depends on: source files, options, exporter version."""
+def _fingerprint(model_dir: Path, component: str, dtype: str, opset: int, loras: list | None = None) -> str:
+    """Hash of everything the component's export depends on: source files, options, LoRAs fused, exporter version."""
     import torch
 
-    h = hashlib.sha256(f"{component}|{dtype}|{opset}|{sd3trt.__version__}|{torch.__version__}".encode())
+    h = hashlib.sha256(f"{component}|{dtype}|{opset}|{sd3trt.__version__}|{torch.__version__}|lora-map-1".encode())
+    if loras:
+        h.update(json.dumps(loras, sort_keys=True).encode())
     src = model_dir / COMPONENT_SOURCES[component]
     for p in sorted(src.rglob("*")):
         if p.is_file():
@@ -92,12 +95,20 @@ def export_bundle(
     overwrite: bool = False,
     components: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
+    loras: list | None = None,
 ) -> Path:
+    """loras: LoRAs to fuse into the exported weights ('PATH[:SCALE]' strings, paths, (path, scale) pairs or
+    sd3trt.lora.LoraSpec), as diffusers' load_lora_weights + fuse_lora(lora_scale=SCALE) would."""
     from sd3trt.export.onnx_export import export_component
 
     model_dir, out = Path(model_dir), Path(out)
     words.check(dtype, words.FLOATS, "--dtype")
     facts = read_model_facts(model_dir, skip_t5=skip_t5)
+    loras = lora_files.read_loras(loras)  # every LoRA checked against the model before anything is written
+    if loras:
+        shapes = {c: lora_files.linear_shapes(model_dir / COMPONENT_SOURCES[c]) for c in lora_files.COMPONENTS
+                  if (model_dir / COMPONENT_SOURCES[c]).is_dir()}
+        lora_files.check_against(loras, shapes, f"model {model_dir}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise Sd3trtError(f"{out} already exists; pass --overwrite to update it (unchanged components are kept)")
     out.mkdir(parents=True, exist_ok=True)
@@ -108,14 +119,16 @@ def export_bundle(
     wanted = [c for c in COMPONENTS if c in specs and (components is None or c in components)]
     entries = {}
     for i, name in enumerate(wanted, 1):
-        fp = _fingerprint(model_dir, name, dtype, opset)
+        fused = [lora for lora in loras if name in lora.modules]
+        records = [lora.record() for lora in fused]
+        fp = _fingerprint(model_dir, name, dtype, opset, records)
         entry = _reusable(out, name, fp)
         if entry is not None:
             log(f"[{i}/{len(wanted)}] {name}: unchanged, kept")
         else:
             log(f"[{i}/{len(wanted)}] {name}: exporting ...")
             t0 = time.perf_counter()
-            files = export_component(model_dir, facts, name, out / "onnx" / f"{name}.onnx", dtype, opset)
+            files = export_component(model_dir, facts, name, out / "onnx" / f"{name}.onnx", dtype, opset, fused)
             spec = specs[name]
             entry = {
                 "file": f"onnx/{name}.onnx",
@@ -125,6 +138,10 @@ def export_bundle(
                 "fingerprint": fp,
                 "export": {"dtype": dtype, "opset": opset, "torch_onnx": "torchscript"},
             }
+            if records:
+                entry["export"]["loras"] = records
+            if f"onnx/{name}.lora.json" in entry["files"]:
+                entry[lora_files.LORA_MAP_KEY] = f"onnx/{name}.lora.json"
             write_json_atomic(out / "onnx" / f"{name}.json", entry)
             size = sum(p.stat().st_size for p in files) / 2**20
             log(f"[{i}/{len(wanted)}] {name}: done in {time.perf_counter() - t0:.1f} s ({size:.1f} MiB)")
@@ -148,6 +165,7 @@ def export_bundle(
         "scheduler": scheduler,
         "tokenizers": tokenizers,
         "components": entries,
+        "loras": [lora.record() for lora in loras],  # fused into the exported weights, in order
         # Engines stay valid only if every graph they were built from is byte-identical.
         "engines": old.get("engines", {}) if old.get("components") == entries else {},
     }

@@ -13,22 +13,29 @@ import torch
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.export.components import example_inputs, load_source, wrap
+from sd3trt.export.lora import fuse, write_weight_map
 from sd3trt.spec import ModelFacts, component_specs
 
 SUPPORTED_OPSETS = range(17, 21)
 
 
 def export_component(
-    model_dir: Path, facts: ModelFacts, component: str, dest: Path, dtype: str = "fp32", opset: int = 17
+    model_dir: Path, facts: ModelFacts, component: str, dest: Path, dtype: str = "fp32", opset: int = 17,
+    loras: list | None = None,
 ) -> list[Path]:
-    """Export `component` to `dest` (an .onnx path). Returns the files written (graph, maybe external data).
+    """Export `component` to `dest` (an .onnx path). Returns the files written (graph, maybe external data,
+    and for the transformer and CLIP encoders the LoRA weight map `<component>.lora.json`).
+    loras: sd3trt.lora.LoraFile list fused into the weights before export.
 
     Nothing appears at `dest` until the graph has passed onnx.checker and shape inference.
     """
     if opset not in SUPPORTED_OPSETS:
         raise Sd3trtError(f"opset {opset} is not supported; use one of {list(SUPPORTED_OPSETS)}")
     spec = component_specs(facts)[component]
-    module = wrap(component, load_source(model_dir, component, dtype))
+    source = load_source(model_dir, component, dtype)
+    if loras:
+        fuse(source, component, loras)
+    module = wrap(component, source)
     args = example_inputs(facts, component, dtype)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +55,6 @@ def export_component(
                 dynamic_axes=spec.dynamic_axes,
                 do_constant_folding=True,
             )
-        del module
         staged = Path(tmp) / dest.name
         data_name = dest.name + ".data"
         large = _consolidate(raw, staged, data_name)
@@ -56,7 +62,12 @@ def export_component(
         # bf16 Conv is typed only from opset 22; TensorRT parses it at 17, so skip the type check for bf16.
         onnx.shape_inference.infer_shapes_path(str(staged), str(staged), check_type=dtype != "bf16",
                                                strict_mode=False)
+        lora_map = write_weight_map(module, component, staged, Path(tmp) / f"{component}.lora.json")
+        del module
         written = [dest]
+        if lora_map is not None:
+            os.replace(lora_map, dest.parent / lora_map.name)
+            written.append(dest.parent / lora_map.name)
         if large:
             os.replace(Path(tmp) / data_name, dest.parent / data_name)
             written.append(dest.parent / data_name)

@@ -28,8 +28,9 @@ def injected_noise(latents: np.ndarray, posterior: np.ndarray):
 
 
 def run_reference(model_dir, image, prompt, negative_prompt=None, strength=0.6, steps=4, guidance_scale=7.0,
-                  num_images=1, latents=None, posterior=None, max_sequence_length=256):
-    """Images as uint8 arrays [N, H, W, 3] from diffusers on the same weights and noise."""
+                  num_images=1, latents=None, posterior=None, max_sequence_length=256, loras=()):
+    """Images as uint8 arrays [N, H, W, 3] from diffusers on the same weights and noise.
+    loras: (path, scale) pairs, each loaded with load_lora_weights and fused with fuse_lora(lora_scale=scale)."""
     from diffusers import StableDiffusion3Img2ImgPipeline
 
     extra = {}
@@ -37,6 +38,10 @@ def run_reference(model_dir, image, prompt, negative_prompt=None, strength=0.6, 
         extra = dict(text_encoder_3=None, tokenizer_3=None)
     pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(model_dir, dtype=torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
+    for path, scale in loras:  # one at a time: load, fuse at its scale, drop the (now fused) LoRA layers
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=scale)
+        pipe.unload_lora_weights()
     with injected_noise(latents, posterior), torch.no_grad():
         out = pipe(
             prompt=prompt, negative_prompt=negative_prompt, image=image, strength=strength,
