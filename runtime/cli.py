@@ -62,7 +62,7 @@ def run_img2img(a) -> None:
     noise = _read_noise(a.noise) if a.noise else None
     with warnings_on_stderr(), Img2Img.from_bundle(
             a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
-            transformer_precision=a.precision, vae_precision=a.vae_precision) as pipe:
+            transformer_precision=a.precision, vae_precision=a.vae_precision, loras=a.lora) as pipe:
         res = pipe(
             a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
             guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
@@ -103,6 +103,9 @@ def add_runtime_commands(sub) -> None:
                    help="int8: the VAE's int8 convolutions on ONNX Runtime CPU (`sd3trt quantize --component "
                         "vae_decoder`); fp16/bf16/fp32 with tensorrt: the engine build whose VAE has it")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA (diffusers/PEFT safetensors) into the weights at load time, at SCALE (default 1); "
+                        "repeatable; ONNX Runtime backends (TensorRT: `sd3trt refit`)")
     p.add_argument("--low-memory", action="store_true", help="load each engine only while it is needed")
     p.add_argument("--out", type=Path, required=True,
                    help="output image (.png, .jpg, .webp); with --num-images N > 1: OUT-0.png ... OUT-<N-1>.png")

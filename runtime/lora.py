@@ -45,9 +45,32 @@ def weight_maps(bundle) -> dict[str, dict | None]:
     return maps
 
 
+def for_pipeline(bundle, backend: str, items, onnx_files: dict, transformer_precision: str | None,
+                 custom_files: dict) -> tuple[list[LoraFile], dict[str, dict[str, np.ndarray]]]:
+    """What Img2Img(loras=...) loads: the LoRAs read and the merged initializers per component, or a refusal
+    (TensorRT engines, quantized or caller-supplied graphs) naming the fix."""
+    if not items:
+        return [], {}
+    if isinstance(items, (str, Path)):
+        items = [items]
+    if backend == "tensorrt":
+        raise Sd3trtError("TensorRT engines take a LoRA by refitting an engine built with --refit (`sd3trt refit "
+                          f"--bundle {bundle.root} --lora PATH[:SCALE]`), or fuse it at export with "
+                          "`sd3trt export --lora`; load-time LoRAs are for the ONNX Runtime backends")
+    loras = read_loras(items)
+    touched = {c for lora in loras for c in lora.modules}
+    if "transformer" in touched and transformer_precision not in (None, "fp32"):
+        raise Sd3trtError(QUANTIZED_FIX)
+    foreign = sorted(touched & set(custom_files))
+    if foreign:
+        raise Sd3trtError(f"a load-time LoRA changes the bundle's own {foreign[0]} graph, not one passed in "
+                          "onnx_files; fuse it into that graph instead")
+    return overrides(bundle, loras, onnx_files)
+
+
 def overrides(bundle, items, onnx_files: dict) -> tuple[list[LoraFile], dict[str, dict[str, np.ndarray]]]:
     """(the LoRAs read, {component: {initializer: merged weight}}) for a bundle; Sd3trtError when one does not fit."""
-    loras = read_loras(items)
+    loras = items if all(isinstance(i, LoraFile) for i in items) else read_loras(items)
     if not loras:
         return [], {}
     maps = weight_maps(bundle)

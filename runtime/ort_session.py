@@ -14,8 +14,10 @@ from sd3trt.runtime.telemetry import disable_events
 
 
 def ort_session(model: Path | str | bytes, threads: int = 0, providers: list | None = None,
-                optimized_path: Path | None = None):
-    """An onnxruntime.InferenceSession over a path or serialized model bytes (CPU unless `providers`)."""
+                optimized_path: Path | None = None, initializers: dict | None = None):
+    """An onnxruntime.InferenceSession over a path or serialized model bytes (CPU unless `providers`).
+    initializers: {name: numpy array} replacing the graph's initializers of those names (a load-time LoRA);
+    the arrays must outlive the session (ONNX Runtime does not copy them)."""
     import onnxruntime as ort
 
     disable_events()
@@ -27,6 +29,12 @@ def ort_session(model: Path | str | bytes, threads: int = 0, providers: list | N
         opts.intra_op_num_threads = threads
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
+    values = [(name, ort.OrtValue.ortvalue_from_numpy(v)) for name, v in (initializers or {}).items()]
+    for name, value in values:
+        opts.add_initializer(name, value)
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, sess_options=opts, providers=providers or ["CPUExecutionProvider"],
-                                enable_fallback=0)
+    session = ort.InferenceSession(source, sess_options=opts, providers=providers or ["CPUExecutionProvider"],
+                                   enable_fallback=0)
+    if values:
+        session.sd3trt_initializers = (values, initializers)  # the session reads them: they live as long as it
+    return session

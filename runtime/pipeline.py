@@ -34,6 +34,7 @@ from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import Bundle, load_bundle
 from sd3trt.runtime import arrays
 from sd3trt.runtime import images as imgs
+from sd3trt.runtime import lora as lora_runtime
 from sd3trt.runtime import plan as plans
 from sd3trt.runtime import scheduler as sch
 from sd3trt.runtime.builds import check_request, choose_graphs
@@ -70,13 +71,15 @@ class Img2Img:
     onnx_files: {component: path} ONNX graphs to run in place of the bundle's (onnxruntime backends).
     prompt_cache: how many prompt embeddings to keep (0: encode every prompt every time).
     runner_factory(name) -> Runner replaces default_runner (e.g. to wrap it).
+    loras: LoRAs merged into the weights at load time, without re-export ('PATH[:SCALE]' strings, paths,
+    (path, scale) pairs or sd3trt.lora.LoraSpec); ONNX Runtime backends, float graphs (runtime/lora.py).
     """
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, low_memory: bool = False,
                  runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
                  engine_build: str | None = None, transformer_precision: str | None = None,
                  vae_precision: str | None = None, onnx_files: Mapping[str, str | Path] | None = None,
-                 prompt_cache: int = 16):
+                 prompt_cache: int = 16, loras=None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if bundle.dtype == "bf16" and backend.startswith("onnxruntime"):
@@ -87,6 +90,8 @@ class Img2Img:
         self.threads = threads
         self._onnx_files, self.engine_build = choose_graphs(bundle, backend, engine_build, transformer_precision,
                                                            vae_precision, onnx_files or {})
+        self.loras, self._initializers = lora_runtime.for_pipeline(bundle, backend, loras, self._onnx_files,
+                                                                  transformer_precision, onnx_files or {})
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
@@ -117,7 +122,7 @@ class Img2Img:
 
             providers = ort_gpu_providers("cuda" if self.backend == "onnxruntime-cuda" else "tensorrt", self.bundle)
         return OrtRunner(name, self.bundle.component(name), self._onnx_files[name], providers=providers,
-                         threads=self.threads)
+                         threads=self.threads, initializers=self._initializers.get(name))
 
     def runner(self, name: str) -> Runner:
         """The loaded runner of component `name` (loaded now if it is not)."""

@@ -103,8 +103,11 @@ class OrtRunner(Runner):
 
     thread_safe = True
 
-    def __init__(self, name: str, entry: dict, path: Path, providers: list | None = None, threads: int = 0):
+    def __init__(self, name: str, entry: dict, path: Path, providers: list | None = None, threads: int = 0,
+                 initializers: dict | None = None):
+        """initializers: {name: array} overriding the graph's (a LoRA merged at load time; runtime/lora.py)."""
         super().__init__(name, entry)
+        self._initializers = dict(initializers or {})  # ONNX Runtime keeps pointers to them: keep them alive
         import onnxruntime as ort
 
         if not Path(path).is_file():
@@ -119,7 +122,7 @@ class OrtRunner(Runner):
             )
         first = provider_name(providers[0])
         try:
-            self.session = ort_session(path, threads, providers)
+            self.session = ort_session(path, threads, providers, initializers=self._initializers)
         except Exception as e:  # ORT raises its own exception types; name the file and the cure
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
             if first != "CPUExecutionProvider":
