@@ -45,12 +45,11 @@ def weight_maps(bundle) -> dict[str, dict | None]:
     return maps
 
 
-def for_pipeline(bundle, backend: str, items, onnx_files: dict, transformer_precision: str | None,
-                 custom_files: dict) -> tuple[list[LoraFile], dict[str, dict[str, np.ndarray]]]:
-    """What Img2Img(loras=...) loads: the LoRAs read and the merged initializers per component, or a refusal
-    (TensorRT engines, quantized or caller-supplied graphs) naming the fix."""
+def read_for(bundle, backend: str, items, transformer_precision: str | None, custom_files: dict) -> list[LoraFile]:
+    """The LoRAs Img2Img(loras=...) was given, read; or a refusal (TensorRT engines, a quantized transformer,
+    caller-supplied graphs) naming the fix. Runs before any graph is chosen or loaded."""
     if not items:
-        return [], {}
+        return []
     if isinstance(items, (str, Path)):
         items = [items]
     if backend == "tensorrt":
@@ -65,7 +64,7 @@ def for_pipeline(bundle, backend: str, items, onnx_files: dict, transformer_prec
     if foreign:
         raise Sd3trtError(f"a load-time LoRA changes the bundle's own {foreign[0]} graph, not one passed in "
                           "onnx_files; fuse it into that graph instead")
-    return overrides(bundle, loras, onnx_files)
+    return loras
 
 
 def overrides(bundle, items, onnx_files: dict) -> tuple[list[LoraFile], dict[str, dict[str, np.ndarray]]]:

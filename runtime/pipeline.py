@@ -88,10 +88,10 @@ class Img2Img:
         self.facts = bundle.facts
         self.backend = backend
         self.threads = threads
+        loras = lora_runtime.read_for(bundle, backend, loras, transformer_precision, onnx_files or {})
         self._onnx_files, self.engine_build = choose_graphs(bundle, backend, engine_build, transformer_precision,
                                                            vae_precision, onnx_files or {})
-        self.loras, self._initializers = lora_runtime.for_pipeline(bundle, backend, loras, self._onnx_files,
-                                                                  transformer_precision, onnx_files or {})
+        self.loras, self._initializers = lora_runtime.overrides(bundle, loras, self._onnx_files)
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)

@@ -1,0 +1,200 @@
+"""LoRA: fused at export and merged at load time, both against diffusers' load_lora_weights + fuse_lora.
+
+The LoRAs are rank-4 PEFT/diffusers-named files made here for the tiny models: transformer attention
+(joint and, on SD3.5, the dual-attention attn2) and feed-forward layers, and (the first) CLIP-L's first layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from diffusers_ref import run_reference
+from sd3trt.cli import main as cli_main
+from sd3trt.errors import Sd3trtError
+from sd3trt.lora import linear_shapes, parse_arg
+from sd3trt.manifest import load_bundle
+from sd3trt.runtime.pipeline import Img2Img, Noise
+from test_pipeline_parity import MAX_FLOAT, MAX_LEVELS, picture
+
+TRANSFORMER = re.compile(r"transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                         r"add_v_proj|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))$")
+CLIP = re.compile(r"text_model\.encoder\.layers\.0\.(self_attn\.(q|k|v|out)_proj|mlp\.fc1)$")
+
+
+def make_lora(model_dir: Path, path: Path, seed: int = 0, rank: int = 4, text_encoder: str | None = "text_encoder",
+              transformer: bool = True) -> Path:
+    """A rank-`rank` LoRA in diffusers' PEFT naming whose deltas change the image clearly (tens of levels)."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    if transformer:
+        groups.append(("transformer", linear_shapes(model_dir / "transformer"), TRANSFORMER))
+    if text_encoder:
+        groups.append((text_encoder, linear_shapes(model_dir / text_encoder), CLIP))
+    tensors = {}
+    for prefix, shapes, pattern in groups:
+        for module, entry in sorted(shapes.items()):
+            if pattern.search(module):
+                out, inp = entry["shape"]
+                tensors[f"{prefix}.{module}.lora_A.weight"] = (rng.standard_normal((rank, inp)) / np.sqrt(inp)).astype(np.float32)
+                tensors[f"{prefix}.{module}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.2).astype(np.float32)
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_factory, tmp_path_factory):
+    """variant -> (LoRA with transformer + CLIP-L, transformer-only LoRA)."""
+    root, made = tmp_path_factory.mktemp("loras"), {}
+
+    def get(variant):
+        if variant not in made:
+            model, _ = tiny_factory(variant)
+            made[variant] = (make_lora(model, root / f"{variant}-a.safetensors", 1),
+                             make_lora(model, root / f"{variant}-b.safetensors", 2, text_encoder=None))
+        return made[variant]
+
+    return get
+
+
+def _inputs(w=64, h=64):
+    rng = np.random.default_rng(123)
+    return (picture(w, h), rng.standard_normal((1, 16, h // 8, w // 8), dtype=np.float32),
+            rng.standard_normal((1, 16, h // 8, w // 8), dtype=np.float32))
+
+
+def _compare(res, ref_u8, ref_float):
+    ours_float = np.clip(res.decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return int(np.abs(res.array.astype(int) - ref_u8.astype(int)).max()), float(np.abs(ours_float - ref_float).max())
+
+
+CASES = [("sd3", (0.5,)), ("sd3", (1.5,)), ("sd3", (0.7, 1.3)), ("sd35", (0.5,)), ("sd35", (1.5,)), ("sd35", (0.7, 1.3))]
+
+
+@pytest.mark.parametrize("variant,scales", CASES, ids=[f"{v}-{'+'.join(map(str, s))}" for v, s in CASES])
+def test_export_and_load_time_match_diffusers(tiny_factory, lora_files, tmp_path, variant, scales):
+    model, bundle = tiny_factory(variant)
+    loras = list(zip(lora_files(variant), scales))
+    image, latents, posterior = _inputs()
+    args = dict(strength=0.6, steps=4, guidance_scale=7.0)
+    ref_u8, ref_float = run_reference(model, image, "a fox", "blurry", 0.6, 4, 7.0, 1, latents, posterior, loras=loras)
+    plain_u8, _ = run_reference(model, image, "a fox", "blurry", 0.6, 4, 7.0, 1, latents, posterior)
+    assert np.abs(ref_u8.astype(int) - plain_u8).max() > 10  # the LoRA changes the image
+
+    fused = tmp_path / "fused"
+    from sd3trt.export.bundle import export_bundle
+
+    export_bundle(model, fused, log=lambda s: None, loras=[f"{p}:{s}" for p, s in loras])
+    data = json.loads((fused / "manifest.json").read_text())
+    assert [(r["file"], r["scale"]) for r in data["loras"]] == [(Path(p).name, s) for p, s in loras]
+    assert data["loras"][0]["components"] == ["clip_l", "transformer"]
+    with Img2Img.from_bundle(fused) as pipe:
+        export_figures = _compare(pipe(image, "a fox", negative_prompt="blurry", noise=Noise(latents, posterior),
+                                       **args), ref_u8, ref_float)
+    with Img2Img.from_bundle(bundle, loras=loras) as pipe:
+        assert sorted(pipe._initializers) == ["clip_l", "transformer"]
+        load_figures = _compare(pipe(image, "a fox", negative_prompt="blurry", noise=Noise(latents, posterior),
+                                     **args), ref_u8, ref_float)
+    print(f"LoRA parity {variant} scales {scales}: export {export_figures}, load time {load_figures}")
+    for levels, err in (export_figures, load_figures):
+        assert levels <= MAX_LEVELS and err <= MAX_FLOAT
+
+
+def test_load_time_lora_leaves_other_pipelines_alone(tiny_sd3, lora_files):
+    """The merged weights live in one session: a pipeline without the LoRA still gives the plain image."""
+    _, bundle = tiny_sd3
+    image, latents, posterior = _inputs()
+    kw = dict(strength=0.6, steps=2, noise=Noise(latents, posterior))
+    plain = Img2Img.from_bundle(bundle)(image, "a fox", **kw).array
+    with_lora = Img2Img.from_bundle(bundle, loras=[lora_files("sd3")[0]])(image, "a fox", **kw).array
+    again = Img2Img.from_bundle(bundle)(image, "a fox", **kw).array
+    assert np.array_equal(plain, again) and not np.array_equal(plain, with_lora)
+
+
+# ---------------------------------------------------------------- bad input: one clear error, nothing written
+
+
+def _bad_files(tmp_path: Path, model: Path) -> dict[str, tuple[Path, str]]:
+    rng = np.random.default_rng(0)
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": rng.standard_normal((4, 32)).astype(np.float32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": rng.standard_normal((96, 4)).astype(np.float32)},
+              str(unknown))
+    shape = tmp_path / "shape.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((4, 48), np.float32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((32, 4), np.float32)}, str(shape))
+    module = tmp_path / "module.safetensors"
+    save_file({"transformer.transformer_blocks.9.attn.to_q.lora_A.weight": np.ones((4, 32), np.float32),
+               "transformer.transformer_blocks.9.attn.to_q.lora_B.weight": np.ones((32, 4), np.float32)}, str(module))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 4)
+    return {"unknown keys": (unknown, "not an SD3 LoRA"), "shape": (shape, "is [32, 32] (out, in)"),
+            "module": (module, "has no linear weight"), "not safetensors": (junk, "is not a safetensors file"),
+            "missing": (tmp_path / "nope.safetensors", "does not exist")}
+
+
+def test_bad_loras_are_refused_at_export_and_load(tiny_sd3, tmp_path):
+    from sd3trt.export.bundle import export_bundle
+
+    model, bundle = tiny_sd3
+    for what, (path, words) in _bad_files(tmp_path, model).items():
+        out = tmp_path / f"out-{what.replace(' ', '-')}"
+        with pytest.raises(Sd3trtError, match=re.escape(words)):
+            export_bundle(model, out, log=lambda s: None, loras=[path])
+        assert not out.exists(), what
+        with pytest.raises(Sd3trtError, match=re.escape(words)):
+            Img2Img.from_bundle(bundle, loras=[f"{path}:0.5"])
+
+
+@pytest.mark.parametrize("text", ["a.safetensors:nan", "a.safetensors:inf", "a.safetensors:-inf", "a.safetensors:x1"])
+def test_scale_must_be_a_finite_number(text):
+    with pytest.raises(Sd3trtError, match="is not a finite number"):
+        parse_arg(text)
+
+
+def test_scale_grammar():
+    assert parse_arg("dir/x.safetensors").scale == 1.0
+    assert parse_arg("dir/x.safetensors:0.25") == parse_arg("dir/x.safetensors:.25")
+    assert str(parse_arg("/a:b/x.safetensors:2").path) == "/a:b/x.safetensors"
+
+
+def test_text_encoder_lora_on_a_bundle_without_that_encoder(tiny_sd3, tmp_path):
+    from sd3trt.runtime import lora as lora_runtime
+
+    model, bundle_dir = tiny_sd3
+    path = make_lora(model, tmp_path / "te2.safetensors", text_encoder="text_encoder_2", transformer=False)
+    bundle = load_bundle(bundle_dir)
+    del bundle.data["components"]["clip_g"]
+    with pytest.raises(Sd3trtError, match=r"changes the CLIP-G text encoder \(text_encoder_2\), which bundle"):
+        lora_runtime.overrides(bundle, [path], {})
+
+
+def test_cli_refuses_and_writes_nothing(tiny_sd3, lora_files, tmp_path, capsys):
+    model, bundle = tiny_sd3
+    lora = lora_files("sd3")[0]
+    assert cli_main(["export", "--model", str(model), "--out", str(tmp_path / "b"), "--lora", f"{lora}:nan"]) == 2
+    assert "is not a finite number" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    picture(64, 64).save(tmp_path / "in.png")
+    argv = ["img2img", "--bundle", str(bundle), "--image", str(tmp_path / "in.png"), "--prompt", "x", "--steps", "1",
+            "--out", str(tmp_path / "out.png")]
+    assert cli_main(argv + ["--lora", str(tmp_path / "in.png")]) == 2
+    assert "is not a safetensors file" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
+    assert cli_main(argv + ["--lora", f"{lora}:0.5"]) == 0 and (tmp_path / "out.png").is_file()
+
+
+def test_quantized_transformer_refuses_a_load_time_lora(tiny_sd3, lora_files):
+    _, bundle = tiny_sd3
+    for precision in ("int8", "fp8"):
+        with pytest.raises(Sd3trtError, match="fuse it before quantizing: `sd3trt export --lora"):
+            Img2Img.from_bundle(bundle, transformer_precision=precision, loras=[lora_files("sd3")[0]])
+
+
+def test_tensorrt_backend_points_to_refit(tiny_sd3, lora_files):
+    _, bundle = tiny_sd3
+    with pytest.raises(Sd3trtError, match="sd3trt refit"):
+        Img2Img.from_bundle(bundle, backend="tensorrt", loras=[lora_files("sd3")[0]])
