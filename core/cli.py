@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify(sub)
     from sd3trt.engines.cli import add_build_command
     from sd3trt.engines.quantize_cli import add_quantize_command
+    from sd3trt.engines.refit import add_refit_command
     from sd3trt.runtime.cli import add_runtime_commands
 
     from sd3trt.benchmarks.cli import add_bench_command
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_build_command(sub)
     add_quantize_command(sub)
+    add_refit_command(sub)
     add_runtime_commands(sub)
     add_demo(sub)
     add_server_commands(sub)

@@ -176,6 +176,7 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
     entry = {
         "component": "transformer", "precision": precision, "file": f"onnx/{name}",
         "source": {"file": src_entry["file"], "sha256": src_entry["files"][src_entry["file"]]},
+        "loras": bundle.data.get("loras", []),  # fused at export, so quantized with the weights (ModelOpt's advice)
         "format": "onnx-qdq", "recipe": "nvidia-modelopt-sd3" if precision == "fp8" else "sd3trt-int8", "opset": 19 if precision == "fp8" else max(bundle.data.get("opset", 17), 13),
         "scheme": {"activations": "per-tensor symmetric, static (calibrated)",
                    "attention": "Q, K, softmax output and V quantized" if cov["attention_quantized"] else "16-bit",

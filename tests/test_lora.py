@@ -198,3 +198,78 @@ def test_tensorrt_backend_points_to_refit(tiny_sd3, lora_files):
     _, bundle = tiny_sd3
     with pytest.raises(Sd3trtError, match="sd3trt refit"):
         Img2Img.from_bundle(bundle, backend="tensorrt", loras=[lora_files("sd3")[0]])
+
+
+# ---------------------------------------------------------------- TensorRT refit plan (CPU)
+
+
+def _fake_build(bundle_dir: Path, dest: Path, refit: bool = True, source: str = "as-exported") -> Path:
+    """A copy of the bundle whose manifest lists an engine build (the plan reads its metadata, not its engines:
+    refittable engines can only be built on a GPU with tensorrt_rtx 1.7)."""
+    import shutil
+
+    shutil.copytree(bundle_dir, dest)
+    data = json.loads((dest / "manifest.json").read_text())
+    comps = {}
+    for c, entry in data["components"].items():
+        meta = {"precision_source": source, "source_onnx": {"file": entry["file"], "sha256": entry["files"][entry["file"]]}}
+        (dest / "engines" / "b").mkdir(parents=True, exist_ok=True)
+        (dest / "engines" / "b" / f"{c}.json").write_text(json.dumps(meta))
+        comps[c] = {"engine": f"engines/b/{c}.engine", "metadata": f"engines/b/{c}.json"}
+    data["engines"] = {"b": {"options": {"refit": refit}, "components": comps, "flavour": "tensorrt_rtx"}}
+    (dest / "manifest.json").write_text(json.dumps(data))
+    return dest
+
+
+def test_refit_plan_matches_the_graphs_weights(tiny_sd3, lora_files, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from sd3trt.engines.refit import check_refittable, refit_plan
+    from sd3trt.runtime.lora import delta, weight_maps
+
+    _, bundle_dir = tiny_sd3
+    bundle = _fake_build(bundle_dir, tmp_path / "b")
+    a, b = lora_files("sd3")
+    plan = refit_plan(bundle, [f"{a}:0.5", f"{b}:1.5"])
+    assert plan.build == "b" and sorted(plan.weights) == ["clip_l", "transformer"]
+    maps = weight_maps(load_bundle(bundle))
+    for comp, weights in plan.weights.items():
+        graph = onnx.load(str(bundle / "onnx" / f"{comp}.onnx")).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        refittable = {n: (tuple(v.shape), v.dtype.name) for n, v in inits.items()}
+        check_refittable(plan, comp, refittable)  # names, shapes and dtypes of the graph TensorRT refits by
+        by_init = {e["initializer"]: (m, e) for m, e in maps[comp].items()}
+        for name, merged in weights.items():  # and the values: base (read by onnx) + the LoRA deltas
+            module, entry = by_init[name]
+            from sd3trt.lora import read_lora, LoraSpec
+
+            d = sum(delta(read_lora(LoraSpec(p, s)), comp, module) for p, s in ((a, 0.5), (b, 1.5))
+                    if module in read_lora(LoraSpec(p, s)).modules.get(comp, {}))
+            want = inits[name] + (d.T if entry["transposed"] else d)
+            assert np.allclose(merged, want, atol=1e-6)
+        with pytest.raises(Sd3trtError, match="is not refittable in this engine"):
+            check_refittable(plan, comp, {})
+        name = sorted(weights)[0]
+        with pytest.raises(Sd3trtError, match=re.escape(f"refittable weight {name!r} is")):
+            check_refittable(plan, comp, {**refittable, name: ((1, 2), "float32")})
+
+
+def test_refit_refuses_unrefittable_builds(tiny_sd3, lora_files, tmp_path):
+    from sd3trt.engines.refit import refit_plan
+
+    _, bundle_dir = tiny_sd3
+    lora = lora_files("sd3")[0]
+    with pytest.raises(Sd3trtError, match="no engine build made with --refit"):
+        refit_plan(bundle_dir, [lora])
+    with pytest.raises(Sd3trtError, match="was not built with --refit"):
+        refit_plan(_fake_build(bundle_dir, tmp_path / "a", refit=False), [lora], "b")
+    with pytest.raises(Sd3trtError, match="fuse the LoRA before quantizing"):
+        refit_plan(_fake_build(bundle_dir, tmp_path / "q", source="quantized (fp16 elsewhere)"), [lora])
+
+
+def test_refit_plan_only_cli(tiny_sd3, lora_files, tmp_path, capsys):
+    bundle = _fake_build(tiny_sd3[1], tmp_path / "b")
+    assert cli_main(["refit", "--bundle", str(bundle), "--lora", f"{lora_files('sd3')[0]}:0.8", "--plan-only"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer:" in out and "clip_l:" in out
