@@ -62,8 +62,12 @@ def _serve(a) -> None:
     unknown = [f for f in formats if f not in ("PNG", "JPEG", "WEBP")]
     if unknown:
         raise Sd3trtError(f"--input-formats {','.join(unknown)} not supported; choose from png, jpeg, webp")
+    from sd3trt.lora import read_loras
+
+    read_loras(a.lora)  # a bad LoRA (missing, not safetensors, bad scale) stops the start with one sentence
     cfg = ServerConfig(
         bundle=Path(a.bundle), db=db_target(a.db), backend=a.backend, engine_build=a.engines, host=a.host, port=a.port,
+        loras=tuple(a.lora),
         low_memory=a.low_memory, threads=a.threads, credits_per_image=a.credits_per_image,
         queue_size=a.queue_size, max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
         max_pixels=a.max_pixels, max_prompt_chars=a.max_prompt_chars, max_steps=a.max_steps,
@@ -142,6 +146,8 @@ def add_server_commands(sub) -> None:
                         "settings then come from the file, see server/ray-serve.yaml")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA allowed at start: merged into the served weights at load time (ONNX Runtime); repeatable")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default=DEFAULT_DB, help=DB_HELP)

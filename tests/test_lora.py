@@ -273,3 +273,17 @@ def test_refit_plan_only_cli(tiny_sd3, lora_files, tmp_path, capsys):
     assert cli_main(["refit", "--bundle", str(bundle), "--lora", f"{lora_files('sd3')[0]}:0.8", "--plan-only"]) == 0
     out = capsys.readouterr().out
     assert "transformer:" in out and "clip_l:" in out
+
+
+def test_server_refuses_a_bad_lora_at_start(tiny_sd3, tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    rc = cli_main(["serve", "--bundle", str(tiny_sd3[1]), "--db", str(tmp_path / "keys.db"),
+                   "--lora", str(tmp_path / "missing.safetensors:0.5")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_server_config_carries_the_allowed_loras():
+    from sd3trt.cli import build_parser
+
+    a = build_parser().parse_args(["serve", "--bundle", "b", "--lora", "x.safetensors:0.5", "--lora", "y.safetensors"])
+    assert a.lora == ["x.safetensors:0.5", "y.safetensors"]
