@@ -57,9 +57,37 @@ class LoraFile:
     def components(self) -> list[str]:
         return sorted(self.modules)
 
+    metadata: dict = field(default_factory=dict)  # diffusers' lora_adapter_metadata: {"transformer.lora_alpha": ...}
+
+    def scaling(self, component: str, module: str) -> float:
+        """alpha / rank of one module, as PEFT computes it: the file's `<module>.alpha` entry, else diffusers'
+        saved LoraConfig (lora_alpha, alpha_pattern, use_rslora), else alpha = rank (scaling 1)."""
+        p = self.modules[component][module]
+        rank = p["A"].shape[0]
+        alpha, rslora = float(rank), False
+        if "alpha" in p:
+            alpha = _scalar(p["alpha"])
+        else:
+            prefix = {"transformer": "transformer", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}[component]
+            meta = {k[len(prefix) + 1:]: v for k, v in self.metadata.items() if k.startswith(prefix + ".")}
+            if "lora_alpha" in meta:
+                alpha = float(meta["lora_alpha"])
+            for pattern, value in (meta.get("alpha_pattern") or {}).items():
+                if module == pattern or module.endswith("." + pattern):
+                    alpha = float(value)
+            rslora = bool(meta.get("use_rslora"))
+        return alpha / (math.sqrt(rank) if rslora else rank)
+
     def record(self) -> dict:
         """What a manifest records of it."""
         return {"file": self.path.name, "sha256": self.sha256, "scale": self.scale, "components": self.components}
+
+
+def _scalar(t: Tensor) -> float:
+    fmt = {"F64": "<d", "F32": "<f", "F16": "<e"}.get(t.dtype)
+    if fmt is None:  # BF16: the high half of a float32
+        return struct.unpack("<f", b"\0\0" + t.data[:2])[0]
+    return struct.unpack(fmt, t.data[:struct.calcsize(fmt)])[0]
 
 
 def check_scale(value, what: str = "LoRA scale") -> float:
@@ -97,8 +125,9 @@ def as_spec(item) -> LoraSpec:
     raise Sd3trtError(f"a LoRA is a path, 'PATH:SCALE' or (path, scale), got {type(item).__name__}")
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Every tensor of a .safetensors file; an Sd3trtError when the file is not one."""
+def read_safetensors(path: Path, metadata: dict | None = None) -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file; an Sd3trtError when the file is not one. `metadata`, when given,
+    receives the header's __metadata__ strings."""
     path = Path(path)
     bad = f"LoRA file {path} is not a safetensors file"
     try:
@@ -116,7 +145,9 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise Sd3trtError(f"{bad} (no valid header); save the LoRA with safetensors") from None
-    header.pop("__metadata__", None)
+    meta = header.pop("__metadata__", None)
+    if metadata is not None and isinstance(meta, dict):
+        metadata.update(meta)
     body = raw[8 + n:]
     out = {}
     for name, info in header.items():
@@ -140,8 +171,14 @@ def read_lora(spec: LoraSpec) -> LoraFile:
     path = Path(spec.path)
     if not path.is_file():
         raise Sd3trtError(f"LoRA file {path} does not exist")
-    tensors = read_safetensors(path)
+    header_meta: dict = {}
+    tensors = read_safetensors(path, header_meta)
     lora = LoraFile(path, spec.scale, hashlib.sha256(path.read_bytes()).hexdigest())
+    try:
+        adapter = json.loads(header_meta.get("lora_adapter_metadata") or "{}")
+        lora.metadata = adapter if isinstance(adapter, dict) else {}
+    except ValueError:
+        raise Sd3trtError(f"LoRA {path.name}: its lora_adapter_metadata is not valid JSON") from None
     unknown = []
     for key, t in tensors.items():
         comp, module, kind = classify(key)

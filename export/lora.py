@@ -36,9 +36,7 @@ def fuse(model: torch.nn.Module, component: str, loras: list[LoraFile]) -> int:
         for module, p in sorted(lora.modules.get(component, {}).items()):
             layer = model.get_submodule(module)
             a, b = _tensor(p["A"]), _tensor(p["B"])
-            rank = a.shape[0]
-            alpha = float(_tensor(p["alpha"]).reshape(-1)[0]) if "alpha" in p else float(rank)
-            delta = (b @ a) * (lora.scale * alpha / rank)
+            delta = (b @ a) * (lora.scale * lora.scaling(component, module))
             w = layer.weight
             w.data = (w.data.float() + delta).to(w.dtype)
             count += 1

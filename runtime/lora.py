@@ -29,11 +29,10 @@ def to_array(t: Tensor) -> np.ndarray:
 
 
 def delta(lora: LoraFile, component: str, module: str) -> np.ndarray:
-    """scale * (alpha / rank) * (B @ A), float32 [out, in], in PEFT's order of operations."""
+    """scale * scaling * (B @ A) (scaling: alpha / rank, LoraFile.scaling), float32 [out, in], in PEFT's order of operations."""
     p = lora.modules[component][module]
     a, b = to_array(p["A"]).astype(np.float32), to_array(p["B"]).astype(np.float32)
-    alpha = float(to_array(p["alpha"]).reshape(-1)[0]) if "alpha" in p else float(a.shape[0])
-    return (b @ a) * np.float32((alpha / a.shape[0]) * lora.scale)
+    return (b @ a) * np.float32(lora.scaling(component, module) * lora.scale)
 
 
 def weight_maps(bundle) -> dict[str, dict | None]:

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 from diffusers_ref import run_reference
 from sd3trt.cli import main as cli_main
 from sd3trt.errors import Sd3trtError
-from sd3trt.lora import linear_shapes, parse_arg
+from sd3trt.lora import LoraSpec, linear_shapes, parse_arg, read_lora
 from sd3trt.manifest import load_bundle
 from sd3trt.runtime.pipeline import Img2Img, Noise
 from test_pipeline_parity import MAX_FLOAT, MAX_LEVELS, picture
@@ -28,8 +28,9 @@ CLIP = re.compile(r"text_model\.encoder\.layers\.0\.(self_attn\.(q|k|v|out)_proj
 
 
 def make_lora(model_dir: Path, path: Path, seed: int = 0, rank: int = 4, text_encoder: str | None = "text_encoder",
-              transformer: bool = True) -> Path:
-    """A rank-`rank` LoRA in diffusers' PEFT naming whose deltas change the image clearly (tens of levels)."""
+              transformer: bool = True, metadata: dict | None = None) -> Path:
+    """A rank-`rank` LoRA in diffusers' PEFT naming whose deltas change the image clearly (tens of levels).
+    metadata: diffusers' saved LoraConfig ({"transformer.lora_alpha": ...}), stored as lora_adapter_metadata."""
     rng = np.random.default_rng(seed)
     groups = []
     if transformer:
@@ -43,7 +44,14 @@ def make_lora(model_dir: Path, path: Path, seed: int = 0, rank: int = 4, text_en
                 out, inp = entry["shape"]
                 tensors[f"{prefix}.{module}.lora_A.weight"] = (rng.standard_normal((rank, inp)) / np.sqrt(inp)).astype(np.float32)
                 tensors[f"{prefix}.{module}.lora_B.weight"] = (rng.standard_normal((out, rank)) * 0.2).astype(np.float32)
-    save_file(tensors, str(path))
+    extra = None
+    if metadata:
+        for prefix, _, pattern in groups:
+            metadata.setdefault(f"{prefix}.r", rank)
+            metadata.setdefault(f"{prefix}.target_modules", sorted({k.split(".lora_")[0][len(prefix) + 1:]
+                                                                    for k in tensors if k.startswith(prefix + ".")}))
+        extra = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
+    save_file(tensors, str(path), metadata=extra)
     return path
 
 
@@ -102,6 +110,28 @@ def test_export_and_load_time_match_diffusers(tiny_factory, lora_files, tmp_path
                                      **args), ref_u8, ref_float)
     print(f"LoRA parity {variant} scales {scales}: export {export_figures}, load time {load_figures}")
     for levels, err in (export_figures, load_figures):
+        assert levels <= MAX_LEVELS and err <= MAX_FLOAT
+
+
+def test_saved_lora_config_alpha_matches_diffusers(tiny_sd3, tmp_path):
+    """A LoRA saved by diffusers' trainers carries its LoraConfig: lora_alpha != rank, and an alpha_pattern."""
+    from sd3trt.export.bundle import export_bundle
+
+    model, bundle = tiny_sd3
+    meta = {"transformer.lora_alpha": 8, "transformer.alpha_pattern": {"transformer_blocks.0.attn.to_q": 2},
+            "text_encoder.lora_alpha": 2}
+    path = make_lora(model, tmp_path / "alpha.safetensors", 5, metadata=meta)
+    lora = read_lora(LoraSpec(path, 0.8))  # alpha / rank: 8/4, the pattern's 2/4, CLIP-L's 2/4
+    assert [lora.scaling(c, m) for c, m in (("transformer", "transformer_blocks.0.attn.to_k"),
+            ("transformer", "transformer_blocks.0.attn.to_q"), ("clip_l", "text_model.encoder.layers.0.mlp.fc1"))] \
+        == [2.0, 0.5, 0.5]
+    image, latents, posterior = _inputs()
+    ref_u8, ref_float = run_reference(model, image, "a fox", "blurry", 0.6, 4, 7.0, 1, latents, posterior,
+                                      loras=[(path, 0.8)])
+    kw = dict(negative_prompt="blurry", strength=0.6, steps=4, noise=Noise(latents, posterior))
+    export_bundle(model, tmp_path / "fused", log=lambda s: None, loras=[f"{path}:0.8"])
+    for pipe in (Img2Img.from_bundle(tmp_path / "fused"), Img2Img.from_bundle(bundle, loras=[(path, 0.8)])):
+        levels, err = _compare(pipe(image, "a fox", **kw), ref_u8, ref_float)
         assert levels <= MAX_LEVELS and err <= MAX_FLOAT
 
 
@@ -242,8 +272,6 @@ def test_refit_plan_matches_the_graphs_weights(tiny_sd3, lora_files, tmp_path):
         by_init = {e["initializer"]: (m, e) for m, e in maps[comp].items()}
         for name, merged in weights.items():  # and the values: base (read by onnx) + the LoRA deltas
             module, entry = by_init[name]
-            from sd3trt.lora import read_lora, LoraSpec
-
             d = sum(delta(read_lora(LoraSpec(p, s)), comp, module) for p, s in ((a, 0.5), (b, 1.5))
                     if module in read_lora(LoraSpec(p, s)).modules.get(comp, {}))
             want = inits[name] + (d.T if entry["transposed"] else d)
