@@ -315,3 +315,59 @@ def test_server_config_carries_the_allowed_loras():
 
     a = build_parser().parse_args(["serve", "--bundle", "b", "--lora", "x.safetensors:0.5", "--lora", "y.safetensors"])
     assert a.lora == ["x.safetensors:0.5", "y.safetensors"]
+
+
+def _gpu() -> str | None:
+    """Why the refit cannot run here (None: a GPU the installed TensorRT can target)."""
+    from sd3trt.runtime.cuda import find_gpu
+
+    try:
+        from sd3trt.engines.gpu_targets import gpu_mismatch
+        from sd3trt.runtime.flavour import load_flavour
+
+        return gpu_mismatch(load_flavour(), *find_gpu(0))
+    except Exception as e:  # no cuda-bindings, no GPU, no TensorRT
+        return str(e) or type(e).__name__
+
+
+@pytest.mark.gpu
+def test_refit_on_the_gpu_matches_the_load_time_lora(tiny_sd3, lora_files, tmp_path):
+    """Refit a --refit fp32 build with two LoRAs; the transformer and CLIP-L engines then agree with ONNX Runtime
+    running the same LoRAs at load time (TF32 tolerance, as test_trt_runner's fp32 check)."""
+    import shutil
+
+    problem = _gpu()
+    if problem:
+        pytest.skip(f"needs a GPU TensorRT can target: {problem}")
+    from sd3trt.engines.build import BuildOptions, build_engines
+    from sd3trt.engines.refit import apply_refit, refit_plan
+    from sd3trt.profiles import Range, ShapeRequest
+    from sd3trt.runtime.flavour import load_flavour
+    from sd3trt.runtime.trt_runner import TrtRunner
+    from sd3trt.spec import concrete_shape, request_dims
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_sd3[1], bundle)
+    request = ShapeRequest(images=(Range(64, 64, 64),), batch=Range(1, 1, 1), cfg="off", t5_seq=Range(16, 16, 16))
+    ccs = ("current",) if load_flavour().is_rtx else ()
+    build_engines(bundle, BuildOptions("fp32", name="r", request=request, compute_capabilities=ccs, refit=True,
+                                       components=("clip_l", "transformer")), log=lambda s: None)
+    loras = [(p, s) for p, s in zip(lora_files("sd3"), (0.7, 1.3))]
+    entry = apply_refit(bundle, refit_plan(bundle, [f"{p}:{s}" for p, s in loras], "r"), "r-lora", log=lambda s: None)
+    assert entry["refit_from"] == "r" and len(entry["loras"]) == 2
+    b = load_bundle(bundle)
+    ref = Img2Img(b, loras=loras)
+    rng = np.random.default_rng(0)
+    for comp in ("clip_l", "transformer"):
+        feeds = {}
+        for t in b.component(comp)["inputs"]:
+            shape = concrete_shape(t["shape"], request_dims(b.facts, 1, 64, 64, 16))
+            feeds[t["name"]] = (rng.integers(3, 300, shape) if t["dtype"] == "int64"
+                                else rng.standard_normal(shape).astype(np.float32))
+        runner = TrtRunner.from_bundle(b, comp, build="r-lora")
+        try:
+            got, want = runner.run(feeds), ref.runner(comp).run(feeds)
+        finally:
+            runner.close()
+        for name, w in want.items():
+            assert float(np.abs(got[name] - w).max() / max(np.abs(w).max(), 1e-6)) < 5e-3, (comp, name)
