@@ -236,6 +236,10 @@ def check_against(loras: list[LoraFile], maps: dict[str, dict | None], where: st
                 if module not in wmap:
                     raise Sd3trtError(f"LoRA {lora.path.name} is not for this model: its {comp} has no linear "
                                       f"weight {module!r}")
+                if "initializer" in wmap[module] and wmap[module]["initializer"] is None:
+                    raise Sd3trtError(f"the export folded the weight of {comp} {module} into other constants, so "
+                                      f"LoRA {lora.path.name} cannot be merged at load time; fuse it with "
+                                      "`sd3trt export --lora PATH[:SCALE]`")
                 want, got = tuple(wmap[module]["shape"]), (p["B"].shape[0], p["A"].shape[1])
                 if got != want:
                     raise Sd3trtError(f"LoRA {lora.path.name} is not for this model: {comp} {module} is "

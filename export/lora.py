@@ -30,23 +30,23 @@ def _tensor(t: Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fuse(model: torch.nn.Module, component: str, loras: list[LoraFile]) -> int:
-    """Fuse every LoRA's modules of `component` into `model` (the unwrapped diffusers/transformers module)."""
-    count = 0
+    """Fuse every LoRA's modules of `component` into `model` (the unwrapped diffusers/transformers module).
+    The deltas of several LoRAs are summed in float32 and added once (one rounding in fp16, as at load time)."""
+    deltas: dict[str, torch.Tensor] = {}
     for lora in loras:
         for module, p in sorted(lora.modules.get(component, {}).items()):
-            layer = model.get_submodule(module)
-            a, b = _tensor(p["A"]), _tensor(p["B"])
-            delta = (b @ a) * (lora.scale * lora.scaling(component, module))
-            w = layer.weight
-            w.data = (w.data.float() + delta).to(w.dtype)
-            count += 1
-    return count
+            d = (_tensor(p["B"]) @ _tensor(p["A"])) * (lora.scale * lora.scaling(component, module))
+            deltas[module] = deltas[module] + d if module in deltas else d
+    for module, d in deltas.items():
+        w = model.get_submodule(module).weight
+        w.data = (w.data.float() + d).to(w.dtype)
+    return len(deltas)
 
 
 def weight_map(wrapped: torch.nn.Module, component: str, onnx_path: Path) -> dict:
     """{module: {"initializer", "transposed", "shape"}} for each nn.Linear of the exported module whose weight
     is one initializer of the graph, found by name or by content (W or W.T). Weights that were folded into
-    others, or whose bytes occur more than once, are left out (a LoRA on them is then refused at load)."""
+    others, or whose bytes occur more than once, get initializer None (a load-time LoRA on them is refused)."""
     import onnx
     from onnx import numpy_helper
 
@@ -78,11 +78,13 @@ def weight_map(wrapped: torch.nn.Module, component: str, onnx_path: Path) -> dic
                 if len(names) == 1:
                     hit = (names[0], transposed)
                     break
-        if hit is None:
-            continue
-        used.setdefault(hit[0], []).append(module)
-        found[module] = {"initializer": hit[0], "transposed": hit[1], "shape": list(w.shape)}
-    return {m: e for m, e in sorted(found.items()) if len(used[e["initializer"]]) == 1}
+        if hit is not None:
+            used.setdefault(hit[0], []).append(module)
+        found[module] = {"initializer": hit and hit[0], "transposed": bool(hit and hit[1]), "shape": list(w.shape)}
+    for entry in found.values():  # not one initializer of its own: recorded, so a load-time LoRA names why
+        if entry["initializer"] is not None and len(used[entry["initializer"]]) != 1:
+            entry["initializer"] = None
+    return dict(sorted(found.items()))
 
 
 def write_weight_map(wrapped, component: str, onnx_path: Path, dest: Path) -> Path | None:

@@ -371,3 +371,41 @@ def test_refit_on_the_gpu_matches_the_load_time_lora(tiny_sd3, lora_files, tmp_p
             runner.close()
         for name, w in want.items():
             assert float(np.abs(got[name] - w).max() / max(np.abs(w).max(), 1e-6)) < 5e-3, (comp, name)
+
+
+def test_load_time_refusals_name_the_fix(tiny_sd3, lora_files, tmp_path):
+    """A bundle exported before weight maps existed, and a weight the export folded, each name the fix."""
+    from sd3trt.runtime import lora as lora_runtime
+
+    _, bundle_dir = tiny_sd3
+    lora = lora_files("sd3")[1]  # transformer only
+    bundle = load_bundle(bundle_dir)
+    del bundle.data["components"]["transformer"]["lora_map"]
+    with pytest.raises(Sd3trtError, match="records no weight names for its transformer; re-export it"):
+        lora_runtime.overrides(bundle, [lora], {})
+    bundle = load_bundle(bundle_dir)
+    folded = tmp_path / "transformer.lora.json"
+    wmap = json.loads(bundle.path(bundle.component("transformer")["lora_map"]).read_text())
+    wmap["transformer_blocks.0.attn.to_q"]["initializer"] = None
+    folded.write_text(json.dumps(wmap))
+    bundle.data["components"]["transformer"]["lora_map"] = str(folded)  # absolute: Path join keeps it
+    with pytest.raises(Sd3trtError, match=r"folded the weight of transformer transformer_blocks\.0\.attn\.to_q"):
+        lora_runtime.overrides(bundle, [lora], {})
+
+
+def test_fp16_bundle_load_time_equals_export_time(tiny_sd3, lora_files, tmp_path):
+    """fp16: both modes add the summed deltas to W in float32 and round once to fp16."""
+    from sd3trt.export.bundle import export_bundle
+
+    model, _ = tiny_sd3
+    a, b = lora_files("sd3")
+    loras = [(a, 0.7), (b, 1.3)]
+    plain = export_bundle(model, tmp_path / "p16", dtype="fp16", log=lambda s: None)
+    fused = export_bundle(model, tmp_path / "f16", dtype="fp16", log=lambda s: None,
+                          loras=[f"{p}:{s}" for p, s in loras])
+    image, latents, posterior = _inputs()
+    kw = dict(strength=0.6, steps=3, noise=Noise(latents, posterior))
+    x = Img2Img.from_bundle(fused)(image, "a fox", **kw)
+    y = Img2Img.from_bundle(plain, loras=loras)(image, "a fox", **kw)
+    z = Img2Img.from_bundle(plain)(image, "a fox", **kw)
+    assert np.abs(x.array.astype(int) - y.array).max() <= MAX_LEVELS < np.abs(x.array.astype(int) - z.array).max()
