@@ -17,7 +17,7 @@ class ServerConfig:
     db: Path | str  # a SQLite file, or a postgresql:// URL
     backend: str = "onnxruntime"
     engine_build: str | None = None  # tensorrt backend: which `sd3trt build` output
-    loras: tuple[str, ...] = ()  # 'PATH[:SCALE]' LoRAs named at start, merged into the weights at load time
+    loras: tuple[str, ...] = ()  # 'PATH[:SCALE]' LoRAs named at start, merged into the weights every request runs with
     host: str = "127.0.0.1"
     port: int = 8000
     low_memory: bool = False

@@ -81,7 +81,8 @@ class Server:
     def _load(self) -> Img2Img:
         """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
         pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
-                                   threads=self.cfg.threads, engine_build=self.cfg.engine_build)
+                                   threads=self.cfg.threads, engine_build=self.cfg.engine_build,
+                                   loras=list(self.cfg.loras) or None)
         pipe.load_all()
         self.bundle = pipe.bundle
         return pipe

@@ -317,6 +317,23 @@ def test_server_config_carries_the_allowed_loras():
     assert a.lora == ["x.safetensors:0.5", "y.safetensors"]
 
 
+def test_server_pipeline_runs_the_loras_named_at_start(tiny_sd3, lora_files, tmp_path):
+    pytest.importorskip("fastapi")
+    from sd3trt.server.config import ServerConfig
+    from sd3trt.server.service import Server
+
+    _, bundle = tiny_sd3
+    image, latents, posterior = _inputs()
+    kw = dict(strength=0.6, steps=2, noise=Noise(latents, posterior))
+    lora = f"{lora_files('sd3')[0]}:0.8"
+    served = Server(ServerConfig(bundle, tmp_path / "keys.db", loras=(lora,)))._load()
+    direct = Img2Img.from_bundle(bundle, loras=[lora])
+    plain = Img2Img.from_bundle(bundle)
+    got = served(image, "a fox", **kw).array
+    assert np.array_equal(got, direct(image, "a fox", **kw).array)
+    assert not np.array_equal(got, plain(image, "a fox", **kw).array)
+
+
 def _gpu() -> str | None:
     """Why the refit cannot run here (None: a GPU the installed TensorRT can target)."""
     from sd3trt.runtime.cuda import find_gpu
