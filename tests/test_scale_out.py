@@ -469,8 +469,9 @@ def test_ray_32_concurrent_requests_on_10_credits(ray_cluster):
     assert store.balance(key_id) == 0 and not store.pending()
     per_owner = dict(store._read("SELECT owner, COUNT(*) FROM debits WHERE key_id = ? AND state = 'committed' "
                                  "GROUP BY owner", (key_id,)))
-    assert sum(per_owner.values()) == 10 and len(per_owner) == 2, per_owner  # both replicas served
+    assert sum(per_owner.values()) == 10 and 1 <= len(per_owner) <= 2, per_owner
     served = [n - b for n, b in zip(c.posts_per_replica(), before)]
+    # Both replicas handle requests; which of them wins the 10 debits is a race (seen 1/9, 4/6 and 0/10).
     assert sum(served) == 32 and min(served) > 0, served
     print(f"\n[figures] 32 requests on 10 credits: {len(ok)} images, {codes.count(406)} x 406 in {took:.1f} s; "
           f"requests per replica {sorted(served)}, images per replica {sorted(per_owner.values())}; cluster up in {c.startup_s:.1f} s")
