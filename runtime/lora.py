@@ -17,6 +17,7 @@ import numpy as np
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.lora import LORA_MAP_KEY, LoraFile, Tensor, check_against, read_loras
+from sd3trt.runtime.bf16 import bf16_bits_to_f32
 
 QUANTIZED_FIX = ("a LoRA cannot be applied to a quantized transformer at load time; fuse it before quantizing: "
                  "`sd3trt export --lora PATH[:SCALE] ...` then `sd3trt quantize`")
@@ -24,7 +25,7 @@ QUANTIZED_FIX = ("a LoRA cannot be applied to a quantized transformer at load ti
 
 def to_array(t: Tensor) -> np.ndarray:
     if t.dtype == "BF16":
-        return (np.frombuffer(t.data, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+        return bf16_bits_to_f32(np.frombuffer(t.data, "<u2")).reshape(t.shape)
     return np.frombuffer(t.data, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[t.dtype]).reshape(t.shape)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.profiles import EngineProfiles
+from sd3trt.runtime.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
 from sd3trt.runtime.builds import read_metadata, select_build
 from sd3trt.runtime.caches import RuntimeCacheFile, runtime_cache_path
 from sd3trt.runtime.cuda import Cuda, pinned_view
@@ -51,20 +52,6 @@ DIAGNOSTICS = {
 
 
 # --------------------------------------------------------------------------- bf16 on the host
-
-
-def f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    nan = np.isnan(a)
-    if nan.any():
-        rounded[nan] = 0x7FC0
-    return rounded
-
-
-def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
-    return (np.ascontiguousarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 # --------------------------------------------------------------------------- the runner

@@ -7,7 +7,6 @@ what is left of its process group after a bounded wait.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import socket
@@ -15,14 +14,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-
-def need(module: str):
-    if os.environ.get("CI"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
-
+from needs import need
 
 need("fastapi")
 requests = need("requests")

@@ -8,7 +8,6 @@ its HTTP proxy on 127.0.0.1. Every wait is bounded; the cluster and the database
 from __future__ import annotations
 
 import base64
-import importlib
 import io
 import os
 import socket
@@ -21,14 +20,7 @@ from pathlib import Path
 
 import pytest
 
-
-
-def need(module: str):
-    """Skip without the module, except in CI (CI=true), which installs the scale extra: there it must run."""
-    if os.environ.get("CI"):
-        return importlib.import_module(module)
-    return pytest.importorskip(module)
-
+from needs import need
 
 need("fastapi")
 requests = need("requests")

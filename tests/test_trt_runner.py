@@ -31,9 +31,10 @@ from sd3trt.runtime.cuda import Cuda, check_cudart, find_gpu
 from sd3trt.runtime.cuda_graph import CudaGraph
 from sd3trt.runtime.ort_gpu import check_session_providers, ort_gpu_providers, provider_load_error
 from sd3trt.runtime.runners import OrtRunner
+from sd3trt.runtime.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
 from sd3trt.runtime.builds import read_metadata, select_build
 from sd3trt.runtime.trt_runner import (
-    TrtRunner, bf16_bits_to_f32, check_bindings, env_options, f32_to_bf16_bits, scratch_bytes,
+    TrtRunner, check_bindings, env_options, scratch_bytes,
 )
 from sd3trt.spec import concrete_shape, request_dims
 
