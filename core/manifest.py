@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest)
 QUANTIZED = "quantized"  # manifest section of quantized graphs, keyed by quantized_key()
+CPU_GATES = "cpu_gates"  # manifest section of `sd3trt gate` records (runtime/cpu_precision.py); lists no files
 STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
 RESTORE = "re-run `sd3trt export --overwrite` (or the `sd3trt build` / `sd3trt quantize` that wrote it) to restore it"
 LOG_HASHING_ABOVE = 1 << 30  # bytes: hashing more than this on a load logs one line

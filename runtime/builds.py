@@ -126,9 +126,9 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
         precision.check(transformer, precision.ENGINE, "transformer precision")
     if vae is not None:
         precision.check(vae, precision.FLOATS + precision.VAE_QUANTIZED, "VAE precision")
-    if vae in precision.VAE_QUANTIZED and backend != "onnxruntime":
-        raise Sd3trtError(f"the int8 VAE is an ONNX Runtime CPU graph, not for the {backend} backend; use "
-                          "--backend onnxruntime, or the fp16/bf16 VAE of a GPU engine build")
+    if vae in precision.VAE_QUANTIZED and backend not in ("onnxruntime", "openvino"):
+        raise Sd3trtError(f"the int8 VAE is a CPU graph, not for the {backend} backend; use --backend onnxruntime "
+                          "or openvino, or the fp16/bf16 VAE of a GPU engine build")
     if backend == "tensorrt":
         if files:
             raise Sd3trtError("onnx_files picks ONNX Runtime graphs; the tensorrt backend runs an engine build "

@@ -62,7 +62,8 @@ def run_img2img(a) -> None:
     noise = _read_noise(a.noise) if a.noise else None
     with warnings_on_stderr(), Img2Img.from_bundle(
             a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
-            transformer_precision=a.precision, vae_precision=a.vae_precision, loras=a.lora) as pipe:
+            transformer_precision=a.precision, vae_precision=a.vae_precision, loras=a.lora,
+            cpu_precision=a.cpu_precision) as pipe:
         res = pipe(
             a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
             guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
@@ -76,8 +77,23 @@ def run_img2img(a) -> None:
     print("timings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
 
 
-def add_runtime_commands(sub) -> None:
+def add_precisions(p) -> None:
+    """--precision, --vae-precision and --cpu-precision: what img2img and serve run each graph in."""
     from sd3trt import precision as prec
+    from sd3trt.runtime.ov_runner import CPU_PRECISIONS
+
+    p.add_argument("--precision", default=None, choices=prec.ENGINE,
+                   help="transformer precision: onnxruntime/openvino run fp32 graphs or int8/fp8 ones from `sd3trt "
+                        "quantize`; tensorrt uses the engine build of this precision (`sd3trt build --precision`)")
+    p.add_argument("--vae-precision", default=None, choices=prec.FLOATS + prec.VAE_QUANTIZED,
+                   help="int8: the VAE's int8 convolutions on the CPU backends (`sd3trt quantize --component "
+                        "vae_decoder`); fp16/bf16/fp32 with tensorrt: the engine build whose VAE has it")
+    p.add_argument("--cpu-precision", default=None, choices=CPU_PRECISIONS,
+                   help="openvino backend: auto (default: bf16 where the CPU has AVX512_BF16 or AMX), fp32 or bf16; "
+                        "bf16 runs the graphs that passed `sd3trt gate`")
+
+
+def add_runtime_commands(sub) -> None:
     from sd3trt.runtime.images import DEFAULT_MAX_PIXELS
     from sd3trt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
     from sd3trt.runtime.runners import BACKENDS
@@ -96,13 +112,8 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--max-sequence-length", type=int, default=256)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit on input pixels")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
-    p.add_argument("--precision", default=None, choices=prec.ENGINE,
-                   help="transformer precision: onnxruntime runs fp32 graphs or int8/fp8 ones from `sd3trt quantize`; "
-                        "tensorrt uses the engine build of this precision (`sd3trt build --precision`) or refuses")
-    p.add_argument("--vae-precision", default=None, choices=prec.FLOATS + prec.VAE_QUANTIZED,
-                   help="int8: the VAE's int8 convolutions on ONNX Runtime CPU (`sd3trt quantize --component "
-                        "vae_decoder`); fp16/bf16/fp32 with tensorrt: the engine build whose VAE has it")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
+    add_precisions(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (diffusers/PEFT safetensors) into the weights at load time, at SCALE (default 1); "
                         "repeatable; ONNX Runtime backends (TensorRT: `sd3trt refit`)")

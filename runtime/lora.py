@@ -56,6 +56,9 @@ def read_for(bundle, backend: str, items, transformer_precision: str | None, cus
         raise Sd3trtError("TensorRT engines take a LoRA by refitting an engine built with --refit (`sd3trt refit "
                           f"--bundle {bundle.root} --lora PATH[:SCALE]`), or fuse it at export with "
                           "`sd3trt export --lora`; load-time LoRAs are for the ONNX Runtime backends")
+    if backend == "openvino":
+        raise Sd3trtError("load-time LoRAs run on the ONNX Runtime backends; use --backend onnxruntime, or fuse the "
+                          "LoRA at export with `sd3trt export --lora` and run that bundle on openvino")
     loras = read_loras(items)
     touched = {c for lora in loras for c in lora.modules}
     if "transformer" in touched and transformer_precision not in (None, "fp32"):

@@ -42,7 +42,7 @@ from sd3trt.runtime.cancel import check_token, stop_if_cancelled
 from sd3trt.runtime.plan import Noise, Plan, RequestError
 from sd3trt.runtime.prompts import PromptEncoder
 from sd3trt.runtime.result import Result
-from sd3trt.runtime.runners import BACKENDS, OrtRunner, Runner, RunnerPool
+from sd3trt.runtime.runners import BACKENDS, CPU_BACKENDS, OrtRunner, Runner, RunnerPool
 from sd3trt.spec import T5_DEFAULT_LENGTH
 
 __all__ = ["Img2Img", "Noise", "Plan", "Result", "RequestError"]
@@ -73,17 +73,22 @@ class Img2Img:
     runner_factory(name) -> Runner replaces default_runner (e.g. to wrap it).
     loras: LoRAs merged into the weights at load time, without re-export ('PATH[:SCALE]' strings, paths,
     (path, scale) pairs or sd3trt.lora.LoraSpec); ONNX Runtime backends, float graphs (runtime/lora.py).
+    cpu_precision: openvino backend: "auto" (the default: bf16 where the CPU has it natively), "fp32" or "bf16";
+    bf16 runs only the graphs whose bf16 image passed `sd3trt gate` on this bundle (runtime/cpu_precision.py).
     """
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, low_memory: bool = False,
                  runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
                  engine_build: str | None = None, transformer_precision: str | None = None,
                  vae_precision: str | None = None, onnx_files: Mapping[str, str | Path] | None = None,
-                 prompt_cache: int = 16, loras=None):
+                 prompt_cache: int = 16, loras=None, cpu_precision: str | None = None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if bundle.dtype == "bf16" and backend.startswith("onnxruntime"):
-            raise Sd3trtError("ONNX Runtime cannot run a bf16 bundle on CPU; export with --dtype fp32 or fp16")
+        if bundle.dtype == "bf16" and backend in CPU_BACKENDS + ("onnxruntime-cuda", "onnxruntime-trt"):
+            raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; export with --dtype fp32 (or fp16)")
+        if cpu_precision is not None and backend != "openvino":
+            raise Sd3trtError(f"cpu_precision is for the openvino backend, not {backend}; use --backend openvino "
+                              "(ONNX Runtime runs the bundle's float graphs, or --precision int8)")
         self.bundle = bundle
         self.facts = bundle.facts
         self.backend = backend
@@ -92,6 +97,12 @@ class Img2Img:
         self._onnx_files, self.engine_build = choose_graphs(bundle, backend, engine_build, transformer_precision,
                                                            vae_precision, onnx_files or {})
         self.loras, self._initializers = lora_runtime.overrides(bundle, loras, self._onnx_files)
+        self.graph_precisions: Mapping[str, str] = MappingProxyType({})  # openvino: fp32/bf16 per component
+        if backend == "openvino":
+            from sd3trt.runtime.cpu_precision import graph_precisions
+
+            self.graph_precisions = MappingProxyType(
+                graph_precisions(bundle, cpu_precision, self._onnx_files, transformer_precision, vae_precision))
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
@@ -107,7 +118,7 @@ class Img2Img:
 
     @property
     def onnx_files(self) -> Mapping[str, Path]:
-        """Read-only: the ONNX file each component runs (onnxruntime backends; empty for tensorrt)."""
+        """Read-only: the ONNX file each component runs (onnxruntime and openvino; empty for tensorrt)."""
         return MappingProxyType(self._onnx_files)
 
     def default_runner(self, name: str) -> Runner:
@@ -116,6 +127,11 @@ class Img2Img:
             from sd3trt.runtime.trt_runner import TrtRunner
 
             return TrtRunner.from_bundle(self.bundle, name, build=self.engine_build)
+        if self.backend == "openvino":
+            from sd3trt.runtime.ov_runner import OvRunner
+
+            return OvRunner(name, self.bundle.component(name), self._onnx_files[name],
+                            precision=self.graph_precisions[name], threads=self.threads)
         providers = None
         if self.backend != "onnxruntime":
             from sd3trt.runtime.ort_gpu import ort_gpu_providers

@@ -67,7 +67,7 @@ def _serve(a) -> None:
     read_loras(a.lora)  # a bad LoRA (missing, not safetensors, bad scale) stops the start with one sentence
     cfg = ServerConfig(
         bundle=Path(a.bundle), db=db_target(a.db), backend=a.backend, engine_build=a.engines, host=a.host, port=a.port,
-        loras=tuple(a.lora),
+        loras=tuple(a.lora), precision=a.precision, vae_precision=a.vae_precision, cpu_precision=a.cpu_precision,
         low_memory=a.low_memory, threads=a.threads, credits_per_image=a.credits_per_image,
         queue_size=a.queue_size, max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
         max_pixels=a.max_pixels, max_prompt_chars=a.max_prompt_chars, max_steps=a.max_steps,
@@ -135,6 +135,7 @@ def _keys_enable(a, disabled: bool) -> None:
 
 
 def add_server_commands(sub) -> None:
+    from sd3trt.runtime.cli import add_precisions
     from sd3trt.runtime.runners import BACKENDS
 
     p = sub.add_parser("serve", help="serve the hosted SD3-Large img2img HTTP API over a bundle",
@@ -146,6 +147,7 @@ def add_server_commands(sub) -> None:
                         "settings then come from the file, see server/ray-serve.yaml")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
+    add_precisions(p)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA allowed at start: merged into the served weights at load time (ONNX Runtime); repeatable")
     p.add_argument("--host", default="127.0.0.1")

@@ -17,6 +17,9 @@ class ServerConfig:
     db: Path | str  # a SQLite file, or a postgresql:// URL
     backend: str = "onnxruntime"
     engine_build: str | None = None  # tensorrt backend: which `sd3trt build` output
+    precision: str | None = None  # transformer: fp32 graphs, int8/fp8 from `sd3trt quantize`, or the build's
+    vae_precision: str | None = None
+    cpu_precision: str | None = None  # openvino backend: auto | fp32 | bf16
     loras: tuple[str, ...] = ()  # 'PATH[:SCALE]' LoRAs named at start, merged into the weights every request runs with
     host: str = "127.0.0.1"
     port: int = 8000

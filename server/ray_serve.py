@@ -31,7 +31,7 @@ DEPLOYMENT = "Sd3trtReplica"
 
 def config_from_env(env=os.environ) -> ServerConfig:
     """SD3TRT_BUNDLE (required), SD3TRT_DB (a SQLite file or a postgresql:// URL), SD3TRT_BACKEND,
-    SD3TRT_ENGINES, SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE, SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES,
+    SD3TRT_ENGINES, SD3TRT_PRECISION, SD3TRT_VAE_PRECISION, SD3TRT_CPU_PRECISION (as the serve flags), SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE, SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES,
     SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1, SD3TRT_MAX_STEPS, SD3TRT_MAX_INFLIGHT_PER_KEY,
     SD3TRT_LIMIT_CONCURRENCY, SD3TRT_HEARTBEAT, SD3TRT_LEASE (seconds), SD3TRT_THREADS, SD3TRT_LOW_MEMORY=1."""
     d = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
@@ -41,6 +41,9 @@ def config_from_env(env=os.environ) -> ServerConfig:
         db=db_target(env.get("SD3TRT_DB", str(d.db))),
         backend=env.get("SD3TRT_BACKEND", d.backend),
         engine_build=env.get("SD3TRT_ENGINES") or None,
+        precision=env.get("SD3TRT_PRECISION") or None,
+        vae_precision=env.get("SD3TRT_VAE_PRECISION") or None,
+        cpu_precision=env.get("SD3TRT_CPU_PRECISION") or None,
         queue_size=int(env.get("SD3TRT_QUEUE_SIZE", d.queue_size)),
         credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", d.credits_per_image)),
         max_pixels=int(env.get("SD3TRT_MAX_PIXELS", d.max_pixels)),

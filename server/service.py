@@ -82,7 +82,8 @@ class Server:
         """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
         pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
                                    threads=self.cfg.threads, engine_build=self.cfg.engine_build,
-                                   loras=list(self.cfg.loras) or None)
+                                   transformer_precision=self.cfg.precision, vae_precision=self.cfg.vae_precision,
+                                   cpu_precision=self.cfg.cpu_precision, loras=list(self.cfg.loras) or None)
         pipe.load_all()
         self.bundle = pipe.bundle
         return pipe

@@ -1,0 +1,105 @@
+"""OpenVINO runner: the bundle's ONNX graphs (fp32, and the Q/DQ graphs of `sd3trt quantize`) compiled by
+OpenVINO's CPU plugin, in f32 or bf16.
+
+    runner = OvRunner("transformer", bundle.component("transformer"), path, precision="bf16", threads=2)
+
+Each runner compiles its graph once (latency hint, one stream, `threads` threads) and keeps the compiled
+model in OpenVINO's model cache under cache_base()/openvino/<file key>: a restart imports the compiled blob
+instead of compiling again. The key names the file by path, size and modification time, so a re-exported
+graph never meets a stale blob (OpenVINO's own key adds the compile settings).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+from sd3trt.errors import Sd3trtError
+from sd3trt.runtime.caches import cache_base
+from sd3trt.runtime.runners import Runner, release_heap
+
+CPU_PRECISIONS = ("auto", "fp32", "bf16")
+HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+@functools.cache
+def core():
+    """The process's one openvino.Core (its plugins load once)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise Sd3trtError("the openvino backend needs OpenVINO: pip install -e '.[openvino]'") from None
+    return ov.Core()
+
+
+def openvino_version() -> str:
+    import openvino as ov
+
+    return ov.__version__.split("-")[0]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 natively here (AVX512_BF16 or AMX)."""
+    return "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def resolve_cpu_precision(asked: str) -> str:
+    """"fp32" or "bf16" for an asked-for "auto" | "fp32" | "bf16"; bf16 on a CPU without it is refused."""
+    if asked not in CPU_PRECISIONS:
+        raise Sd3trtError(f"unknown CPU precision {asked!r}; use {', '.join(CPU_PRECISIONS)}")
+    if asked == "fp32":
+        return "fp32"
+    if cpu_has_bf16():
+        return "bf16"
+    if asked == "bf16":
+        raise Sd3trtError("this CPU has no native bf16 (no AVX512_BF16 or AMX), so OpenVINO would emulate it "
+                          "slowly; use --cpu-precision fp32 (or auto)")
+    return "fp32"
+
+
+def model_cache_dir(path: Path) -> Path:
+    st = Path(path).stat()
+    key = hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_base() / "openvino" / key
+
+
+class OvRunner(Runner):
+    """One compiled OpenVINO model and its infer request (calls are serialized by the runner's lock)."""
+
+    def __init__(self, name: str, entry: dict, path: Path, precision: str = "fp32", threads: int = 0):
+        super().__init__(name, entry)
+        if precision not in HINTS:
+            raise Sd3trtError(f"{name}: OpenVINO runs fp32 or bf16, not {precision!r}")
+        path = Path(path)
+        if not path.is_file():
+            raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
+        self.precision = precision
+        config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        cache = model_cache_dir(path)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache)
+        except OSError:
+            pass  # no cache: each start compiles (slower start, same results)
+        try:
+            self.compiled = core().compile_model(str(path), "CPU", config)
+        except Sd3trtError:
+            raise
+        except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise Sd3trtError(f"{name}: OpenVINO cannot compile {path} ({why}); re-export it, or use "
+                              "--backend onnxruntime") from None
+        self.request = self.compiled.create_infer_request()
+        release_heap()
+
+    def _run(self, feeds):
+        res = self.request.infer(feeds)  # outputs are copies (share_outputs=False): safe past the next call
+        return {name: res[name] for name in self.outputs}
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+        release_heap()
