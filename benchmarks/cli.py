@@ -138,7 +138,7 @@ def config_from_args(a):
         machine=a.machine, name=a.name, project_layers=project, project_to=a.project_to, project_reps=a.project_reps,
         project_systems=project_systems, system_reps=system_reps,
         timeout_s=a.timeout or base.get("timeout_s", 3600.0), gate_psnr_db=sysm.GATE_PSNR_DB if a.gate_psnr is None else a.gate_psnr,
-        peak_budget_s=a.peak_budget or base.get("peak_budget_s", 20.0), peaks=not a.no_peaks,
+        peak_budget_s=a.peak_budget or base.get("peak_budget_s", 90.0), peaks=not a.no_peaks,
         prompt_cache=a.prompt_cache, keep_work=a.keep_work, quick=a.quick, max_other_cpu=a.max_other_cpu,
         extra_reps=a.extra_reps if a.extra_reps is not None else base.get("extra_reps", 3),
     )

@@ -88,3 +88,12 @@ def mmdit_flops(shape: MMDiTShape, latent_h: int, latent_w: int, text_seq: int, 
 
 def transformer_call_flops(transformer_config: dict, latent_h: int, latent_w: int, text_seq: int, batch: int) -> dict:
     return mmdit_flops(MMDiTShape.from_config(transformer_config), latent_h, latent_w, text_seq, batch)
+
+
+def layer_shapes(transformer_config: dict, latent_h: int, latent_w: int, text_seq: int, batch: int) -> list[list[int]]:
+    """[M, K, N] of the transformer's dominant products over the joint sequence: QKV/out projections (D x D)
+    and the MLP (D x 4D, 4D x D), M = batch x (image + text tokens). The peak measurement times these."""
+    sh = MMDiTShape.from_config(transformer_config)
+    m = batch * (latent_h // sh.patch_size * (latent_w // sh.patch_size) + text_seq)
+    d = sh.hidden
+    return [[m, d, d], [m, d, 4 * d], [m, 4 * d, d]]

@@ -19,7 +19,7 @@ from sd3trt.benchmarks import systems as sysm
 from sd3trt.benchmarks.projection import denoise_calls, steps_projection
 from sd3trt.benchmarks.report_plot import plot_png
 from sd3trt.benchmarks.report_tables import markdown
-from sd3trt.benchmarks.stats import summarize
+from sd3trt.benchmarks.stats import raise_peaks, summarize
 from sd3trt.benchmarks.targets import regate, targets
 
 SCHEMA = 1
@@ -40,7 +40,7 @@ def build_report(*, cfg, machine, desc, threads, device, model_spec, model_depth
     for n, a in accuracy.get("systems", {}).items():
         if n in summ:
             summ[n]["accuracy"] = a
-    notes = []
+    notes = raise_peaks(summ, peaks)
     if bf16_note and any(n.endswith("bf16") for n in results):
         notes.append(bf16_note)
     disturbed = [n for n, s in summ.items() if s.get("status") == "ok" and not s["undisturbed"]]

@@ -64,7 +64,7 @@ class BenchConfig:
     project_systems: list | None = None  # default: every system that ran, low-memory mode excepted
     timeout_s: float = 3600.0
     gate_psnr_db: float = sysm.GATE_PSNR_DB
-    peak_budget_s: float = 20.0
+    peak_budget_s: float = 90.0
     max_other_cpu: float = sysm.MAX_OTHER_CPU
     extra_reps: int = 3  # runs allowed in addition to `reps` to replace disturbed ones
     peaks: bool = True
@@ -147,11 +147,17 @@ def run_system(system: str, job: dict, work: Path, threads: int, timeout_s: floa
     return res
 
 
-def measure_peaks(cfg: BenchConfig, work: Path, threads: int) -> dict:
+def measure_peaks(cfg: BenchConfig, work: Path, threads: int, model: Path) -> dict:
+    from sd3trt.benchmarks.flops import layer_shapes
+    from sd3trt.spec import CLIP_MAX_LENGTH
+
     out = work / "peaks.json"
+    batch = cfg.num_images * (2 if cfg.guidance > 1 else 1)
+    shapes = layer_shapes(mdl.transformer_config(model), cfg.height // 8, cfg.width // 8,
+                          CLIP_MAX_LENGTH + cfg.max_sequence_length, batch)
     log(f"measuring matmul peaks (fp32 / bf16 / int8, {threads} threads, ~{cfg.peak_budget_s:.0f} s) ...")
     rc, _ = _run_subprocess([sys.executable, "-m", "sd3trt.benchmarks.peak", str(out), str(threads),
-                             str(cfg.peak_budget_s)], threads, max(120.0, cfg.peak_budget_s * 6))
+                             str(cfg.peak_budget_s), json.dumps(shapes)], threads, max(120.0, cfg.peak_budget_s * 6))
     try:
         return json.loads(out.read_text())
     except (OSError, ValueError):
@@ -170,7 +176,8 @@ def _missing(bundle: Path, precision: str, component: str) -> bool:
 
 
 def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
-    """--quantize: make the INT8 transformer (and, for sd3trt-ort-int8-vae, the INT8 VAE decoder) when missing."""
+    """--quantize: make the INT8 transformer (and, for the int8 VAE systems, the INT8 VAE decoder) when missing,
+    then the bf16 gate of the OpenVINO systems."""
     if not cfg.quantize:
         return
     from sd3trt.engines.calibrate import CalibSettings
@@ -181,9 +188,10 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
     if cfg.quick:
         settings = CalibSettings(prompts=3, holdout=1, steps=3, size=min(cfg.width, cfg.height))
     todo = []
-    if {"sd3trt-ort-int8", "sd3trt-ort-int8-vae"} & set(cfg.systems) and _missing(bundle, "int8", "transformer"):
+    int8_vae = {"sd3trt-ort-int8-vae", "sd3trt-openvino-int8"} & set(cfg.systems)
+    if ({"sd3trt-ort-int8"} | int8_vae) & set(cfg.systems) and _missing(bundle, "int8", "transformer"):
         todo.append("transformer")
-    if "sd3trt-ort-int8-vae" in cfg.systems and _missing(bundle, "int8", "vae_decoder"):
+    if int8_vae and _missing(bundle, "int8", "vae_decoder"):
         todo.append("vae_decoder")
     for component in todo:
         log(f"quantizing the {component} of {bundle} to int8 (sd3trt quantize) ...")
@@ -198,6 +206,27 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
                 quantize_vae(bundle, component, settings, threads=_threads(cfg), log=lambda s: log("  quantize " + s))
         except Sd3trtError as e:
             log(f"  quantize failed: {e}")
+    _maybe_gate(cfg, bundle)
+
+
+def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
+    """--quantize with OpenVINO systems on a bf16 CPU: run `sd3trt gate` when a graph of the bundle has no verdict."""
+    from sd3trt.manifest import CPU_GATES, load_bundle
+
+    data = load_bundle(bundle)
+    if not {"sd3trt-openvino-bf16", "sd3trt-openvino-int8"} & set(cfg.systems) or sysm._openvino_skip(
+            "sd3trt-openvino-fp32", data):
+        return
+    from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
+    from sd3trt.runtime.cpu_precision import GATE_KEY
+    from sd3trt.runtime.ov_runner import cpu_has_bf16
+
+    record = data.data.get(CPU_GATES, {}).get(GATE_KEY, {}).get("graphs", {})
+    if not cpu_has_bf16() or set(graphs_of(data)) <= set(record):
+        return
+    settings = GateSettings(runs=1, steps=4, size=64) if cfg.quick else GateSettings()
+    log(f"gating bf16 on OpenVINO for the graphs of {bundle} (sd3trt gate) ...")
+    gate_bf16(bundle, settings, threads=_threads(cfg), log=lambda s: log("  " + s))
 
 
 def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:
@@ -298,7 +327,7 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="sd3trt-bench-", dir=cache if cache.is_dir() else None))
     try:
-        peaks = measure_peaks(cfg, work, threads) if cfg.peaks else {"skipped": "--no-peaks", "peaks": {}}
+        peaks = measure_peaks(cfg, work, threads, model) if cfg.peaks else {"skipped": "--no-peaks", "peaks": {}}
         results = _run_systems(cfg, cfg.systems, model, bundle, work, threads, device, cfg.reps, "", cfg.system_reps)
         accuracy = image_accuracy(results, cfg.gate_psnr_db)
         projection = None
@@ -334,6 +363,7 @@ def _projection(cfg: BenchConfig, spec: mdl.ModelSpec, cache: Path, work: Path, 
     spec2 = spec.with_layers(cfg.project_layers, cfg.project_layers)
     log(f"projection: a {spec2.key} model for per-layer costs (components measured at two depths) ...")
     model2, bundle2 = mdl.prepare(spec2, cache, log)
+    _maybe_quantize(cfg, bundle2)
     names = [s for s, r in base_results.items() if r["status"] == "ok" and not s.endswith("-lowmem")
              and (cfg.project_systems is None or s in cfg.project_systems)]
     work2 = work / "projection"

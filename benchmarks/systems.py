@@ -16,10 +16,16 @@ SYSTEMS = {
     "sd3trt-ort-int8": "sd3trt on ONNX Runtime, INT8 Q/DQ transformer from `sd3trt quantize`, other engines fp32",
     "sd3trt-ort-int8-vae": "sd3trt on ONNX Runtime, INT8 transformer and INT8 VAE decoder convolutions "
                            "(`sd3trt quantize --component vae_decoder`), other engines fp32",
+    "sd3trt-openvino-fp32": "sd3trt runtime on OpenVINO (CPU plugin), the bundle's fp32 graphs in f32",
+    "sd3trt-openvino-bf16": "sd3trt on OpenVINO, bf16 for every graph that passed `sd3trt gate` (the rest f32)",
+    "sd3trt-openvino-int8": "sd3trt on OpenVINO, INT8 Q/DQ transformer and VAE decoder from `sd3trt quantize`, "
+                            "float parts in bf16 where gated (--cpu-precision auto)",
     "sd3trt-trt": "sd3trt runtime on TensorRT engines from `sd3trt build` (GPU)",
 }
-DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "sd3trt-ort-fp32",
-                   "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-ort-int8-vae", "sd3trt-trt")
+OPENVINO = {"sd3trt-openvino-fp32": "fp32", "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": None}
+DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "diffusers-compile-bf16",
+                   "sd3trt-ort-fp32", "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-ort-int8-vae",
+                   "sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-trt")
 # The accuracy gate of the speed target: PSNR (dB) of a system's image vs diffusers fp32's, set between
 # what the INT8 transformer and the INT8 VAE decoder score on the medium-width model (docs/quantization.md).
 GATE_PSNR_DB = 30.0
@@ -30,7 +36,8 @@ DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
 # What the transformer computes in, for "fraction of the matmul peak of its precision".
 PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",
              "diffusers-compile-bf16": "bf16", "sd3trt-ort-fp32": "fp32", "sd3trt-ort-fp32-lowmem": "fp32",
-             "sd3trt-ort-int8": "int8", "sd3trt-ort-int8-vae": "int8", "sd3trt-trt": "gpu"}
+             "sd3trt-ort-int8": "int8", "sd3trt-ort-int8-vae": "int8", "sd3trt-openvino-fp32": "fp32",
+             "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": "int8", "sd3trt-trt": "gpu"}
 
 
 def parse_systems(text: str | None, compile_: bool) -> list[str]:
@@ -94,6 +101,10 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
                 return f"{e} (or pass --quantize to let the benchmark do it)"
             if not entry.get("accuracy", {}).get("passed", False):
                 return f"the bundle's int8 {component} failed its accuracy gate (recorded with --force); not benchmarked"
+    if system in OPENVINO:
+        why = _openvino_skip(system, bundle)
+        if why:
+            return why
     if system == "sd3trt-trt":
         if not _gpu_present():
             return "TensorRT needs an NVIDIA GPU and none is present on this machine"
@@ -101,6 +112,32 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
             return "neither tensorrt nor tensorrt_rtx is installed (pip install -e '.[engines]')"
         if not bundle.data.get("engines"):
             return f"the bundle has no TensorRT engines; build them with `sd3trt build --bundle {bundle.root}`"
+    return None
+
+
+def _openvino_skip(system: str, bundle) -> str | None:
+    from sd3trt.errors import Sd3trtError
+
+    if not _has("openvino"):
+        return "OpenVINO is not installed (pip install -e '.[openvino]')"
+    if bundle.dtype != "fp32":
+        return f"OpenVINO runs the fp32 bundle's graphs; this bundle is {bundle.dtype}"
+    if system == "sd3trt-openvino-int8":
+        for component in ("transformer", "vae_decoder"):
+            try:
+                if not bundle.quantized_entry("int8", component).get("accuracy", {}).get("passed", False):
+                    return f"the bundle's int8 {component} failed its accuracy gate; not benchmarked"
+            except Sd3trtError as e:
+                return f"{e} (or pass --quantize to let the benchmark do it)"
+    if system == "sd3trt-openvino-bf16":
+        from sd3trt.runtime.cpu_precision import passed_graphs
+        from sd3trt.runtime.ov_runner import cpu_has_bf16
+
+        if not cpu_has_bf16():
+            return "this CPU has no native bf16 (AVX512_BF16 or AMX), so OpenVINO runs fp32 (sd3trt-openvino-fp32)"
+        if not passed_graphs(bundle):
+            return (f"no graph of the bundle has passed the bf16 gate; run `sd3trt gate --bundle {bundle.root}` "
+                    "(or pass --quantize to let the benchmark do it)")
     return None
 
 

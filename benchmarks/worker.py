@@ -197,7 +197,7 @@ class TimedRunner:
 
 class Sd3trtSystem:
     def __init__(self, job: dict, backend: str, low_memory: bool, transformer_precision: str | None,
-                 vae_precision: str | None = None):
+                 vae_precision: str | None = None, cpu_precision: str | None = None):
         from sd3trt.runtime.pipeline import Img2Img
 
         self.job = job
@@ -214,7 +214,7 @@ class Sd3trtSystem:
         self.pipe = Img2Img.from_bundle(job["bundle_dir"], backend=backend, low_memory=low_memory,
                                         runner_factory=factory, threads=int(job.get("threads") or 0),
                                         transformer_precision=transformer_precision, vae_precision=vae_precision,
-                                        prompt_cache=16 if job.get("prompt_cache") else 0)
+                                        prompt_cache=16 if job.get("prompt_cache") else 0, cpu_precision=cpu_precision)
         if not low_memory:
             self.pipe.load_all()  # like a server at start; the cold start counts it either way
 
@@ -233,7 +233,7 @@ class Sd3trtSystem:
         total = time.perf_counter() - t0
         out = np.clip(res.decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
         return out, {"total_s": total, "calls": self.clock.calls, "load_s": float(sum(self.loads)),
-                     "stages": dict(res.timings)}
+                     "stages": dict(res.timings), "graph_precisions": dict(self.pipe.graph_precisions)}
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -252,6 +252,10 @@ def make_system(job: dict):
         return Sd3trtSystem(job, "onnxruntime", False, "int8")
     if name == "sd3trt-ort-int8-vae":
         return Sd3trtSystem(job, "onnxruntime", False, "int8", "int8")
+    if name == "sd3trt-openvino-int8":
+        return Sd3trtSystem(job, "openvino", False, "int8", "int8", cpu_precision="auto")
+    if name.startswith("sd3trt-openvino-"):
+        return Sd3trtSystem(job, "openvino", False, None, cpu_precision=name.rsplit("-", 1)[1])
     if name == "sd3trt-trt":
         return Sd3trtSystem(job, "tensorrt", False, None)
     raise ValueError(f"unknown system {name}")

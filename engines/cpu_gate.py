@@ -41,7 +41,7 @@ class GateSettings:
         return [run_inputs(cs, i) for i in range(self.runs)]
 
 
-def _graphs(bundle) -> dict[str, tuple[str, Path]]:
+def graphs_of(bundle) -> dict[str, tuple[str, Path]]:
     """{gate key: (component, ONNX path)} of every graph the bundle has: its own and its quantized ones."""
     out = {name: (name, bundle.onnx_path(name)) for name in bundle.data["components"]}
     for entry_key, entry in bundle.data.get(QUANTIZED, {}).items():
@@ -87,7 +87,7 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
     bundle = load_bundle(root)
     if bundle.dtype != "fp32":
         raise Sd3trtError(f"`sd3trt gate` measures bf16 against an fp32 bundle; {root} is {bundle.dtype}")
-    graphs = _graphs(bundle)
+    graphs = graphs_of(bundle)
     requests = settings.requests(bundle.facts)
     t0 = time.perf_counter()
     ref = _images(_pipeline(bundle, threads, {}), requests)
