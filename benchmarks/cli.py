@@ -25,7 +25,8 @@ EXAMPLES = """examples:
   sd3trt bench --model medium-width --out benchmarks/results/<machine>   # results to commit, in a source checkout
 
 systems: diffusers-fp32 diffusers-bf16 diffusers-compile-fp32 diffusers-compile-bf16 sd3trt-ort-fp32
-         sd3trt-ort-fp32-lowmem sd3trt-ort-int8 sd3trt-trt   (unavailable ones are listed as skipped, with why)
+         sd3trt-ort-fp32-lowmem sd3trt-ort-int8 sd3trt-ort-int8-vae sd3trt-openvino-fp32 sd3trt-openvino-bf16
+         sd3trt-openvino-int8 sd3trt-trt   (unavailable ones are listed as skipped, with why)
 """
 
 

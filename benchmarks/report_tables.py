@@ -169,7 +169,7 @@ def markdown(rep: dict) -> str:
     if pk.get("peaks"):
         rows = [[p, f"{d['gflops']:.1f}", d["library"]] for p, d in sorted(pk["peaks"].items())]
         libs = "; ".join(f"{k} {v['gflops']:.1f}" for k, v in pk.get("libraries", {}).items() if v.get("gflops"))
-        out += ["## Measured matmul peaks (GFLOP/s, best over square sizes 256-4096)", "",
+        out += ["## Measured matmul peaks (GFLOP/s, best over the model's layer shapes and squares 512-3072, warm)", "",
                 _table(["precision", "GFLOP/s", "library"], rows), "", f"All libraries: {libs}.", ""]
     sp = rep.get("steps_projection")
     if sp and sp["systems"]:

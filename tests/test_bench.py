@@ -70,16 +70,36 @@ def test_every_system_ran_or_says_why_not(quick_result):
         assert set(s["components_s"]) >= {"clip_l", "clip_g", "t5", "vae_encoder", "transformer", "vae_decoder"}
         assert 0 <= s["outside_engines_frac"]["p50"] < 1
         assert s["transformer_gflops"] > 0
-    for name in ("diffusers-fp32", "sd3trt-ort-fp32", "sd3trt-ort-fp32-lowmem"):
+    for name in ("diffusers-fp32", "sd3trt-ort-fp32", "sd3trt-ort-fp32-lowmem", "sd3trt-openvino-fp32"):
         assert systems[name]["status"] == "ok", name
+    for name, s in systems.items():  # peaks are the best seen: no system runs above its precision's
+        assert s.get("fraction_of_peak", 0) <= 1.0, (name, s.get("fraction_of_peak"))
     # Same weights, prompt and injected noise: the fp32 systems agree with diffusers fp32 (plumbing check).
     acc = rep["accuracy"]["systems"]
     assert acc["diffusers-fp32"]["identical"]
     assert acc["sd3trt-ort-fp32"]["max_levels"] <= 1 and acc["sd3trt-ort-fp32"]["gated"]
     assert acc["sd3trt-ort-fp32-lowmem"]["max_levels"] <= 1
+    assert acc["sd3trt-openvino-fp32"]["max_levels"] <= 1 and acc["sd3trt-openvino-fp32"]["gated"]
+    assert rep["raw"]["sd3trt-openvino-fp32"]["torch_loaded"] is False
     # The sd3trt workers ran without torch (so their RSS is the runtime's own).
     assert rep["raw"]["sd3trt-ort-fp32"]["torch_loaded"] is False
     assert rep["raw"]["diffusers-fp32"]["torch_loaded"] is True
+
+
+def test_a_system_faster_than_every_kernel_sets_the_peak():
+    from sd3trt.benchmarks.stats import raise_peaks
+
+    peaks = {"peaks": {"fp32": {"gflops": 100.0, "library": "numpy"}, "bf16": {"gflops": 150.0, "library": "x"}}}
+    summ = {"a-bf16": {"precision": "bf16", "transformer_gflops": 300.0, "fraction_of_peak": 2.0},
+            "b-bf16": {"precision": "bf16", "transformer_gflops": 120.0, "fraction_of_peak": 0.8},
+            "c-int8": {"precision": "int8", "transformer_gflops": 90.0, "fraction_of_fp32_peak": 0.9},
+            "d-fp32": {"precision": "fp32", "transformer_gflops": 80.0, "fraction_of_peak": 0.8}}
+    notes = raise_peaks(summ, peaks)
+    assert peaks["peaks"]["bf16"] == {"gflops": 300.0, "library": "a-bf16's transformer", "kernels_gflops": 150.0}
+    assert summ["a-bf16"]["fraction_of_peak"] == 1.0 and summ["b-bf16"]["fraction_of_peak"] == 0.4
+    assert peaks["peaks"]["int8"]["gflops"] == 90.0 and summ["c-int8"]["fraction_of_peak"] == 1.0  # none timed
+    assert peaks["peaks"]["fp32"]["gflops"] == 100.0 and summ["d-fp32"]["fraction_of_peak"] == 0.8  # below: kept
+    assert len(notes) == 2 and "faster than every bf16 kernel timed (150.0 GFLOP/s)" in notes[0]
 
 
 def test_markdown_table_and_plot(quick_result):
