@@ -62,9 +62,6 @@ def _serve(a) -> None:
     unknown = [f for f in formats if f not in ("PNG", "JPEG", "WEBP")]
     if unknown:
         raise Sd3trtError(f"--input-formats {','.join(unknown)} not supported; choose from png, jpeg, webp")
-    from sd3trt.lora import read_loras
-
-    read_loras(a.lora)  # a bad LoRA (missing, not safetensors, bad scale) stops the start with one sentence
     cfg = ServerConfig(
         bundle=Path(a.bundle), db=db_target(a.db), backend=a.backend, engine_build=a.engines, host=a.host, port=a.port,
         loras=tuple(a.lora), precision=a.precision, vae_precision=a.vae_precision, cpu_precision=a.cpu_precision,
@@ -88,7 +85,15 @@ def _serve(a) -> None:
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sd3trt.server")
-    load_bundle(a.bundle, verify_checksums=True)  # every file re-hashed before the server listens
+    bundle = load_bundle(a.bundle, verify_checksums=True)  # every file re-hashed before the server listens
+    from sd3trt.runtime import lora as lora_runtime
+    from sd3trt.runtime.pipeline import Img2Img
+
+    # Before listening: the options (no engine loads) and the LoRAs (missing, not safetensors, bad scale,
+    # a backend that cannot take them) each stop the start with one sentence.
+    Img2Img(bundle, backend=a.backend, engine_build=a.engines, transformer_precision=a.precision,
+            vae_precision=a.vae_precision, cpu_precision=a.cpu_precision)
+    lora_runtime.read_for(bundle, a.backend, a.lora, a.precision, {})
     if a.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", a.host)
     open_store(cfg.db).close()  # a database that cannot be opened fails here, with its message

@@ -174,3 +174,21 @@ def test_cli_img2img_on_openvino(tiny_sd3, tmp_path, capsys):
                                     str(tmp_path / "b.png")]) == 2
     assert "cpu_precision is for the openvino backend" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists()
+
+
+def test_server_on_openvino(tiny_sd3, tmp_path):
+    pytest.importorskip("fastapi")
+    from test_server import ServerProcess, new_key, post
+
+    s = ServerProcess(tiny_sd3[1], tmp_path / "keys.db", tmp_path / "server.log", "--backend", "openvino",
+                      "--cpu-precision", "fp32").start()
+    try:
+        r = post(s, new_key(s, 1), seed=7, output_format="png")
+        assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n", r.text
+    finally:
+        s.stop()
+    bad = ServerProcess(tiny_sd3[1], tmp_path / "keys.db", tmp_path / "bad.log", "--backend", "onnxruntime",
+                        "--cpu-precision", "bf16")
+    with pytest.raises(AssertionError, match="server exited with 2"):
+        bad.start()
+    assert "cpu_precision is for the openvino backend" in (tmp_path / "bad.log").read_text()
