@@ -75,7 +75,7 @@ def build_report(*, cfg, machine, desc, threads, device, model_spec, model_depth
         "peaks": peaks,
         "systems": {n: {"description": sysm.SYSTEMS.get(n, n), **s} for n, s in summ.items()},
         "accuracy": accuracy,
-        "targets": targets(summ, accuracy),
+        "targets": targets(summ, accuracy, projection),
         "steps_projection": steps_projection(summ, cfg) if cfg["steps"] != 28 else None,
         "projection": projection,
         "notes": notes,

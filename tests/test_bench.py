@@ -174,3 +174,29 @@ def test_batching_probe_times_every_engine(tiny_sd3):
     assert r.returncode == 0, r.stderr
     rows = [l.split()[0] for l in r.stdout.splitlines() if "speed-up" in l]
     assert rows == ["transformer", "vae_encoder", "vae_decoder"], r.stdout
+
+
+def test_targets_against_the_peers_and_at_full_depth():
+    from sd3trt.benchmarks.targets import targets
+
+    def sys_(e2e, prec=None, frac=None):
+        return {"status": "ok", "e2e_s": {"p50": e2e}, "peak_rss_mib": 1000.0, "precision": prec,
+                "fraction_of_peak": frac, "outside_engines_frac": None,
+                "components_s": {"transformer": {"p50": e2e * 0.6}, "vae_decoder": {"p50": e2e * 0.3}}}
+
+    summ = {"diffusers-fp32": sys_(100.0), "diffusers-bf16": sys_(40.0), "optimum-intel-openvino": sys_(30.0),
+            "optimum-intel-openvino-int8": sys_(20.0), "sd3trt-openvino-int8": sys_(25.0, "int8", 0.5),
+            "sd3trt-ort-fp32": sys_(90.0)}
+    acc = {"systems": {"sd3trt-openvino-int8": {"gated": True}, "sd3trt-ort-fp32": {"gated": True}}}
+    projection = {"target": "sd3-medium", "systems": {"sd3trt-openvino-int8": {"e2e_full_depth_s": 100.0},
+                                                      "optimum-intel-openvino": {"e2e_full_depth_s": 160.0},
+                                                      "diffusers-bf16": {"e2e_full_depth_s": 200.0}}}
+    by = {t["target"].split(" (")[0][:60]: t for t in targets(summ, acc, projection)}
+    fastest = next(t for t in by.values() if t["target"].startswith("sd3trt's fastest accuracy-gated config >= 1.3x"))
+    assert "vs optimum-intel-openvino 30.00 s: 1.20x" in fastest["measured"] and fastest["met"] is False
+    assert "where its time goes: transformer 15.0 s (60%), vae_decoder 7.5 s (30%)" in fastest["measured"]
+    assert "50% of the int8 peak" in fastest["measured"]
+    eight = next(t for t in by.values() if "optimum-intel-openvino-int8" in t["target"])
+    assert eight["measured"].startswith("sd3trt-openvino-int8 25.00 s vs 20.00 s: 0.80x") and eight["met"] is False
+    full = next(t for t in by.values() if "full depth" in t["target"])
+    assert "vs optimum-intel-openvino 160.0 s: 1.60x" in full["measured"] and full["met"] is True
