@@ -79,6 +79,17 @@ def _export_atomically(out: Path, make) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _quiet_export() -> None:
+    """Keep the benchmark's log readable: no tracer warnings or NNCF tables from the export."""
+    import logging
+    import warnings
+
+    import nncf
+
+    warnings.filterwarnings("ignore")
+    nncf.set_log_level(logging.WARNING)
+
+
 def ensure_export(job: dict, int8: bool) -> float:
     """The IR of the job's model (fp or int8) in the cache; returns the seconds spent making it (0 when cached)."""
     from optimum.intel import OVStableDiffusion3Pipeline, OVWeightQuantizationConfig
@@ -86,6 +97,7 @@ def ensure_export(job: dict, int8: bool) -> float:
     out = export_dir(job, int8)
     if (out / "model_index.json").is_file():
         return 0.0
+    _quiet_export()
     t0 = time.perf_counter()
     if int8:
         fp = export_dir(job, False)
@@ -110,6 +122,7 @@ def ensure_export(job: dict, int8: bool) -> float:
 
 class OptimumSystem:
     def __init__(self, job: dict, int8: bool):
+        os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm's import: no progress bars from export/calibration
         import torch
         from diffusers.utils import logging as dlog
         from optimum.intel import OVStableDiffusion3Img2ImgPipeline
@@ -132,6 +145,7 @@ class OptimumSystem:
         pipe = OVStableDiffusion3Img2ImgPipeline.from_pretrained(export_dir(job, int8), ov_config=ov_config,
                                                                  compile=True)
         pipe.set_progress_bar_config(disable=True)
+        log(f"  {job['system']}: OpenVINO {ov_config}")
         self.clock = Clock(label=job["system"])
         parts = {"clip_l": pipe.text_encoder, "clip_g": pipe.text_encoder_2, "t5": pipe.text_encoder_3,
                  "transformer": pipe.transformer, "vae_encoder": pipe.vae_encoder, "vae_decoder": pipe.vae_decoder}

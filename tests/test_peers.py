@@ -163,7 +163,7 @@ def test_export_dirs_and_atomic_export(tmp_path):
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
 @pytest.mark.skipif(not os.environ.get("SD3TRT_PEER_ENV"),
@@ -186,14 +186,16 @@ def test_peers_match_diffusers_fp32_on_the_tiny_model(tiny_sd3, tmp_path, monkey
         assert res["status"] == "ok", res
         results[label] = res
     ref = np.load(results["diffusers-fp32"]["image_npy"])
-    fp32 = np.load(results["optimum-intel-openvinof32"]["image_npy"])
-    assert fp32.shape == ref.shape
-    # Same weights, prompts and injected noise: OpenVINO in f32 reproduces diffusers fp32.
-    assert _psnr(fp32, ref) > 40
+    assert np.load(results["optimum-intel-openvinof32"]["image_npy"]).shape == ref.shape
+    psnr = {k: _psnr(np.load(r["image_npy"]), ref) for k, r in results.items() if k != "diffusers-fp32"}
+    print("PSNR vs diffusers fp32 (dB):", {k: round(v, 1) for k, v in psnr.items()})
+    # Same weights, prompts and injected noise: OpenVINO in f32 reproduces diffusers fp32 (measured: 128 dB);
+    # bf16 inference (f32 on CPUs without bf16) and the 8-bit hybrid IR measured 41 and 39 dB.
+    assert psnr["optimum-intel-openvinof32"] > 60
+    assert psnr["optimum-intel-openvino"] > 32 and psnr["optimum-intel-openvino-int8"] > 28, psnr
     assert results["optimum-intel-openvino-int8"]["export_s"] > 0  # the int8 IR was made here (fresh cache)
     for name in ("optimum-intel-openvino", "optimum-intel-openvino-int8"):
         res = results[name]
-        assert _psnr(np.load(res["image_npy"]), ref) > 20, name
         assert res["versions"]["optimum-intel"].startswith("2.2")
         calls = res["runs"][0]["calls"]
         assert set(calls) == {"clip_l", "clip_g", "t5", "vae_encoder", "transformer", "vae_decoder"}, name
