@@ -4,8 +4,9 @@ optimum-intel 2.2 needs transformers < 5.6 (the main environment may have a newe
 in a venv of their own, `<cache>/envs/optimum-intel/`, with the sd3trt package installed into it without its
 dependencies (`pip install --no-deps -e`) so that `python -m sd3trt.benchmarks.worker` runs there.
 
-A finished environment holds a marker file, written last and atomically, with the pinned requirements and the
-versions pip installed; an environment without it, or with other requirements, is half-made and built anew.
+A finished environment holds a marker file, written last and atomically, with the pinned requirements, the
+versions pip installed and the sd3trt checkout installed into it; an environment without it, or with other
+requirements, is half-made and built anew (one made from another checkout only gets this checkout's sd3trt).
 
 Standard library only: the orchestrator imports this without torch.
 """
@@ -122,6 +123,10 @@ def python_for(cache_dir: Path, log, *, base_python: str | None = None) -> Path:
     """
     env = env_dir(cache_dir)
     reqs = requirements()
+    root = _repo_root()
+    if not (root / "pyproject.toml").is_file():
+        raise PeerEnvError(f"the peer environment installs sd3trt from its source checkout and {root} is not one; "
+                           f"install sd3trt with pip install -e <checkout> to benchmark the peers")
     try:
         env.parent.mkdir(parents=True, exist_ok=True)
         lock = open(env.parent / f"{ENV_NAME}.lock", "w")
@@ -131,23 +136,28 @@ def python_for(cache_dir: Path, log, *, base_python: str | None = None) -> Path:
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one creator at a time; the others wait and then reuse it
         marker = _read_marker(env)
+        pip_log = env.parent / f"{ENV_NAME}.pip.log"
         if marker and marker.get("requirements") == reqs and _python(env).exists():
+            if marker.get("sd3trt_source") != str(root):  # made from another checkout: its workers would run that code
+                log(f"peer environment {env}: installing sd3trt from {root}")
+                _run([_python(env), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "-e", root],
+                     pip_log, "installing sd3trt into the peer environment")
+                _write_marker(env, {**marker, "sd3trt_source": str(root)})
             return _python(env)
         if env.exists():
             log(f"peer environment {env} is incomplete or has other requirements; building it anew")
             shutil.rmtree(env)
-        pip_log = env.parent / f"{ENV_NAME}.pip.log"
         pip_log.write_text("")
         log(f"creating the peer environment {env} (pip: {', '.join(reqs)}; minutes; pip's output in {pip_log}) ...")
         _run([base_python or sys.executable, "-m", "venv", env], pip_log, "creating the peer virtual environment")
         py = _python(env)
         pip = [py, "-m", "pip", "install", "--disable-pip-version-check"]
         _run([*pip, *reqs], pip_log, "installing optimum-intel and its pinned requirements into the peer environment")
-        _run([*pip, "--no-deps", "-e", _repo_root()], pip_log, "installing sd3trt into the peer environment")
+        _run([*pip, "--no-deps", "-e", root], pip_log, "installing sd3trt into the peer environment")
         installed = versions(py)
         if not {"optimum-intel", "openvino", "torch", "diffusers"} <= set(installed):
             raise PeerEnvError(f"pip finished but the peer environment {env} lacks some of optimum-intel, openvino, "
                                f"torch and diffusers; delete {env} and run the benchmark again")
-        _write_marker(env, {"requirements": reqs, "versions": installed})
+        _write_marker(env, {"requirements": reqs, "versions": installed, "sd3trt_source": str(root)})
         log(f"peer environment ready: {', '.join(f'{k} {v}' for k, v in installed.items())}")
         return py

@@ -74,11 +74,31 @@ def test_env_is_made_once_then_reused(fake):
     marker = json.loads((python.parent.parent / peer_env.MARKER).read_text())
     assert marker["requirements"] == peer_env.requirements()
     assert marker["versions"]["optimum-intel"] == "2.2.0" and "numpy" not in marker["versions"]
+    assert marker["sd3trt_source"] == str(Path(peer_env.__file__).resolve().parent.parent)
     assert any("creating the peer environment" in ln for ln in lines)
 
     assert peer_env.python_for(cache, lines.append, base_python=py) == python
     assert len(calls()) == 2  # reused: pip not run again
     assert peer_env.versions(python)["openvino"] == "2026.4.1"
+
+
+def test_env_made_from_another_checkout_gets_this_one(fake):
+    py, calls, cache = fake
+    python = peer_env.python_for(cache, lambda s: None, base_python=py)
+    marker_path = python.parent.parent / peer_env.MARKER
+    marker = json.loads(marker_path.read_text())
+    marker_path.write_text(json.dumps({**marker, "sd3trt_source": "/elsewhere/sd3trt"}))
+    assert peer_env.python_for(cache, lambda s: None, base_python=py) == python
+    assert len(calls()) == 3 and calls()[2][-2:] == ["-e", marker["sd3trt_source"]]  # no rebuild: sd3trt only
+    assert json.loads(marker_path.read_text()) == marker
+
+
+def test_an_installed_sd3trt_without_its_checkout_is_one_sentence(fake, monkeypatch, tmp_path):
+    py, calls, cache = fake
+    monkeypatch.setattr(peer_env, "_repo_root", lambda: tmp_path / "site-packages")
+    with pytest.raises(peer_env.PeerEnvError) as e:
+        peer_env.python_for(cache, lambda s: None, base_python=py)
+    assert "\n" not in str(e.value) and "pip install -e" in str(e.value) and calls() == []
 
 
 @pytest.mark.parametrize("marker", [None, {"requirements": ["optimum-intel==1.0"], "versions": {}}])
