@@ -6,11 +6,13 @@ diffusers model into `<cache>/optimum-intel/<digest of the model path>-<fp|int8>
 - fp:   OVStableDiffusion3Pipeline.from_pretrained(model_dir, export=True, load_in_8bit=False), saved. The weights
         stay in the model's own precision (load_in_8bit=False: no 8-bit weight compression by model size).
 - int8: the fp IR loaded with OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=<local prompts>,
-        num_samples=...): optimum-intel's hybrid quantization for diffusion models, i.e. full int8 (weights and
-        activations) in the transformer, calibrated on its inputs while the pipeline generates from the prompts,
-        and 8-bit weights for the text encoders and the VAE. Data-aware quantization runs only on the
-        text-to-image pipeline class (optimum-intel refuses it for image-to-image), so the quantized IR is made
-        with OVStableDiffusion3Pipeline and then loaded by the img2img class, which reads the same folders.
+        num_samples=...): optimum-intel's hybrid quantization for diffusion models. In the transformer, the
+        layers with weights (linear MatMuls) get 8-bit weights and the others (attention's activation MatMuls, the
+        patch-embedding convolution) int8 weights and activations, calibrated on the transformer's inputs while
+        the pipeline generates from the prompts; the text encoders and the VAE get 8-bit weights. Data-aware
+        quantization runs only on the text-to-image pipeline class (optimum-intel refuses it for image-to-image),
+        so the quantized IR is made with OVStableDiffusion3Pipeline and loaded by the img2img class, which reads
+        the same folders.
 
 The precision OpenVINO computes in is its INFERENCE_PRECISION_HINT: bf16 where the CPU has AVX512_BF16 or AMX-BF16,
 f32 elsewhere (a job's "ov_precision" overrides it). The latent noise and the VAE posterior's draw come from the

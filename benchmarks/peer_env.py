@@ -25,8 +25,9 @@ from pathlib import Path
 PEERS = {
     "optimum-intel-openvino": "optimum-intel OVStableDiffusion3Img2ImgPipeline on OpenVINO (CPU), exported from the "
                               "same diffusers model; bf16 inference where the CPU has AVX512_BF16/AMX, f32 elsewhere",
-    "optimum-intel-openvino-int8": "the same with optimum-intel's 8-bit hybrid quantization (int8 transformer "
-                                   "calibrated on local prompts, 8-bit weights for the text encoders and the VAE)",
+    "optimum-intel-openvino-int8": "the same with optimum-intel's 8-bit hybrid quantization (8-bit weights "
+                                   "everywhere, int8 activations in the transformer's attention, calibrated on "
+                                   "local prompts)",
 }
 ENV_NAME = "optimum-intel"
 MARKER = "sd3trt-peer-env.json"

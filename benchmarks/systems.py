@@ -13,8 +13,8 @@ SYSTEMS = {
     "diffusers-compile-bf16": "diffusers, transformer through torch.compile (inductor), bfloat16",
     "optimum-intel-openvino": "optimum-intel OVStableDiffusion3Img2ImgPipeline on OpenVINO (CPU, own venv), "
                               "bf16 where the CPU has AVX512_BF16/AMX, else f32",
-    "optimum-intel-openvino-int8": "optimum-intel on OpenVINO with its 8-bit hybrid quantization (int8 transformer, "
-                                   "8-bit weights elsewhere)",
+    "optimum-intel-openvino-int8": "optimum-intel on OpenVINO with its 8-bit hybrid quantization (8-bit weights; "
+                                   "int8 activations in the transformer's attention)",
     "sd3trt-ort-fp32": "sd3trt runtime on ONNX Runtime (CPU), fp32 bundle, engines loaded at start",
     "sd3trt-ort-fp32-lowmem": "sd3trt on ONNX Runtime, fp32, low_memory=True (each engine loaded only while needed)",
     "sd3trt-ort-int8": "sd3trt on ONNX Runtime, INT8 Q/DQ transformer from `sd3trt quantize`, other engines fp32",
