@@ -210,7 +210,7 @@ def test_peers_match_diffusers_fp32_on_the_tiny_model(tiny_sd3, tmp_path, monkey
     psnr = {k: _psnr(np.load(r["image_npy"]), ref) for k, r in results.items() if k != "diffusers-fp32"}
     print("PSNR vs diffusers fp32 (dB):", {k: round(v, 1) for k, v in psnr.items()})
     # Same weights, prompts and injected noise: OpenVINO in f32 reproduces diffusers fp32 (measured: 128 dB);
-    # bf16 inference (f32 on CPUs without bf16) and the 8-bit hybrid IR measured 41 and 39 dB.
+    # bf16 inference (f32 on CPUs without bf16) measured 41 dB, the 8-bit hybrid IR 37 to 39 (calibration varies).
     assert psnr["optimum-intel-openvinof32"] > 60
     assert psnr["optimum-intel-openvino"] > 32 and psnr["optimum-intel-openvino-int8"] > 28, psnr
     assert results["optimum-intel-openvino-int8"]["export_s"] > 0  # the int8 IR was made here (fresh cache)
