@@ -126,9 +126,17 @@ def run_system(system: str, job: dict, work: Path, threads: int, timeout_s: floa
     """One worker process; its result dict (status ok / failed / timeout)."""
     job = dict(job, system=system, result=str(work / f"{system}.result.json"), image_out=str(work / f"{system}.npy"))
     job_path = work / f"{system}.job.json"
+    python = sys.executable
+    if system.startswith("optimum-intel-"):  # the peers run in a venv of their own (sd3trt.benchmarks.peer_env)
+        from sd3trt.benchmarks import peer_env
+
+        try:
+            python = str(peer_env.python_for(Path(job["cache_dir"]), log))
+        except peer_env.PeerEnvError as e:
+            return {"system": system, "status": "skipped", "reason": str(e)}
     job["spawn_time"] = time.time()
     job_path.write_text(json.dumps(job))
-    rc, secs = _run_subprocess([sys.executable, "-m", "sd3trt.benchmarks.worker", str(job_path)], threads, timeout_s)
+    rc, secs = _run_subprocess([python, "-m", "sd3trt.benchmarks.worker", str(job_path)], threads, timeout_s)
     try:
         res = json.loads(Path(job["result"]).read_text())
     except (OSError, ValueError):
@@ -142,6 +150,8 @@ def run_system(system: str, job: dict, work: Path, threads: int, timeout_s: floa
         why = f"stopped after the {timeout_s:.0f} s limit (--timeout)" if rc is None else f"the worker exited ({rc})"
         res = {**res, "status": "timeout" if rc is None else "failed", "error": why + done}
     res["wall_s"] = secs
+    if python != sys.executable:
+        res["versions"] = peer_env.versions(python)
     if res["status"] == "ok" and Path(job["image_out"]).is_file():
         res["image_npy"] = job["image_out"]
     return res
@@ -256,7 +266,7 @@ def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, 
                  device: str, reps: int, label: str, system_reps: dict | None = None) -> dict:
     base = _workload(cfg, bundle, work)
     base.update(model_dir=str(model), bundle_dir=str(bundle), reps=reps, warmup=cfg.warmup, threads=threads,
-                device=device)
+                device=device, cache_dir=str(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()))
     flags = _cpu_flags()
     out = {}
     runnable = []
@@ -275,7 +285,7 @@ def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, 
         res["loadavg_1m_at_start"] = load
         out[s] = res
         if res["status"] != "ok":
-            log(f"{label}{s}: {res['status']} - {res.get('error')}")
+            log(f"{label}{s}: {res['status']} - {res.get('error') or res.get('reason')}")
     return out
 
 

@@ -66,7 +66,7 @@ def summarize(res: dict, flops_per_call: float | None, peaks: dict, max_other: f
         "undisturbed": undisturbed,
         "other_cpu_frac": [r.get("other_cpu_frac") for r in all_runs],
     }
-    prec = sysm.PRECISION.get(name)
+    prec = res.get("precision") or sysm.PRECISION.get(name)
     s["precision"] = prec
     if flops_per_call and s["transformer_call_s"]:
         gf = flops_per_call / s["transformer_call_s"]["p50"] / 1e9

@@ -11,6 +11,10 @@ SYSTEMS = {
     "diffusers-bf16": "diffusers, eager PyTorch, bfloat16 weights and activations",
     "diffusers-compile-fp32": "diffusers, transformer through torch.compile (inductor), float32",
     "diffusers-compile-bf16": "diffusers, transformer through torch.compile (inductor), bfloat16",
+    "optimum-intel-openvino": "optimum-intel OVStableDiffusion3Img2ImgPipeline on OpenVINO (CPU, own venv), "
+                              "bf16 where the CPU has AVX512_BF16/AMX, else f32",
+    "optimum-intel-openvino-int8": "optimum-intel on OpenVINO with its 8-bit hybrid quantization (8-bit weights; "
+                                   "int8 activations in the transformer's attention)",
     "sd3trt-ort-fp32": "sd3trt runtime on ONNX Runtime (CPU), fp32 bundle, engines loaded at start",
     "sd3trt-ort-fp32-lowmem": "sd3trt on ONNX Runtime, fp32, low_memory=True (each engine loaded only while needed)",
     "sd3trt-ort-int8": "sd3trt on ONNX Runtime, INT8 Q/DQ transformer from `sd3trt quantize`, other engines fp32",
@@ -37,7 +41,9 @@ DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
 PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",
              "diffusers-compile-bf16": "bf16", "sd3trt-ort-fp32": "fp32", "sd3trt-ort-fp32-lowmem": "fp32",
              "sd3trt-ort-int8": "int8", "sd3trt-ort-int8-vae": "int8", "sd3trt-openvino-fp32": "fp32",
-             "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": "int8", "sd3trt-trt": "gpu"}
+             "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": "int8", "sd3trt-trt": "gpu",
+             # the peers' linear layers compute in bf16 where the CPU has it (the worker records what ran)
+             "optimum-intel-openvino": "bf16", "optimum-intel-openvino-int8": "bf16"}
 
 
 def parse_systems(text: str | None, compile_: bool) -> list[str]:
@@ -72,6 +78,16 @@ def _gpu_present() -> bool:
 
 def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: bool, device: str) -> str | None:
     """None when `system` can run here; otherwise one sentence saying why not and what would enable it."""
+    if system.startswith("optimum-intel-"):  # the peer venv itself is made (minutes) only when the system runs
+        import platform
+
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return (f"the optimum-intel peers are benchmarked on x86-64 CPUs only (their precision follows x86 ISA "
+                    f"flags) and this machine is {platform.machine()}")
+        if not _has("diffusers"):
+            return ("the optimum-intel peers take their diffusers version from this environment and diffusers is not "
+                    "installed here (pip install -e '.[export]')")
+        return None
     if system.startswith("diffusers-"):
         if not (_has("torch") and _has("diffusers") and _has("transformers")):
             return "torch/diffusers/transformers are not installed (pip install -e '.[export]')"
