@@ -26,7 +26,8 @@ EXAMPLES = """examples:
 
 systems: diffusers-fp32 diffusers-bf16 diffusers-compile-fp32 diffusers-compile-bf16 sd3trt-ort-fp32
          sd3trt-ort-fp32-lowmem sd3trt-ort-int8 sd3trt-ort-int8-vae sd3trt-openvino-fp32 sd3trt-openvino-bf16
-         sd3trt-openvino-int8 sd3trt-trt   (unavailable ones are listed as skipped, with why)
+         sd3trt-openvino-int8 sd3trt-trt optimum-intel-openvino optimum-intel-openvino-int8 (--peers)
+         (unavailable ones are listed as skipped, with why)
 """
 
 
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("measurement")
     r.add_argument("--systems", help=f"comma-separated (default: {','.join(systems.DEFAULT_SYSTEMS)})")
     r.add_argument("--compile", action="store_true", help="include diffusers with torch.compile (slow to compile)")
+    r.add_argument("--peers", action="store_true",
+                   help="include the optimum-intel peers (their own environment: ~6 GB, built once, in minutes)")
     r.add_argument("--quantize", action="store_true",
                    help="create the bundle's INT8 transformer (sd3trt quantize, with calibration) if it is missing")
     r.add_argument("--reps", type=int, default=None, help="measured warm runs per system (default 3; quick: 2)")
@@ -132,7 +135,8 @@ def config_from_args(a):
         model=model, layers=a.layers, encoder_layers=a.encoder_layers, model_dir=a.model_dir, bundle_dir=a.bundle,
         width=w, height=h, steps=a.steps or base.get("steps", 28), strength=a.strength, guidance=a.guidance,
         num_images=a.num_images, reps=a.reps or base.get("reps", 3), warmup=a.warmup, systems=names,
-        compile=a.compile, quantize=a.quantize, threads=a.threads, device=a.device,
+        compile=a.compile, peers=a.peers or any(n.startswith("optimum-intel-") for n in (a.systems or "").split(",")),
+        quantize=a.quantize, threads=a.threads, device=a.device,
         prompt=a.prompt if a.prompt is not None else DEFAULT_PROMPT,
         negative_prompt=a.negative_prompt if a.negative_prompt is not None else DEFAULT_NEGATIVE,
         max_sequence_length=a.max_sequence_length, seed=a.seed, cache_dir=a.cache_dir, out_dir=a.out,

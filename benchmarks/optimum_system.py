@@ -140,7 +140,8 @@ class OptimumSystem:
             torch.set_num_threads(threads)  # the pipeline's own torch work (scheduler, image processing)
         self.export_s = ensure_export(job, int8)
         hint = PRECISION_HINTS[job.get("ov_precision") or ("bf16" if cpu_has_bf16() else "f32")]
-        self.precision = "int8" if int8 else hint
+        # what its linear layers compute in (hybrid 8-bit dequantizes weights; only attention runs int8)
+        self.precision = {"f32": "fp32"}.get(hint, hint)
         ov_config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
         if threads:
             ov_config["INFERENCE_NUM_THREADS"] = str(threads)

@@ -46,6 +46,7 @@ class BenchConfig:
     warmup: int = 0  # warm runs after the first (cold) image, before the measured ones
     systems: list = field(default_factory=lambda: list(sysm.DEFAULT_SYSTEMS))
     compile: bool = False
+    peers: bool = False  # the optimum-intel peers (their own environment, built on first use)
     quantize: bool = False
     threads: int = 0  # 0: every usable CPU
     device: str = "auto"  # diffusers' device: auto | cpu | cuda
@@ -271,7 +272,7 @@ def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, 
     out = {}
     runnable = []
     for s in names:
-        reason = sysm.skip_reason(s, bundle, flags, cfg.compile, device)
+        reason = sysm.skip_reason(s, bundle, flags, cfg.compile, device, cfg.peers)
         if reason:
             out[s] = {"system": s, "status": "skipped", "reason": reason}
             log(f"{label}{s}: skipped - {reason}")

@@ -29,7 +29,8 @@ SYSTEMS = {
 OPENVINO = {"sd3trt-openvino-fp32": "fp32", "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": None}
 DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "diffusers-compile-bf16",
                    "sd3trt-ort-fp32", "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-ort-int8-vae",
-                   "sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-trt")
+                   "sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-trt",
+                   "optimum-intel-openvino", "optimum-intel-openvino-int8")
 # The accuracy gate of the speed target: PSNR (dB) of a system's image vs diffusers fp32's, set between
 # what the INT8 transformer and the INT8 VAE decoder score on the medium-width model (docs/quantization.md).
 GATE_PSNR_DB = 30.0
@@ -76,10 +77,16 @@ def _gpu_present() -> bool:
         return False
 
 
-def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: bool, device: str) -> str | None:
-    """None when `system` can run here; otherwise one sentence saying why not and what would enable it."""
+def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: bool, device: str,
+                peers: bool = True) -> str | None:
+    """None when `system` can run here; otherwise one sentence saying why not and what would enable it.
+    peers: whether the optimum-intel peers may build their environment (--peers, or named in --systems)."""
     if system.startswith("optimum-intel-"):  # the peer venv itself is made (minutes) only when the system runs
         import platform
+
+        if not peers:
+            return ("the optimum-intel peers need an environment of their own (~6 GB, built once in minutes); pass "
+                    "--peers (or name them in --systems) to include them")
 
         if platform.machine().lower() not in ("x86_64", "amd64"):
             return (f"the optimum-intel peers are benchmarked on x86-64 CPUs only (their precision follows x86 ISA "

@@ -160,6 +160,7 @@ def test_peers_are_listed_and_runnable_here(tmp_path):
         assert name in systems.SYSTEMS and name in systems.PRECISION
         reason = systems.skip_reason(name, tmp_path / "no-bundle", [], False, "cpu")
         assert (reason is None) == (platform.machine().lower() in ("x86_64", "amd64")), reason
+        assert "pass --peers" in systems.skip_reason(name, tmp_path / "no-bundle", [], False, "cpu", peers=False)
 
 
 def test_export_dirs_and_atomic_export(tmp_path):
