@@ -54,7 +54,7 @@ def parse_systems(text: str | None, compile_: bool) -> list[str]:
     unknown = [n for n in names if n not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
-    if compile_ and "diffusers-compile-fp32" not in names:
+    if compile_ and not any(n.startswith("diffusers-compile-") for n in names):
         names.append("diffusers-compile-fp32")
     return names
 
