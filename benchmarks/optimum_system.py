@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from sd3trt.benchmarks.worker import Clock, log
+from sd3trt.benchmarks.worker import Clock, DiffusersRun, log
 
 # Calibration prompts for the int8 transformer (no dataset hub here): varied subjects, styles and lighting.
 CALIBRATION_PROMPTS = (
@@ -122,7 +121,7 @@ def ensure_export(job: dict, int8: bool) -> float:
     return seconds
 
 
-class OptimumSystem:
+class OptimumSystem(DiffusersRun):
     def __init__(self, job: dict, int8: bool):
         os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm's import: no progress bars from export/calibration
         import torch
@@ -156,18 +155,3 @@ class OptimumSystem:
             if part is not None:  # OVPipelinePart.__call__ calls self.forward: the OpenVINO inference, timed
                 part.forward = self.clock.wrap(name, part.forward)
         self.pipe = pipe
-
-    def run(self, image, noise: dict) -> tuple[np.ndarray, dict]:
-        from sd3trt.benchmarks.noise import injected_noise
-
-        j = self.job
-        self.clock.reset()
-        with injected_noise(noise["latents"], noise["posterior"]), self.torch.no_grad():
-            t0 = time.perf_counter()
-            out = self.pipe(
-                prompt=j["prompt"], negative_prompt=j["negative_prompt"], image=image, strength=j["strength"],
-                num_inference_steps=j["steps"], guidance_scale=j["guidance"], num_images_per_prompt=j["num_images"],
-                height=image.height, width=image.width, max_sequence_length=j["max_sequence_length"], output_type="np",
-            ).images
-            total = time.perf_counter() - t0
-        return np.asarray(out, dtype=np.float32), {"total_s": total, "calls": self.clock.calls}

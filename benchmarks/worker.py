@@ -124,7 +124,27 @@ class Clock:
 # ---------------------------------------------------------------------------------------------- diffusers
 
 
-class DiffusersSystem:
+class DiffusersRun:
+    """One img2img request through a diffusers-style pipeline (self.pipe: diffusers' own, or optimum-intel's on
+    OpenVINO) with the workload's noise injected; self.clock times the components."""
+
+    def run(self, image, noise: dict) -> tuple[np.ndarray, dict]:
+        from sd3trt.benchmarks.noise import injected_noise
+
+        j = self.job
+        self.clock.reset()
+        with injected_noise(noise["latents"], noise["posterior"]), self.torch.no_grad():
+            t0 = time.perf_counter()
+            out = self.pipe(
+                prompt=j["prompt"], negative_prompt=j["negative_prompt"], image=image, strength=j["strength"],
+                num_inference_steps=j["steps"], guidance_scale=j["guidance"], num_images_per_prompt=j["num_images"],
+                height=image.height, width=image.width, max_sequence_length=j["max_sequence_length"], output_type="np",
+            ).images
+            total = time.perf_counter() - t0
+        return np.asarray(out, dtype=np.float32), {"total_s": total, "calls": self.clock.calls}
+
+
+class DiffusersSystem(DiffusersRun):
     def __init__(self, job: dict, dtype: str, compile_transformer: bool):
         import torch
         from diffusers import StableDiffusion3Img2ImgPipeline
@@ -157,20 +177,6 @@ class DiffusersSystem:
         pipe.vae.decode = self.clock.wrap("vae_decoder", pipe.vae.decode)
         self.pipe = pipe
 
-    def run(self, image, noise: dict) -> tuple[np.ndarray, dict]:
-        from sd3trt.benchmarks.noise import injected_noise
-
-        j = self.job
-        self.clock.reset()
-        with injected_noise(noise["latents"], noise["posterior"]), self.torch.no_grad():
-            t0 = time.perf_counter()
-            out = self.pipe(
-                prompt=j["prompt"], negative_prompt=j["negative_prompt"], image=image, strength=j["strength"],
-                num_inference_steps=j["steps"], guidance_scale=j["guidance"], num_images_per_prompt=j["num_images"],
-                height=image.height, width=image.width, max_sequence_length=j["max_sequence_length"], output_type="np",
-            ).images
-            total = time.perf_counter() - t0
-        return np.asarray(out, dtype=np.float32), {"total_s": total, "calls": self.clock.calls}
 
 
 # ---------------------------------------------------------------------------------------------- sd3trt

@@ -18,7 +18,7 @@ from sd3trt.manifest import CPU_GATES, load_bundle
 from sd3trt.runtime import ov_runner
 from sd3trt.runtime.cpu_precision import GATE_KEY
 from sd3trt.runtime.pipeline import Img2Img, Noise
-from test_pipeline_parity import CASES, MAX_FLOAT, MAX_LEVELS, picture
+from test_pipeline_parity import CASES, MAX_FLOAT, MAX_LEVELS, case_noise, picture
 
 pytest.importorskip("openvino")
 BF16 = ov_runner.cpu_has_bf16()
@@ -48,10 +48,7 @@ def test_fp32_matches_diffusers(tiny_factory, case):
     variant, w, h, strength, steps, guidance, negative, n, prompt = case
     model_dir, bundle_dir = tiny_factory(variant)
     image = picture(w, h)
-    rng = np.random.default_rng(123)
-    c = 8 if variant == "p1c8" else 16
-    latents = rng.standard_normal((n, c, h // 8, w // 8), dtype=np.float32)
-    posterior = rng.standard_normal((1, c, h // 8, w // 8), dtype=np.float32)
+    latents, posterior = case_noise(variant, w, h, n)
     ref_u8, ref_float = run_reference(model_dir, image, prompt, negative, strength, steps, guidance, n, latents, posterior)
     with Img2Img.from_bundle(bundle_dir, backend="openvino", cpu_precision="fp32") as pipe:
         res = pipe(image, prompt, negative_prompt=negative, strength=strength, steps=steps, guidance_scale=guidance,

@@ -37,15 +37,20 @@ CASES = [
 ]
 
 
+def case_noise(variant: str, w: int, h: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The latent noise and the VAE posterior's draw of a parity case."""
+    rng = np.random.default_rng(123)
+    c = 8 if variant == "p1c8" else 16
+    return (rng.standard_normal((n, c, h // 8, w // 8), dtype=np.float32),
+            rng.standard_normal((1, c, h // 8, w // 8), dtype=np.float32))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-s{c[3]}-n{c[4]}-g{c[5]}" for c in CASES])
 def test_matches_diffusers(tiny_factory, case):
     variant, w, h, strength, steps, guidance, negative, n, prompt = case
     model_dir, bundle_dir = tiny_factory(variant)
     image = picture(w, h)
-    rng = np.random.default_rng(123)
-    c = 8 if variant == "p1c8" else 16
-    latents = rng.standard_normal((n, c, h // 8, w // 8), dtype=np.float32)
-    posterior = rng.standard_normal((1, c, h // 8, w // 8), dtype=np.float32)
+    latents, posterior = case_noise(variant, w, h, n)
 
     ref_u8, ref_float = run_reference(model_dir, image, prompt, negative, strength, steps, guidance, n, latents, posterior)
     pipe = Img2Img.from_bundle(bundle_dir)
