@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 
 systems: diffusers-fp32 diffusers-bf16 diffusers-compile-fp32 diffusers-compile-bf16 sd3trt-ort-fp32
          sd3trt-ort-fp32-lowmem sd3trt-ort-int8 sd3trt-ort-int8-vae sd3trt-openvino-fp32 sd3trt-openvino-bf16
-         sd3trt-openvino-int8 sd3trt-trt optimum-intel-openvino optimum-intel-openvino-int8 (--peers)
+         sd3trt-openvino-int8 sd3trt-openvino-int8-vae sd3trt-trt optimum-intel-openvino optimum-intel-openvino-int8 (--peers)
          (unavailable ones are listed as skipped, with why)
 """
 

@@ -199,8 +199,9 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
     if cfg.quick:
         settings = CalibSettings(prompts=3, holdout=1, steps=3, size=min(cfg.width, cfg.height))
     todo = []
-    int8_vae = {"sd3trt-ort-int8-vae", "sd3trt-openvino-int8"} & set(cfg.systems)
-    if ({"sd3trt-ort-int8"} | int8_vae) & set(cfg.systems) and _missing(bundle, "int8", "transformer"):
+    int8 = {n for n in cfg.systems if "-int8" in n and n.startswith("sd3trt-")}
+    int8_vae = {n for n in int8 if n.endswith("-vae")}
+    if int8 and _missing(bundle, "int8", "transformer"):
         todo.append("transformer")
     if int8_vae and _missing(bundle, "int8", "vae_decoder"):
         todo.append("vae_decoder")
@@ -225,7 +226,7 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     from sd3trt.manifest import CPU_GATES, load_bundle
 
     data = load_bundle(bundle)
-    if not {"sd3trt-openvino-bf16", "sd3trt-openvino-int8"} & set(cfg.systems) or sysm._openvino_skip(
+    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm._openvino_skip(
             "sd3trt-openvino-fp32", data):
         return
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of

@@ -22,14 +22,17 @@ SYSTEMS = {
                            "(`sd3trt quantize --component vae_decoder`), other engines fp32",
     "sd3trt-openvino-fp32": "sd3trt runtime on OpenVINO (CPU plugin), the bundle's fp32 graphs in f32",
     "sd3trt-openvino-bf16": "sd3trt on OpenVINO, bf16 for every graph that passed `sd3trt gate` (the rest f32)",
-    "sd3trt-openvino-int8": "sd3trt on OpenVINO, INT8 Q/DQ transformer and VAE decoder from `sd3trt quantize`, "
-                            "float parts in bf16 where gated (--cpu-precision auto)",
+    "sd3trt-openvino-int8": "sd3trt on OpenVINO, INT8 Q/DQ transformer from `sd3trt quantize`, float graphs in bf16 "
+                            "where gated (--cpu-precision auto)",
+    "sd3trt-openvino-int8-vae": "sd3trt on OpenVINO, INT8 transformer and INT8 VAE decoder convolutions, float "
+                                "parts in bf16 where gated",
     "sd3trt-trt": "sd3trt runtime on TensorRT engines from `sd3trt build` (GPU)",
 }
-OPENVINO = {"sd3trt-openvino-fp32": "fp32", "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": None}
+OPENVINO = ("sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-openvino-int8-vae")
 DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32", "diffusers-compile-bf16",
                    "sd3trt-ort-fp32", "sd3trt-ort-fp32-lowmem", "sd3trt-ort-int8", "sd3trt-ort-int8-vae",
-                   "sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-trt",
+                   "sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-openvino-int8-vae",
+                   "sd3trt-trt",
                    "optimum-intel-openvino", "optimum-intel-openvino-int8")
 # The accuracy gate of the speed target: PSNR (dB) of a system's image vs diffusers fp32's, set between
 # what the INT8 transformer and the INT8 VAE decoder score on the medium-width model (docs/quantization.md).
@@ -42,7 +45,8 @@ DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
 PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",
              "diffusers-compile-bf16": "bf16", "sd3trt-ort-fp32": "fp32", "sd3trt-ort-fp32-lowmem": "fp32",
              "sd3trt-ort-int8": "int8", "sd3trt-ort-int8-vae": "int8", "sd3trt-openvino-fp32": "fp32",
-             "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": "int8", "sd3trt-trt": "gpu",
+             "sd3trt-openvino-bf16": "bf16", "sd3trt-openvino-int8": "int8", "sd3trt-openvino-int8-vae": "int8",
+             "sd3trt-trt": "gpu",
              # the peers' linear layers compute in bf16 where the CPU has it (the worker records what ran)
              "optimum-intel-openvino": "bf16", "optimum-intel-openvino-int8": "bf16"}
 
@@ -145,8 +149,8 @@ def _openvino_skip(system: str, bundle) -> str | None:
         return "OpenVINO is not installed (pip install -e '.[openvino]')"
     if bundle.dtype != "fp32":
         return f"OpenVINO runs the fp32 bundle's graphs; this bundle is {bundle.dtype}"
-    if system == "sd3trt-openvino-int8":
-        for component in ("transformer", "vae_decoder"):
+    if system.startswith("sd3trt-openvino-int8"):
+        for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
             try:
                 if not bundle.quantized_entry("int8", component).get("accuracy", {}).get("passed", False):
                     return f"the bundle's int8 {component} failed its accuracy gate; not benchmarked"

@@ -93,8 +93,7 @@ def targets(summ: dict, acc: dict, projection: dict | None = None) -> list[dict]
         r = p_theirs[d_best] / p_ours[o_best]
         add(f"the same at full depth ({projection['target']}, projected): >= 1.5x",
             f"{o_best} {p_ours[o_best]:.1f} s vs {d_best} {p_theirs[d_best]:.1f} s: {r:.2f}x", r >= 1.5)
-    for n in ("sd3trt-ort-fp32", "sd3trt-ort-int8", "sd3trt-ort-int8-vae", "sd3trt-openvino-fp32",
-              "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-trt"):
+    for n in [n for n in ok if n.startswith("sd3trt-") and not n.endswith("-lowmem")]:
         if n in ok and ok[n]["outside_engines_frac"]:
             f = ok[n]["outside_engines_frac"]["p50"]
             add(f"{n}: runtime overhead (time outside engine execution) < 1% of end to end",

@@ -262,8 +262,8 @@ def make_system(job: dict):
         return Sd3trtSystem(job, "onnxruntime", False, "int8")
     if name == "sd3trt-ort-int8-vae":
         return Sd3trtSystem(job, "onnxruntime", False, "int8", "int8")
-    if name == "sd3trt-openvino-int8":
-        return Sd3trtSystem(job, "openvino", False, "int8", "int8", cpu_precision="auto")
+    if name.startswith("sd3trt-openvino-int8"):
+        return Sd3trtSystem(job, "openvino", False, "int8", "int8" if name.endswith("-vae") else None, "auto")
     if name.startswith("sd3trt-openvino-"):
         return Sd3trtSystem(job, "openvino", False, None, cpu_precision=name.rsplit("-", 1)[1])
     if name == "sd3trt-trt":
