@@ -3,8 +3,9 @@
 For every graph of the bundle (each component's own, and the quantized graphs of `sd3trt quantize`) the
 img2img image with that one graph in bf16 is compared with the all-fp32 OpenVINO pipeline (same requests,
 noise and prompts): worst PSNR and SSIM against accuracy.GATE. Then the graphs that passed run in bf16
-together (once with the bundle's float graphs, once with its quantized ones where it has them); a set
-that fails together keeps only its transformer graph in bf16. The verdicts go to the manifest
+together (once with the bundle's float graphs, and per quantized precision once with the quantized graphs
+that passed and the float graphs of the other components); a set that fails together keeps only its
+transformer graph in bf16. The verdicts go to the manifest
 (manifest[cpu_gates]["openvino.bf16"], read by runtime/cpu_precision.py).
 
     record = gate_bf16(Path("bundle"), GateSettings(), threads=2)
@@ -58,14 +59,12 @@ def _pipeline(bundle, threads: int, bf16: dict[str, Path]):
     from sd3trt.runtime.ov_runner import OvRunner
     from sd3trt.runtime.pipeline import Img2Img
 
-    pipe = Img2Img(bundle, backend="openvino", cpu_precision="fp32", threads=threads, onnx_files=bf16, prompt_cache=0)
-
     def make(name: str):
-        return OvRunner(name, bundle.component(name), pipe.onnx_files[name],
+        return OvRunner(name, bundle.component(name), bf16.get(name, bundle.onnx_path(name)),
                         precision="bf16" if name in bf16 else "fp32", threads=threads)
 
-    pipe._pool.make = make
-    return pipe
+    return Img2Img(bundle, backend="openvino", cpu_precision="fp32", threads=threads, onnx_files=bf16,
+                   prompt_cache=0, runner_factory=make)
 
 
 def _images(pipe, requests: list[dict]) -> list[np.ndarray]:
@@ -100,11 +99,13 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
         img = figures["image"]
         log(f"gate: {key} in bf16: PSNR {img['psnr_db']['min']:.2f} dB, SSIM {img['ssim']['min']:.4f} - "
             f"{'pass' if ok else 'FAIL (runs in fp32)'}")
-    combos = {"float graphs": [k for k in graphs if "." not in k]}
-    quantized = [k for k in graphs if "." in k]
-    if quantized:
-        swapped = {k.split(".")[0] for k in quantized}
-        combos["quantized graphs"] = quantized + [k for k in combos["float graphs"] if k not in swapped]
+    floats = [k for k in graphs if "." not in k]
+    combos = {"float graphs": floats}
+    for precision_name in sorted({k.split(".")[1] for k in graphs if "." in k}):
+        # each precision's graphs that passed, with the float graphs of the other components (as img2img runs them)
+        mine = [k for k in graphs if k.endswith("." + precision_name) and verdicts[k]["passed"]]
+        swapped = {graphs[k][0] for k in mine}
+        combos[f"{precision_name} graphs"] = mine + [k for k in floats if k not in swapped]
     together = {}
     for label, keys in combos.items():
         keys = [k for k in keys if verdicts[k]["passed"]]
