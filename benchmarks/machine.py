@@ -13,7 +13,7 @@ from pathlib import Path
 # ISA features that decide matmul speed per precision (shown first; the full flag list is kept too).
 KEY_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "amx_fp16")
-LIBRARIES = ("sd3trt", "numpy", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+LIBRARIES = ("sd3trt", "numpy", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
              "tokenizers", "pillow", "tensorrt", "tensorrt-rtx", "matplotlib")
 
 

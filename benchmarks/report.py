@@ -99,6 +99,7 @@ def write_outputs(rep: dict, out_dir: Path, name: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot_png(rep)
     rep["files"] = {"json": f"{name}.json", "markdown": f"{name}.md", "plot": f"{name}.png" if png else None}
+    rep["notes"] = [n for n in rep["notes"] if not n.startswith("no plot:")]  # a rebuild may have matplotlib now
     if png is None:
         rep["notes"].append("no plot: matplotlib is not installed (pip install matplotlib)")
     paths = {"json": out_dir / f"{name}.json", "markdown": out_dir / f"{name}.md",
