@@ -1,7 +1,7 @@
 """Which graphs the openvino backend runs in bf16: the CPU must have it, and the graph's bf16 image must have
 passed the accuracy gate (`sd3trt gate`, recorded in the manifest like the quantized graphs' gates).
 
-    graph_precisions(bundle, "auto", files, None, None)   # {"transformer": "bf16", "t5": "fp32", ...}
+    graph_precisions(bundle, "auto", files)   # {"transformer": "bf16", "t5": "fp32", ...}
 
 A gate record is keyed by the graph a component runs: its bundle graph ("transformer") or a quantized one
 ("transformer.int8"), and names the sha256 of the file it measured, so a re-export or re-quantization
@@ -42,8 +42,7 @@ def passed_graphs(bundle) -> dict[str, str]:
     return {k: g["sha256"] for k, g in record.get("graphs", {}).items() if g.get("passed")}
 
 
-def graph_precisions(bundle, asked: str | None, files: Mapping[str, Path], transformer: str | None,
-                     vae: str | None) -> dict[str, str]:
+def graph_precisions(bundle, asked: str | None, files: Mapping[str, Path]) -> dict[str, str]:
     """{component: "fp32" | "bf16"} for the openvino backend running `files`."""
     from sd3trt.runtime.ov_runner import resolve_cpu_precision
 

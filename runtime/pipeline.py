@@ -42,7 +42,7 @@ from sd3trt.runtime.cancel import check_token, stop_if_cancelled
 from sd3trt.runtime.plan import Noise, Plan, RequestError
 from sd3trt.runtime.prompts import PromptEncoder
 from sd3trt.runtime.result import Result
-from sd3trt.runtime.runners import BACKENDS, CPU_BACKENDS, OrtRunner, Runner, RunnerPool
+from sd3trt.runtime.runners import BACKENDS, OrtRunner, Runner, RunnerPool
 from sd3trt.spec import T5_DEFAULT_LENGTH
 
 __all__ = ["Img2Img", "Noise", "Plan", "Result", "RequestError"]
@@ -84,7 +84,7 @@ class Img2Img:
                  prompt_cache: int = 16, loras=None, cpu_precision: str | None = None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if bundle.dtype == "bf16" and backend in CPU_BACKENDS + ("onnxruntime-cuda", "onnxruntime-trt"):
+        if bundle.dtype == "bf16" and backend != "tensorrt":
             raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; export with --dtype fp32 (or fp16)")
         if cpu_precision is not None and backend != "openvino":
             raise Sd3trtError(f"cpu_precision is for the openvino backend, not {backend}; use --backend openvino "
@@ -101,8 +101,7 @@ class Img2Img:
         if backend == "openvino":
             from sd3trt.runtime.cpu_precision import graph_precisions
 
-            self.graph_precisions = MappingProxyType(
-                graph_precisions(bundle, cpu_precision, self._onnx_files, transformer_precision, vae_precision))
+            self.graph_precisions = MappingProxyType(graph_precisions(bundle, cpu_precision, self._onnx_files))
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)

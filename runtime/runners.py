@@ -20,7 +20,6 @@ from sd3trt.runtime.ort_gpu import check_session_providers, provider_name
 from sd3trt.runtime.ort_session import ort_session
 
 BACKENDS = ("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
-CPU_BACKENDS = ("onnxruntime", "openvino")  # run the bundle's ONNX graphs, float or Q/DQ, on the CPU
 
 
 @functools.cache
