@@ -110,7 +110,7 @@ def test_missing_int8_vae_and_bad_requests_are_explained(tiny_sd3, capsys):
         Img2Img(bundle, vae_precision="int8")
     with pytest.raises(Sd3trtError, match="unknown VAE precision 'fp8'"):
         Img2Img(bundle, vae_precision="fp8")
-    with pytest.raises(Sd3trtError, match="int8 VAE is an ONNX Runtime CPU graph, not for the tensorrt backend"):
+    with pytest.raises(Sd3trtError, match="int8 VAE is a CPU graph, not for the tensorrt backend; use --backend onnxruntime or openvino"):
         Img2Img(bundle, backend="tensorrt", vae_precision="int8")
     with pytest.raises(Sd3trtError, match="takes vae_encoder or vae_decoder, not 'transformer'"):
         quantize_vae(tiny_sd3[1], "transformer")

@@ -161,7 +161,7 @@ def test_cli_precision_with_tensorrt_is_never_ignored(tiny_sd3, tmp_path, input_
     base = ["img2img", "--bundle", bundle, "--image", input_png, "--prompt", "x", "--backend", "tensorrt"]
     for args, message in [
         (["--precision", "int8"], f"`sd3trt build --bundle {bundle} --precision int8`"),
-        (["--vae-precision", "int8"], "int8 VAE is an ONNX Runtime CPU graph, not for the tensorrt backend"),
+        (["--vae-precision", "int8"], "int8 VAE is a CPU graph, not for the tensorrt backend; use --backend onnxruntime or openvino"),
     ]:
         r = sd3trt(*base, *args, "--out", tmp_path / "o.png")
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)

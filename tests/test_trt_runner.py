@@ -155,7 +155,7 @@ def test_precision_picks_the_engine_build_or_is_refused(built):
         build(engine_build="f32", transformer_precision="int8")
     with pytest.raises(Sd3trtError, match="no engine build with a fp16 VAE"):
         build(vae_precision="fp16")
-    with pytest.raises(Sd3trtError, match="int8 VAE is an ONNX Runtime CPU graph"):
+    with pytest.raises(Sd3trtError, match="int8 VAE is a CPU graph"):
         build(vae_precision="int8")
     with pytest.raises(Sd3trtError, match="unknown transformer precision 'int4'"):
         build(transformer_precision="int4")
