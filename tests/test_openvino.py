@@ -192,3 +192,9 @@ def test_server_on_openvino(tiny_sd3, tmp_path):
     with pytest.raises(AssertionError, match="server exited with 2"):
         bad.start()
     assert "cpu_precision is for the openvino backend" in (tmp_path / "bad.log").read_text()
+
+
+def test_gate_command_checks_its_options_first(tiny_sd3, capsys):
+    for args, message in ((["--runs", "0"], "--runs must be at least 1"), (["--strength", "1.5"], "--strength 1.5")):
+        assert sd3trt_main(["gate", "--bundle", str(tiny_sd3[1]), *args]) == 2
+        assert message in capsys.readouterr().err
