@@ -46,42 +46,52 @@ from sd3trt.errors import Sd3trtError
 KEY_PREFIX = "sd3"
 SCHEMA_VERSION = 1
 
-_SCHEMA = """
+# The one schema of both stores, in each database's column types (SQLite here, PostgreSQL in pgstore.py).
+_SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY,
     secret_sha256 TEXT NOT NULL,
     name TEXT NOT NULL DEFAULT '',
-    credits INTEGER NOT NULL CHECK (credits >= 0),
-    created_at REAL NOT NULL,
+    credits {money} NOT NULL CHECK (credits >= 0),
+    created_at {time} NOT NULL,
     disabled INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS debits (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     key_id TEXT NOT NULL REFERENCES keys(id),
-    amount INTEGER NOT NULL CHECK (amount > 0),
+    amount {money} NOT NULL CHECK (amount > 0),
     state TEXT NOT NULL CHECK (state IN ('pending', 'committed', 'refunded')),
     owner TEXT NOT NULL,
     note TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    settled_at REAL
+    created_at {time} NOT NULL,
+    settled_at {time}
 );
 CREATE INDEX IF NOT EXISTS debits_pending ON debits(owner) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS grants (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     key_id TEXT NOT NULL REFERENCES keys(id),
-    amount INTEGER NOT NULL,
-    at REAL NOT NULL
+    amount {money} NOT NULL,
+    at {time} NOT NULL
 );
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
     pid INTEGER NOT NULL,
-    started_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL,
-    stopped_at REAL
+    started_at {time} NOT NULL,
+    heartbeat_at {time} NOT NULL,
+    stopped_at {time}
 );
 """
+
+
+def schema_sql(money: str, time: str, serial: str) -> str:
+    """The schema's statements with the database's types: `money` for credits and amounts, `time` for
+    seconds since the epoch, `serial` for an auto-numbered primary key."""
+    return _SCHEMA_TEMPLATE.format(money=money, time=time, serial=serial)
+
+
+_SCHEMA = schema_sql(money="INTEGER", time="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT")
 
 # Instances registered by this process (a restarted server can get its predecessor's pid, e.g. pid 1).
 _LIVE_HERE: set[str] = set()

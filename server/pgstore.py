@@ -22,44 +22,9 @@ import threading
 from contextlib import contextmanager
 
 from sd3trt.errors import Sd3trtError
-from sd3trt.server.keystore import SCHEMA_VERSION, CreditStore
+from sd3trt.server.keystore import SCHEMA_VERSION, CreditStore, schema_sql
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY,
-    secret_sha256 TEXT NOT NULL,
-    name TEXT NOT NULL DEFAULT '',
-    credits BIGINT NOT NULL CHECK (credits >= 0),
-    created_at DOUBLE PRECISION NOT NULL,
-    disabled INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS debits (
-    id BIGSERIAL PRIMARY KEY,
-    key_id TEXT NOT NULL REFERENCES keys(id),
-    amount BIGINT NOT NULL CHECK (amount > 0),
-    state TEXT NOT NULL CHECK (state IN ('pending', 'committed', 'refunded')),
-    owner TEXT NOT NULL,
-    note TEXT NOT NULL DEFAULT '',
-    created_at DOUBLE PRECISION NOT NULL,
-    settled_at DOUBLE PRECISION
-);
-CREATE INDEX IF NOT EXISTS debits_pending ON debits(owner) WHERE state = 'pending';
-CREATE TABLE IF NOT EXISTS grants (
-    id BIGSERIAL PRIMARY KEY,
-    key_id TEXT NOT NULL REFERENCES keys(id),
-    amount BIGINT NOT NULL,
-    at DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS instances (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    started_at DOUBLE PRECISION NOT NULL,
-    heartbeat_at DOUBLE PRECISION NOT NULL,
-    stopped_at DOUBLE PRECISION
-)
-"""
+_SCHEMA = schema_sql(money="BIGINT", time="DOUBLE PRECISION", serial="BIGSERIAL PRIMARY KEY")
 
 _SCHEMA_LOCK = 0x5D37_C0DE  # pg_advisory_xact_lock key: one schema creator at a time
 
