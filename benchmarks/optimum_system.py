@@ -51,15 +51,6 @@ CALIBRATION_CALLS = 112
 PRECISION_HINTS = {"bf16": "bf16", "fp32": "f32", "f32": "f32"}
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def export_dir(job: dict, int8: bool) -> Path:
     digest = hashlib.sha256(str(Path(job["model_dir"]).resolve()).encode()).hexdigest()[:12]
     return Path(job["cache_dir"]) / "optimum-intel" / f"{digest}-{'int8' if int8 else 'fp'}"
@@ -138,6 +129,8 @@ class OptimumSystem(DiffusersRun):
         if threads:
             torch.set_num_threads(threads)  # the pipeline's own torch work (scheduler, image processing)
         self.export_s = ensure_export(job, int8)
+        from sd3trt.runtime.ov_runner import cpu_has_bf16  # OpenVINO's own word, as for sd3trt's systems
+
         hint = PRECISION_HINTS[job.get("ov_precision") or ("bf16" if cpu_has_bf16() else "f32")]
         # what its linear layers compute in (hybrid 8-bit dequantizes weights; only attention runs int8)
         self.precision = {"f32": "fp32"}.get(hint, hint)

@@ -23,7 +23,7 @@ def project(cfg, spec, spec2, res1: dict, res2: dict, full_depth: dict, target: 
         if r1.get("status") != "ok" or r2.get("status") != "ok":
             continue
         lim = getattr(cfg, "max_other_cpu", sysm.MAX_OTHER_CPU)
-        s1, s2 = summarize(r1, None, {}, lim), summarize(r2, None, {}, lim)
+        s1, s2 = summarize(r1, None, lim), summarize(r2, None, lim)
         comps = {}
         delta = 0.0
         for c in COMPONENTS:

@@ -19,7 +19,7 @@ from sd3trt.benchmarks import systems as sysm
 from sd3trt.benchmarks.projection import denoise_calls, steps_projection
 from sd3trt.benchmarks.report_plot import plot_png
 from sd3trt.benchmarks.report_tables import markdown
-from sd3trt.benchmarks.stats import raise_peaks, summarize
+from sd3trt.benchmarks.stats import apply_peaks, summarize
 from sd3trt.benchmarks.targets import regate, targets
 
 SCHEMA = 1
@@ -36,11 +36,11 @@ def build_report(*, cfg, machine, desc, threads, device, model_spec, model_depth
     text_seq = CLIP_MAX_LENGTH + cfg["max_sequence_length"]
     fcount = fl.transformer_call_flops(transformer_config, lh, lw, text_seq, batch)
     max_other = cfg.get("max_other_cpu", sysm.MAX_OTHER_CPU)
-    summ = {n: summarize(r, fcount["total"], peaks, max_other) for n, r in results.items()}
+    summ = {n: summarize(r, fcount["total"], max_other) for n, r in results.items()}
     for n, a in accuracy.get("systems", {}).items():
         if n in summ:
             summ[n]["accuracy"] = a
-    notes = raise_peaks(summ, peaks)
+    notes = apply_peaks(summ, peaks)
     if bf16_note and any(n.endswith("bf16") for n in results):
         notes.append(bf16_note)
     disturbed = [n for n, s in summ.items() if s.get("status") == "ok" and not s["undisturbed"]]

@@ -27,7 +27,7 @@ def clean_runs(runs: list[dict], max_other: float) -> tuple[list[dict], bool]:
     return (clean, True) if clean else (list(runs), False)
 
 
-def summarize(res: dict, flops_per_call: float | None, peaks: dict, max_other: float = sysm.MAX_OTHER_CPU) -> dict:
+def summarize(res: dict, flops_per_call: float | None, max_other: float = sysm.MAX_OTHER_CPU) -> dict:
     name = res["system"]
     if res.get("status") != "ok":
         return {"status": res.get("status", "failed"), "reason": res.get("reason") or res.get("error")}
@@ -69,21 +69,15 @@ def summarize(res: dict, flops_per_call: float | None, peaks: dict, max_other: f
     prec = res.get("precision") or sysm.PRECISION.get(name)
     s["precision"] = prec
     if flops_per_call and s["transformer_call_s"]:
-        gf = flops_per_call / s["transformer_call_s"]["p50"] / 1e9
-        s["transformer_gflops"] = gf
-        pk = peaks.get("peaks", {})
-        if prec in pk:
-            s["peak_gflops"] = pk[prec]["gflops"]
-            s["fraction_of_peak"] = gf / pk[prec]["gflops"]
-        if prec != "fp32" and "fp32" in pk:
-            s["fraction_of_fp32_peak"] = gf / pk["fp32"]["gflops"]
+        s["transformer_gflops"] = flops_per_call / s["transformer_call_s"]["p50"] / 1e9
     return s
 
 
-def raise_peaks(summ: dict, peaks: dict) -> list[str]:
-    """Where a system's transformer ran faster than every kernel the peak measurement timed, that rate is the
-    machine's best seen for its precision: the peak is raised to it (and the fractions recomputed), so no
-    fraction exceeds 100%. Returns one note per raised peak."""
+def apply_peaks(summ: dict, peaks: dict) -> list[str]:
+    """Each system's transformer rate as a fraction of the machine's peak for its precision (and of the fp32
+    peak). Where a transformer ran faster than every kernel the peak measurement timed, that rate is the
+    machine's best seen for its precision: the peak is raised to it first, so no fraction exceeds 100%.
+    Returns one note per raised peak."""
     pk = peaks.setdefault("peaks", {})
     notes = []
     for prec in sorted({s.get("precision") for s in summ.values() if s.get("transformer_gflops")} - {None}):
@@ -96,11 +90,13 @@ def raise_peaks(summ: dict, peaks: dict) -> list[str]:
         pk[prec] = {"gflops": best["transformer_gflops"], "library": f"{name}'s transformer", "kernels_gflops": old}
         notes.append(f"the {prec} peak is {name}'s own transformer rate ({best['transformer_gflops']:.1f} GFLOP/s): "
                      f"faster than every {prec} kernel timed ({'none' if old is None else f'{old:.1f}'} GFLOP/s)")
-        for s in summ.values():
-            if s.get("transformer_gflops"):
-                if s.get("precision") == prec:
-                    s["peak_gflops"] = pk[prec]["gflops"]
-                    s["fraction_of_peak"] = s["transformer_gflops"] / pk[prec]["gflops"]
-                if prec == "fp32" and s.get("precision") != "fp32":
-                    s["fraction_of_fp32_peak"] = s["transformer_gflops"] / pk["fp32"]["gflops"]
+    for s in summ.values():
+        gf, prec = s.get("transformer_gflops"), s.get("precision")
+        if not gf:
+            continue
+        if prec in pk:
+            s["peak_gflops"] = pk[prec]["gflops"]
+            s["fraction_of_peak"] = gf / pk[prec]["gflops"]
+        if prec != "fp32" and "fp32" in pk:
+            s["fraction_of_fp32_peak"] = gf / pk["fp32"]["gflops"]
     return notes

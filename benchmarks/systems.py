@@ -120,14 +120,10 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
             return "onnxruntime is not installed"
         if bundle.dtype == "bf16":
             return "ONNX Runtime cannot run a bf16 bundle on CPU"
-    if system in ("sd3trt-ort-int8", "sd3trt-ort-int8-vae"):
-        for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
-            try:
-                entry = bundle.quantized_entry("int8", component)
-            except Sd3trtError as e:
-                return f"{e} (or pass --quantize to let the benchmark do it)"
-            if not entry.get("accuracy", {}).get("passed", False):
-                return f"the bundle's int8 {component} failed its accuracy gate (recorded with --force); not benchmarked"
+    if "-int8" in system:
+        why = _int8_skip(system, bundle)
+        if why:
+            return why
     if system in OPENVINO:
         why = _openvino_skip(system, bundle)
         if why:
@@ -142,20 +138,25 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
     return None
 
 
-def _openvino_skip(system: str, bundle) -> str | None:
+def _int8_skip(system: str, bundle) -> str | None:
+    """Why an sd3trt int8 system cannot run: a missing or failed INT8 transformer (and VAE decoder, "-vae")."""
     from sd3trt.errors import Sd3trtError
 
+    for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
+        try:
+            entry = bundle.quantized_entry("int8", component)
+        except Sd3trtError as e:
+            return f"{e} (or pass --quantize to let the benchmark do it)"
+        if not entry.get("accuracy", {}).get("passed", False):
+            return f"the bundle's int8 {component} failed its accuracy gate (recorded with --force); not benchmarked"
+    return None
+
+
+def _openvino_skip(system: str, bundle) -> str | None:
     if not _has("openvino"):
         return "OpenVINO is not installed (pip install -e '.[openvino]')"
     if bundle.dtype != "fp32":
         return f"OpenVINO runs the fp32 bundle's graphs; this bundle is {bundle.dtype}"
-    if system.startswith("sd3trt-openvino-int8"):
-        for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
-            try:
-                if not bundle.quantized_entry("int8", component).get("accuracy", {}).get("passed", False):
-                    return f"the bundle's int8 {component} failed its accuracy gate; not benchmarked"
-            except Sd3trtError as e:
-                return f"{e} (or pass --quantize to let the benchmark do it)"
     if system == "sd3trt-openvino-bf16":
         from sd3trt.runtime.cpu_precision import passed_graphs
         from sd3trt.runtime.ov_runner import cpu_has_bf16

@@ -87,14 +87,14 @@ def test_every_system_ran_or_says_why_not(quick_result):
 
 
 def test_a_system_faster_than_every_kernel_sets_the_peak():
-    from sd3trt.benchmarks.stats import raise_peaks
+    from sd3trt.benchmarks.stats import apply_peaks
 
     peaks = {"peaks": {"fp32": {"gflops": 100.0, "library": "numpy"}, "bf16": {"gflops": 150.0, "library": "x"}}}
     summ = {"a-bf16": {"precision": "bf16", "transformer_gflops": 300.0, "fraction_of_peak": 2.0},
             "b-bf16": {"precision": "bf16", "transformer_gflops": 120.0, "fraction_of_peak": 0.8},
             "c-int8": {"precision": "int8", "transformer_gflops": 90.0, "fraction_of_fp32_peak": 0.9},
             "d-fp32": {"precision": "fp32", "transformer_gflops": 80.0, "fraction_of_peak": 0.8}}
-    notes = raise_peaks(summ, peaks)
+    notes = apply_peaks(summ, peaks)
     assert peaks["peaks"]["bf16"] == {"gflops": 300.0, "library": "a-bf16's transformer", "kernels_gflops": 150.0}
     assert summ["a-bf16"]["fraction_of_peak"] == 1.0 and summ["b-bf16"]["fraction_of_peak"] == 0.4
     assert peaks["peaks"]["int8"]["gflops"] == 90.0 and summ["c-int8"]["fraction_of_peak"] == 1.0  # none timed
