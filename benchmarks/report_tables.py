@@ -21,8 +21,7 @@ def _p(d, key="p50", spec=".2f"):
 
 def latency_table(rep: dict) -> str:
     systems = rep["systems"]
-    peers = list(sysm.DIFFUSERS) + [n for n in sysm.SYSTEMS if n.startswith("optimum-intel-")]
-    base = [n for n in peers if systems.get(n, {}).get("status") == "ok"]
+    base = [n for n in sysm.PEERS if systems.get(n, {}).get("status") == "ok"]
     head = ["system", "end to end p50 (s)", "p90 (s)", "min (s)", "runs"] + [f"speed-up vs {b}" for b in base] + [
         "text encoders (s)", "VAE enc (s)", "transformer / call p50 (s)", "p90 (s)", "denoise (s)", "VAE dec (s)",
         "cold start (s)"]

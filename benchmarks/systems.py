@@ -41,6 +41,8 @@ GATE_PSNR_DB = 30.0
 # "disturbed": kept in the JSON, left out of the statistics, replaced by another run.
 MAX_OTHER_CPU = 0.10
 DIFFUSERS = tuple(s for s in SYSTEMS if s.startswith("diffusers-"))
+# What a user would run instead of sd3trt: every diffusers configuration and optimum-intel's OpenVINO pipelines.
+PEERS = DIFFUSERS + tuple(s for s in SYSTEMS if s.startswith("optimum-intel-"))
 # What the transformer computes in, for "fraction of the matmul peak of its precision".
 PRECISION = {"diffusers-fp32": "fp32", "diffusers-bf16": "bf16", "diffusers-compile-fp32": "fp32",
              "diffusers-compile-bf16": "bf16", "sd3trt-ort-fp32": "fp32", "sd3trt-ort-fp32-lowmem": "fp32",

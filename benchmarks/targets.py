@@ -7,14 +7,15 @@ import math
 
 import numpy as np
 
-# What a user would run instead: every diffusers configuration and optimum-intel's OpenVINO pipeline.
-# Its 8-bit mode is compared on its own (a different accuracy trade-off, not gated here).
+from sd3trt.benchmarks import systems as sysm
+
+# optimum-intel's 8-bit mode is compared on its own (a different accuracy trade-off, not gated here).
 EIGHT_BIT_PEER = "optimum-intel-openvino-int8"
-PEERS_PREFIXES = ("diffusers-", "optimum-intel-openvino")
 
 
 def is_peer(name: str) -> bool:
-    return name.startswith(PEERS_PREFIXES) and name != EIGHT_BIT_PEER
+    """A system the speed targets compare against (systems.PEERS but the 8-bit one)."""
+    return name in sysm.PEERS and name != EIGHT_BIT_PEER
 
 
 def where_time_goes(s: dict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.runtime.caches import cache_base
-from sd3trt.runtime.runners import Runner, release_heap
+from sd3trt.runtime.runners import Runner, error_line, onnx_file, release_heap
 
 CPU_PRECISIONS = ("auto", "fp32", "bf16")
 HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -71,9 +71,7 @@ class OvRunner(Runner):
         super().__init__(name, entry)
         if precision not in HINTS:
             raise Sd3trtError(f"{name}: OpenVINO runs fp32 or bf16, not {precision!r}")
-        path = Path(path)
-        if not path.is_file():
-            raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
+        path = onnx_file(name, path)
         self.precision = precision
         config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
         if threads:
@@ -84,13 +82,11 @@ class OvRunner(Runner):
             config["CACHE_DIR"] = str(cache)
         except OSError:
             pass  # no cache: each start compiles (slower start, same results)
+        ov_core = core()
         try:
-            self.compiled = core().compile_model(str(path), "CPU", config)
-        except Sd3trtError:
-            raise
+            self.compiled = ov_core.compile_model(str(path), "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise Sd3trtError(f"{name}: OpenVINO cannot compile {path} ({why}); re-export it, or use "
+            raise Sd3trtError(f"{name}: OpenVINO cannot compile {path} ({error_line(e)}); re-export it, or use "
                               "--backend onnxruntime") from None
         self.request = self.compiled.create_infer_request()
         release_heap()

@@ -34,6 +34,20 @@ def _malloc_trim():
         return None
 
 
+def error_line(e: BaseException) -> str:
+    """The first line of a backend's exception (ONNX Runtime and OpenVINO raise multi-line reports)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def onnx_file(name: str, path) -> Path:
+    """`path` as a Path when the file is there; else the sentence naming the component and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
+    return path
+
+
 def release_heap() -> None:
     """Hand freed heap pages back to the OS (glibc malloc_trim; a no-op elsewhere). Loading an ONNX
     file parses its weights through transient copies that glibc keeps mapped: measured on the
@@ -110,8 +124,7 @@ class OrtRunner(Runner):
         self._initializers = dict(initializers or {})  # ONNX Runtime keeps pointers to them: keep them alive
         import onnxruntime as ort
 
-        if not Path(path).is_file():
-            raise Sd3trtError(f"{name}: ONNX file {path} is missing; re-run `sd3trt export`")
+        path = onnx_file(name, path)
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
         unknown = [provider_name(p) for p in providers if provider_name(p) not in available]  # compiled in?
@@ -124,7 +137,7 @@ class OrtRunner(Runner):
         try:
             self.session = ort_session(path, threads, providers, initializers=self._initializers)
         except Exception as e:  # ORT raises its own exception types; name the file and the cure
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            why = error_line(e)
             if first != "CPUExecutionProvider":
                 raise Sd3trtError(
                     f"{name}: ONNX Runtime's {first} cannot load {path} ({why}); use --backend onnxruntime if the GPU "
