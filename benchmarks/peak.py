@@ -28,11 +28,9 @@ import time
 SQUARES = (512, 1024, 2048, 3072)
 
 
-def _best_rate(fn, flops: float, reps: int, budget_end: float) -> tuple[float, float]:
-    """(best GFLOP/s over `reps` warm calls, seconds of the first call)."""
-    t0 = time.perf_counter()
+def _best_rate(fn, flops: float, reps: int, budget_end: float) -> float:
+    """Best GFLOP/s over `reps` warm calls (at least one)."""
     fn()  # warm-up (also packs weights, JIT kernels)
-    first = time.perf_counter() - t0
     best = None
     for _ in range(reps):
         if best is not None and time.perf_counter() > budget_end:
@@ -41,7 +39,7 @@ def _best_rate(fn, flops: float, reps: int, budget_end: float) -> tuple[float, f
         fn()
         dt = time.perf_counter() - t0
         best = dt if best is None or dt < best else best
-    return flops / best / 1e9, first
+    return flops / best / 1e9
 
 
 def _sweep(make, shapes: list[tuple[int, int, int]], budget_s: float, reps: int = 3) -> dict:
@@ -54,7 +52,7 @@ def _sweep(make, shapes: list[tuple[int, int, int]], budget_s: float, reps: int 
             fn = make(m, k, n)
         except Exception as e:  # a library without this kernel: recorded, not fatal
             return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "by_shape": by_shape}
-        gflops, _first = _best_rate(fn, 2.0 * m * k * n, reps, end)
+        gflops = _best_rate(fn, 2.0 * m * k * n, reps, end)
         by_shape[f"{m}x{k}x{n}"] = round(gflops, 3)
         del fn
     best = max(by_shape.values()) if by_shape else None
