@@ -8,7 +8,8 @@ database and renews its lease, and pending debits of dead replicas are refunded.
 HTTP, so the path, fields, status codes and headers are the same; ``/healthz``, ``/readyz`` and
 ``/metrics`` answer from whichever replica the proxy picks, and Ray's own metrics (``ray_serve_*``)
 cover every replica. Credits live in one database all replicas share: SQLite on one node, PostgreSQL
-(``SD3TRT_DB=postgresql://...``) for more than one.
+(``SD3TRT_DB=postgresql://...``) for more than one. A new replica joins the routing once its engines have
+loaded (its health check waits for them).
 
 Settings come from environment variables (``config_from_env``; ``runtime_env.env_vars`` in the config
 file); replicas, autoscaling and resources from the config file's ``deployments`` section, or
@@ -27,6 +28,7 @@ from sd3trt.server.fetch import FetchPolicy
 from sd3trt.server.keystore import db_target
 
 DEPLOYMENT = "Sd3trtReplica"
+LOAD_WAIT_S = 3600.0  # how long a new replica may take to load its engines (a first TensorRT build included)
 
 
 def config_from_env(env=os.environ) -> ServerConfig:
@@ -92,6 +94,14 @@ if serve is not None:
     @serve.ingress(build_app)
     class Sd3trtReplica:
         """One replica: the whole FastAPI app (its worker owns one pipeline)."""
+
+        async def check_health(self):
+            """Serve's health check. Serve runs it once before it routes to a new replica, so that first call
+            waits for the engines: the proxy never sends a request to a replica still loading them. A replica
+            whose engines failed to load is unhealthy, and Serve replaces it."""
+            why = await self.app.state.server.engines_loaded(LOAD_WAIT_S)
+            if why is not None:
+                raise RuntimeError(why)
 
     deployment = serve.deployment(Sd3trtReplica, name=DEPLOYMENT, **deployment_options())
     app = deployment.bind()

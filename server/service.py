@@ -123,6 +123,14 @@ class Server:
                 return f"every {name} thread has been busy for over 2 s (the server is wedged); see the log"
         return None
 
+    async def engines_loaded(self, wait_s: float) -> str | None:
+        """Wait up to ``wait_s`` for the engines to finish loading: None when they loaded, else why not."""
+        if not await in_thread(self.worker.loaded.wait, wait_s):
+            return f"the engines were still loading after {wait_s:g} s"
+        if self.worker.load_error:
+            return self.not_ready_reason()
+        return None
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
         cfg = self.cfg

@@ -77,7 +77,8 @@ class Worker:
         self._busy = 0
         self._closed = False
         self._stop = False
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # the engines are loaded
+        self.loaded = threading.Event()  # loading has ended, either way (load_error says how)
         self.load_error: str | None = None
         self._thread = threading.Thread(target=self._main, name=f"sd3trt-{name}", daemon=True)
 
@@ -147,8 +148,10 @@ class Worker:
                 self._jobs.clear()
             for job in left:
                 self._resolve(job, exc=Draining())
+            self.loaded.set()
             return
         self.ready.set()
+        self.loaded.set()
         log.info("%s: engines loaded", self.name)
         try:
             self._serve_jobs()

@@ -265,6 +265,39 @@ def test_worker_closes_the_pipeline_in_its_own_thread_when_stopped():
     assert w.stop(timeout=5) == [] and closed == ["sd3trt-w-test"]
 
 
+def test_engines_loaded_waits_for_the_load_and_names_a_failure(tmp_path):
+    """A Ray Serve replica's health check: it waits while the engines load, then says whether they did."""
+    import asyncio
+
+    from sd3trt.server.config import ServerConfig
+    from sd3trt.server.service import Server
+    from sd3trt.server.worker import Worker
+
+    go = threading.Event()
+
+    def slow():
+        assert go.wait(10)
+        return object()
+
+    def broken():
+        raise FileNotFoundError("no manifest.json in /nowhere")
+
+    srv = Server(ServerConfig(bundle=None, db=tmp_path / "k.db"))
+    try:
+        srv.worker = Worker(slow, lambda pipe, job: None, queue_size=1)
+        srv.worker.start()
+        assert asyncio.run(srv.engines_loaded(0.2)) == "the engines were still loading after 0.2 s"
+        go.set()
+        assert asyncio.run(srv.engines_loaded(10)) is None
+        srv.worker.stop(timeout=5)
+        srv.worker = Worker(broken, lambda pipe, job: None, queue_size=1)
+        srv.worker.start()
+        why = asyncio.run(srv.engines_loaded(10))
+        assert why == "the engines failed to load: FileNotFoundError: no manifest.json in /nowhere"
+    finally:
+        srv.pools.close()
+
+
 # -- IPv6 spellings of internal addresses (issue 15, item 4) -----------------------------------------------
 
 IPV6_REFUSED = [
