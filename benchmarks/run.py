@@ -222,7 +222,8 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
 
 
 def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
-    """--quantize with OpenVINO systems on a bf16 CPU: run `sd3trt gate` when a graph of the bundle has no verdict."""
+    """--quantize with OpenVINO systems on a bf16 CPU: run `sd3trt gate` when a graph of the bundle has no verdict
+    on its present file (a re-quantized graph's old verdict does not count)."""
     from sd3trt.manifest import CPU_GATES, load_bundle
 
     data = load_bundle(bundle)
@@ -230,11 +231,12 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
             "sd3trt-openvino-fp32", data):
         return
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
-    from sd3trt.runtime.cpu_precision import GATE_KEY
+    from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
     from sd3trt.runtime.ov_runner import cpu_has_bf16
 
     record = data.data.get(CPU_GATES, {}).get(GATE_KEY, {}).get("graphs", {})
-    if not cpu_has_bf16() or set(graphs_of(data)) <= set(record):
+    shas = {key: graph_key(data, component, path)[1] for key, (component, path) in graphs_of(data).items()}
+    if not cpu_has_bf16() or all(record.get(key, {}).get("sha256") == sha for key, sha in shas.items()):
         return
     settings = GateSettings(runs=1, steps=4, size=64) if cfg.quick else GateSettings()
     log(f"gating bf16 on OpenVINO for the graphs of {bundle} (sd3trt gate) ...")

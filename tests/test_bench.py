@@ -200,3 +200,31 @@ def test_targets_against_the_peers_and_at_full_depth():
     assert eight["measured"].startswith("sd3trt-openvino-int8 25.00 s vs 20.00 s: 0.80x") and eight["met"] is False
     full = next(t for t in by.values() if "full depth" in t["target"])
     assert "vs optimum-intel-openvino 160.0 s: 1.60x" in full["measured"] and full["met"] is True
+
+
+def test_the_bench_gates_again_when_a_graph_changed(tiny_sd3, tmp_path, monkeypatch):
+    """A verdict recorded for a graph's old file (before a re-quantization) does not count: --quantize gates again."""
+    import shutil
+
+    from sd3trt.benchmarks import run
+    from sd3trt.engines import cpu_gate
+    from sd3trt.manifest import CPU_GATES, load_bundle, set_entry
+    from sd3trt.runtime import ov_runner
+    from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_sd3[1], root)
+    gated = []
+    monkeypatch.setattr(ov_runner, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu_gate, "gate_bf16", lambda bundle, settings, threads, log: gated.append(bundle))
+    cfg = run.BenchConfig(**{**run.QUICK, "quantize": True, "systems": ("sd3trt-openvino-bf16",)})
+    graphs = cpu_gate.graphs_of(load_bundle(root))
+    shas = {k: graph_key(load_bundle(root), c, p)[1] for k, (c, p) in graphs.items()}
+    record = {"graphs": {k: {"sha256": sha, "passed": True} for k, sha in shas.items()}}
+    set_entry(root, CPU_GATES, GATE_KEY, record)
+    run._maybe_gate(cfg, root)
+    assert gated == []  # every graph has a verdict on its present file
+    record["graphs"]["vae_decoder"]["sha256"] = "0" * 64  # measured on a file since replaced
+    set_entry(root, CPU_GATES, GATE_KEY, record)
+    run._maybe_gate(cfg, root)
+    assert gated == [root]
