@@ -11,8 +11,8 @@ graph never meets a stale blob (OpenVINO's own key adds the compile settings).
 The INT8 VAE graphs quantize each convolution's output as well as its inputs, the form ONNX Runtime fuses
 into QLinearConv (engines/vae_quant.py). OpenVINO's int8 convolutions produce float outputs, so here the
 group norms and residual additions that read a convolution get its float output back
-(`float_outside_int8`); only the next convolution reads the quantized value. Measured at medium width:
-image PSNR of the decoder vs fp32 from 28.2 to 32.3 dB, at the same speed.
+(`float_outside_int8`); only the next convolution reads the quantized value. On the medium-width decoder
+that takes its image from 28.2 to 32.3 dB PSNR vs fp32, at the same speed (docs/quantization.md).
 """
 
 from __future__ import annotations
