@@ -94,6 +94,12 @@ def _quantize(a) -> None:
                                              flavour=a.flavour, compute_capabilities=ccs, low=a.engine_low))
 
 
+# Options of the transformer's quantizer that the VAE's does not take: given with --component vae_*, refused.
+TRANSFORMER_ONLY = ("calib_scale", "calib_steps", "calib_strength", "method", "percentile", "keep", "level", "attention",
+                    "weights", "no_image_gate", "min_ssim", "min_cosine", "min_snr_db", "engine_name", "engine_low",
+                    "flavour")
+
+
 def _quantize_vae(a) -> None:
     from sd3trt.engines.calibrate import CalibSettings
     from sd3trt.engines.vae_quant import quantize_vae
@@ -104,6 +110,11 @@ def _quantize_vae(a) -> None:
                           f"path), not {a.precision}; GPU engines run the VAE in fp16/bf16")
     if a.engine:
         raise Sd3trtError("--engine builds a quantized transformer engine; the int8 VAE is an ONNX Runtime CPU graph")
+    given = ["--" + d.replace("_", "-") for d in TRANSFORMER_ONLY if getattr(a, d) != a.transformer_defaults[d]]
+    if given:
+        raise Sd3trtError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to the transformer; the VAE "
+                          "quantizer takes --calib-prompts, --holdout, --calib-size, --seed, --min-psnr-db, --force "
+                          "and --threads")
     vae_defaults = CalibSettings(prompts=8, holdout=2, size=512)  # the VAE gate's measured defaults
     prompts = a.calib_prompts or vae_defaults.prompts
     settings = CalibSettings(prompts=prompts, holdout=a.holdout or max(1, prompts // 4),
@@ -166,5 +177,5 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--engine-low", choices=words.LOW_TYPES, default="fp16",
                    help="type of the layers around the quantized ones (default fp16)")
     g.add_argument("--flavour", choices=("auto", "tensorrt", "tensorrt_rtx"), default=None)
-    p.set_defaults(func=_quantize)
+    p.set_defaults(func=_quantize, transformer_defaults={d: p.get_default(d) for d in TRANSFORMER_ONLY})
     return p

@@ -118,3 +118,9 @@ def test_missing_int8_vae_and_bad_requests_are_explained(tiny_sd3, capsys):
 
     assert main(["quantize", "--bundle", str(tiny_sd3[1]), "--precision", "fp8", "--component", "vae_decoder"]) == 2
     assert "int8 only" in capsys.readouterr().err
+    # The transformer's options are refused with the VAE, not ignored.
+    assert main(["quantize", "--bundle", str(tiny_sd3[1]), "--precision", "int8", "--component", "vae_encoder",
+                 "--method", "percentile", "--calib-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--calib-steps, --method only apply to the transformer; the VAE quantizer takes --calib-prompts" in err
+    assert len(err.strip().splitlines()) == 1
