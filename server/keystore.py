@@ -142,6 +142,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _journal_wal(db: sqlite3.Connection, wait_s: float = 10.0) -> str:
+    """PRAGMA journal_mode = WAL, returning the mode. While another connection switches a new file to WAL
+    (replicas starting together), SQLite answers "database is locked" at once, without its busy handler,
+    so this retries for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def is_url(target) -> bool:
     """A PostgreSQL URL (``postgresql://...`` or ``postgres://...``) rather than a SQLite file path."""
     return isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres")
@@ -397,7 +411,7 @@ class KeyStore(CreditStore):
         try:
             self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 30000")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _journal_wal(self._db)
             self._db.execute("PRAGMA synchronous = FULL")  # money: a committed debit survives power loss
             self._db.execute("PRAGMA foreign_keys = ON")
             with self._tx():
