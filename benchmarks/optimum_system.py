@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from sd3trt.benchmarks.worker import Clock, DiffusersRun, log
 
 # Calibration prompts for the int8 transformer (no dataset hub here): varied subjects, styles and lighting.
