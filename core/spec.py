@@ -153,6 +153,56 @@ def read_model_facts(model_dir: Path, skip_t5: bool = False) -> ModelFacts:
 
 
 @dataclass(frozen=True)
+class Fp32Rule:
+    """Modules of a real checkpoint that overflow or lose too much in 16 bits: they stay float32 inside
+    fp16/bf16 graphs and engines. Random weights cannot show this; the rules come from the field."""
+
+    component: str
+    modules: tuple[str, ...]  # module paths in the source model (fnmatch patterns)
+    dtypes: tuple[str, ...]  # bundle dtypes it applies to
+    config: dict  # source config entries that identify the checkpoint (empty: every model)
+    upcast_by: str  # "sd3trt": export casts the module's inputs, weights and outputs; "library": the model code does
+    source: str
+
+
+FP32_RULES = (
+    Fp32Rule("transformer", ("transformer_blocks.35",), ("fp16", "bf16"),
+             {"num_layers": 38, "num_attention_heads": 38, "attention_head_dim": 64, "qk_norm": "rms_norm"}, "sd3trt",
+             "NVIDIA's TensorRT demoDiffusion runs SD3.5-Large's transformer_blocks[35] in fp32 (its UpcastLayer)"),
+    Fp32Rule("t5", ("encoder.block.*.layer.*.DenseReluDense.wo",), ("fp16",), {}, "library",
+             "T5's feed-forward output overflows fp16: transformers keeps `wo` in fp32 (T5's _keep_in_fp32_modules) "
+             "and carries the residual stream in fp32 from there"),
+)
+
+
+# The attribute under which each exported wrapper holds its diffusers / transformers module: the first part
+# of the graph's weight names ("transformer.pos_embed...") and node scopes ("/transformer/pos_embed/...").
+WRAPPED_AS = {"transformer": "transformer", "clip_l": "model", "clip_g": "model", "t5": "model",
+              "vae_encoder": "vae", "vae_decoder": "vae"}
+
+
+def node_scope(component: str, module: str) -> str:
+    """The ONNX node-name prefix of a source module path (an fnmatch pattern stays one):
+    "transformer_blocks.35" -> "/transformer/transformer_blocks.35/" (list indices stay joined by a dot)."""
+    parts: list[str] = [WRAPPED_AS[component]]
+    for seg in module.split("."):
+        if (seg.isdigit() or seg == "*") and len(parts) > 1:
+            parts[-1] += "." + seg
+        else:
+            parts.append(seg)
+    return "/" + "/".join(parts) + "/"
+
+
+def fp32_rules(model_dir: Path, component: str, dtype: str) -> tuple[Fp32Rule, ...]:
+    """The rules that apply to `component` of the model at `model_dir` exported in `dtype`."""
+    rules = [r for r in FP32_RULES if r.component == component and dtype in r.dtypes]
+    if not any(r.config for r in rules):
+        return tuple(rules)
+    config = _read_json(Path(model_dir) / COMPONENT_SOURCES[component] / "config.json", f"{component} config")
+    return tuple(r for r in rules if all(config.get(k) == v for k, v in r.config.items()))
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # FLOAT (the bundle's float dtype) or a fixed numpy dtype name such as "int64"
