@@ -84,8 +84,9 @@ class Img2Img:
                  prompt_cache: int = 16, loras=None, cpu_precision: str | None = None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if bundle.dtype == "bf16" and backend != "tensorrt":
-            raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; export with --dtype fp32 (or fp16)")
+        if bundle.dtype == "bf16" and backend not in ("tensorrt", "openvino"):
+            raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; use --backend openvino, or export "
+                              "with --dtype fp32 (or fp16)")
         if cpu_precision is not None and backend != "openvino":
             raise Sd3trtError(f"cpu_precision is for the openvino backend, not {backend}; use --backend openvino "
                               "(ONNX Runtime runs the bundle's float graphs, or --precision int8)")
