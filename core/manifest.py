@@ -114,6 +114,14 @@ class Bundle:
             raise Sd3trtError(f"bundle {self.root} has no {name} component; re-export the model with it")
         return self.data["components"][name]
 
+    def fp32_scopes(self, name: str, precision: str) -> tuple[str, ...]:
+        """ONNX node-name prefixes of the modules `name` keeps in float32 in `precision` graphs and engines
+        (spec.Fp32Rule, recorded by export; a 16-bit bundle's graph has them in fp32 already)."""
+        from sd3trt.spec import node_scope
+
+        kept = self.component(name).get("export", {}).get("fp32_modules", [])
+        return tuple(node_scope(name, m) for rule in kept if precision in rule["dtypes"] for m in rule["modules"])
+
     def path(self, rel: str) -> Path:
         return self.root / rel
 

@@ -193,9 +193,10 @@ def node_scope(component: str, module: str) -> str:
     return "/" + "/".join(parts) + "/"
 
 
-def fp32_rules(model_dir: Path, component: str, dtype: str) -> tuple[Fp32Rule, ...]:
-    """The rules that apply to `component` of the model at `model_dir` exported in `dtype`."""
-    rules = [r for r in FP32_RULES if r.component == component and dtype in r.dtypes]
+def fp32_rules(model_dir: Path, component: str, dtype: str | None = None) -> tuple[Fp32Rule, ...]:
+    """The rules for `component` of the model at `model_dir`: those for graphs and engines in `dtype`, or
+    with dtype None, those for any dtype (an fp32 bundle records them for the 16-bit engines built from it)."""
+    rules = [r for r in FP32_RULES if r.component == component and (dtype is None or dtype in r.dtypes)]
     if not any(r.config for r in rules):
         return tuple(rules)
     config = _read_json(Path(model_dir) / COMPONENT_SOURCES[component] / "config.json", f"{component} config")

@@ -102,11 +102,12 @@ class Source:
     quantized: dict | None = None  # the manifest's quantized entry, for the int8/fp8 transformer
     low: str | None = None
 
-    def graph(self, bundle_dtype: str, keep_fp32) -> tuple:
+    def graph(self, bundle_dtype: str, keep_fp32, keep_scopes: tuple[str, ...] = ()) -> tuple:
         """(the ONNX graph TensorRT parses, the precision pass's report)."""
         if self.quantized is not None:
             return lower_qdq(load_graph(self.onnx_path), self.low, keep_fp32)
-        return apply_precision(load_graph(self.onnx_path), bundle_dtype, self.precision, keep_fp32, inplace=True)
+        return apply_precision(load_graph(self.onnx_path), bundle_dtype, self.precision, keep_fp32, inplace=True,
+                               keep_scopes=keep_scopes)
 
     def metadata(self) -> dict:
         if self.quantized is None:
@@ -268,7 +269,7 @@ def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, nam
             return meta
 
     t0 = time.perf_counter()
-    graph, prec_report = source.graph(bundle.dtype, opts.keep_fp32)
+    graph, prec_report = source.graph(bundle.dtype, opts.keep_fp32, bundle.fp32_scopes(component, source.precision))
     graph_bytes = graph.SerializeToString()
     del graph
     onnx_path = source.onnx_path

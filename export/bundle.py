@@ -131,8 +131,9 @@ def export_bundle(
     for i, name in enumerate(wanted, 1):
         fused = [lora for lora in loras if name in lora.modules]
         records = [lora.record() for lora in fused]
-        rules = fp32_rules[name] if fp32_rules is not None and name in fp32_rules else spec_rules(model_dir, name, dtype)
-        kept = [{"modules": list(r.modules), "upcast_by": r.upcast_by, "source": r.source} for r in rules]
+        rules = fp32_rules[name] if fp32_rules is not None and name in fp32_rules else spec_rules(model_dir, name)
+        kept = [{"modules": list(r.modules), "dtypes": list(r.dtypes), "upcast_by": r.upcast_by, "source": r.source}
+                for r in rules]
         fp = _fingerprint(model_dir, name, dtype, opset, records, kept)
         entry = _reusable(out, name, fp)
         if entry is not None:
@@ -143,7 +144,7 @@ def export_bundle(
             exact_peak = reset_peak_rss()
             files = export_component(model_dir, facts, name, out / "onnx" / f"{name}.onnx", dtype, opset, fused,
                                      stream_bytes=STREAM_BYTES if stream_bytes is None else stream_bytes,
-                                     fp32_rules=rules)
+                                     fp32_rules=tuple(r for r in rules if dtype in r.dtypes))
             seconds, peak = time.perf_counter() - t0, peak_rss_mib()
             spec = specs[name]
             entry = {

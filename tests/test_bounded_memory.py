@@ -197,3 +197,23 @@ def test_a_rule_that_matches_nothing_is_refused(tiny_sd3, tmp_path):
     with pytest.raises(Sd3trtError, match=r"no module matches the fp32 rule \['transformer_blocks.35'\]"):
         export_bundle(tiny_sd3[0], tmp_path / "b", dtype="fp16", fp32_rules={"transformer": (rule,)},
                       components=("transformer",), log=_quiet)
+
+
+def test_bf16_engines_from_an_fp32_bundle_keep_the_ruled_modules_in_fp32(tiny_factory, tmp_path):
+    """An fp32 bundle records the rules for the 16-bit engines built from it; autocast keeps those scopes fp32."""
+    from sd3trt.engines.mixed_precision import apply_precision, elem_types, load_graph
+
+    model_dir = tiny_factory("sd35")[0]
+    rule = Fp32Rule("transformer", ("transformer_blocks.1",), ("fp16", "bf16"), {}, "sd3trt", "test")
+    b = load_bundle(export_bundle(model_dir, tmp_path / "b32", fp32_rules={"transformer": (rule,)},
+                                  components=("transformer",), log=_quiet))
+    scopes = b.fp32_scopes("transformer", "bf16")
+    assert scopes == ("/transformer/transformer_blocks.1/",) and b.fp32_scopes("transformer", "fp32") == ()
+    graph, report = apply_precision(load_graph(b.onnx_path("transformer")), "fp32", "bf16", keep_scopes=scopes)
+    assert report["fp32_scopes"]["nodes"] > 20
+    types = elem_types(graph)
+    matmuls = {n.name: types.get(n.output[0]) for n in graph.graph.node if n.op_type == "MatMul"}
+    inside = {k: v for k, v in matmuls.items() if k.startswith(scopes[0])}
+    outside = {k: v for k, v in matmuls.items() if k.startswith("/transformer/transformer_blocks.0/")}
+    assert inside and set(inside.values()) == {onnx.TensorProto.FLOAT}
+    assert outside and set(outside.values()) == {onnx.TensorProto.BFLOAT16}
