@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sd3trt.benchmarks import models as mdl
 from sd3trt.benchmarks import systems as sysm
+from sd3trt.spec import T5_DEFAULT_LENGTH
 
 DEFAULT_OUT = "sd3trt-bench"  # under the working directory: <machine>/ per machine
 DEFAULT_PROMPT = "a watercolor painting of a lighthouse on a rocky shore at sunset, soft light, detailed"
@@ -52,7 +53,7 @@ class BenchConfig:
     device: str = "auto"  # diffusers' device: auto | cpu | cuda
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE
-    max_sequence_length: int = 256
+    max_sequence_length: int = T5_DEFAULT_LENGTH
     seed: int = 0
     cache_dir: str | None = None
     out_dir: str | None = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from sd3trt import precision as precision_words
+from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_json_atomic
 from sd3trt.spec import ModelFacts
@@ -239,8 +239,8 @@ class Bundle:
     def quantized_entry(self, precision: str, component: str = "transformer") -> dict:
         """The entry of the bundle's `precision` `component` graph (written by `sd3trt quantize`); an
         Sd3trtError naming the fix when it is missing or was made from an earlier export."""
-        allowed = precision_words.QUANTIZED if component == "transformer" else precision_words.VAE_QUANTIZED
-        precision_words.check(precision, allowed, f"{component} precision")
+        allowed = words.QUANTIZED if component == "transformer" else words.VAE_QUANTIZED
+        words.check(precision, allowed, f"{component} precision")
         fix = f"`sd3trt quantize --bundle {self.root} --precision {precision}{_quantize_flag(component)}`"
         entry = self.data.get(QUANTIZED, {}).get(quantized_key(precision, component))
         if entry is None:

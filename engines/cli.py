@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sd3trt import precision as words
+from sd3trt.spec import SD3_PIXEL_MULTIPLE, T5_DEFAULT_LENGTH
 
 
 EXAMPLES = """examples:
@@ -55,11 +56,13 @@ def add_build_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--image-size", action="append", metavar="MIN:OPT:MAX",
                    help="image side range in px for height and width, or one size; repeat for several profiles "
                         "(default 512:1024:1536, capped by the model)")
-    g.add_argument("--image-step", type=int, default=16, help="sizes are multiples of this (default 16)")
+    g.add_argument("--image-step", type=int, default=SD3_PIXEL_MULTIPLE,
+                   help="sizes are multiples of this (default %(default)s; a multiple of the model's pixel multiple)")
     g.add_argument("--batch", default="1", metavar="MIN:OPT:MAX", help="images per request (default 1)")
     g.add_argument("--cfg", choices=("on", "off", "both"), default="both",
                    help="classifier-free guidance doubles the transformer batch; both = a profile for each (default)")
-    g.add_argument("--t5-seq", default="256", metavar="MIN:OPT:MAX", help="T5 token length range (default 256)")
+    g.add_argument("--t5-seq", default=str(T5_DEFAULT_LENGTH), metavar="MIN:OPT:MAX",
+                   help="T5 token length range (default %(default)s)")
     g.add_argument("--static", action="store_true", help="fixed shapes: every range collapses to its OPT value")
     g = p.add_argument_group("TensorRT")
     g.add_argument("--flavour", choices=("auto", "tensorrt", "tensorrt_rtx"), default=None,

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from sd3trt import precision
+from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import build_precisions
 from sd3trt.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
@@ -36,9 +36,9 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
     """(name, manifest entry) of the engine build to use: `build`, $SD3TRT_ENGINE_BUILD, or the newest
     build whose TensorRT flavour is installed; a given precision must be the build's (or picks the build)."""
     if transformer_precision is not None:
-        precision.check(transformer_precision, precision.ENGINE, "transformer precision")
+        words.check(transformer_precision, words.ENGINE, "transformer precision")
     if vae_precision is not None:
-        precision.check(vae_precision, precision.FLOATS, "VAE engine precision")
+        words.check(vae_precision, words.FLOATS, "VAE engine precision")
     engines = bundle.engine_builds()
     if not engines:
         raise Sd3trtError(
@@ -119,10 +119,10 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
     None precisions take the bundle's float graphs / the newest build; on onnxruntime "int8"/"fp8" take the
     graphs of `sd3trt quantize`; on tensorrt a precision takes the build that has it. `files` overrides."""
     if transformer is not None:
-        precision.check(transformer, precision.ENGINE, "transformer precision")
+        words.check(transformer, words.ENGINE, "transformer precision")
     if vae is not None:
-        precision.check(vae, precision.FLOATS + precision.VAE_QUANTIZED, "VAE precision")
-    if vae in precision.VAE_QUANTIZED and backend not in ("onnxruntime", "openvino"):
+        words.check(vae, words.FLOATS + words.VAE_QUANTIZED, "VAE precision")
+    if vae in words.VAE_QUANTIZED and backend not in ("onnxruntime", "openvino"):
         raise Sd3trtError(f"the int8 VAE is a CPU graph, not for the {backend} backend; use --backend onnxruntime "
                           "or openvino, or the fp16/bf16 VAE of a GPU engine build")
     if backend == "tensorrt":
@@ -130,7 +130,7 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
             raise Sd3trtError("onnx_files picks ONNX Runtime graphs; the tensorrt backend runs an engine build "
                               "(engine_build)")
         return {}, select_build(bundle, build, transformer, vae)[0]
-    for word, allowed, what in ((transformer, precision.TRANSFORMER, "transformer"), (vae, precision.VAE, "VAE")):
+    for word, allowed, what in ((transformer, words.TRANSFORMER, "transformer"), (vae, words.VAE, "VAE")):
         if word is not None and word not in allowed:
             raise Sd3trtError(f"the {backend} backend runs the {what} in {' or '.join(allowed)}; {word} is a "
                               f"TensorRT engine precision: use --backend tensorrt and `sd3trt build --precision {word}`")

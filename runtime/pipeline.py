@@ -44,6 +44,7 @@ from sd3trt.runtime.prompts import PromptEncoder
 from sd3trt.runtime.result import Result
 from sd3trt.runtime.runners import BACKENDS, OrtRunner, Runner, RunnerPool
 from sd3trt.spec import T5_DEFAULT_LENGTH
+from sd3trt import precision as words
 
 __all__ = ["Img2Img", "Noise", "Plan", "Result", "RequestError"]
 
@@ -102,7 +103,7 @@ class Img2Img:
             from sd3trt.runtime.cpu_precision import graph_precisions
 
             self.graph_precisions = MappingProxyType(graph_precisions(bundle, cpu_precision, self._onnx_files))
-        self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
+        self.float_dtype = np.dtype(words.HOST_NUMPY[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
         dirs = {n: bundle.tokenizer_dir(n) for n in bundle.tokenizer_names()}

@@ -129,7 +129,8 @@ def read_image(image, facts, max_pixels: int | None, stream=None) -> tuple[np.nd
             pil = None if arr.dtype in arrays.FLOATS else imgs.to_rgb(arrays.to_pil(arr))
         size = pil.size if pil is not None else arrays.size_of(arr)
         w, h = imgs.target_size(*size, multiple=facts.pixel_multiple, max_side=facts.max_image_side)
-        pixels = imgs.preprocess(pil, w, h) if pil is not None else arrays.preprocess_float(arr, w, h)
+        pixels = (imgs.preprocess(pil, w, h, facts.vae_scale_factor) if pil is not None
+                  else arrays.preprocess_float(arr, w, h))
     return pixels, size, (w, h)
 
 

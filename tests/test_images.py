@@ -360,6 +360,25 @@ def test_target_size():
     assert I.target_size(1030, 512, max_side=1024) == (1024, 512)  # checked after flooring
 
 
+def test_pixels_have_the_plans_size_on_a_vae_factor_other_than_8(tmp_path):
+    """A model whose VAE downsamples by 2 (make-tiny --vae-levels 2): sides are floored to its pixel multiple
+    (4), and the pixels are that size, as diffusers' image processor with the model's factor makes them."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sd3trt.export.tiny_model import TinyOptions, make_tiny
+    from sd3trt.runtime.plan import read_image
+    from sd3trt.spec import read_model_facts
+
+    facts = read_model_facts(make_tiny(tmp_path / "model", TinyOptions(vae_levels=2)))
+    assert (facts.vae_scale_factor, facts.pixel_multiple) == (2, 4)
+    im = rand_rgb(86, 54)
+    pixels, size, (w, h) = read_image(im, facts, None)
+    assert size == (86, 54) and (w, h) == (84, 52)
+    assert pixels.shape == (1, 3, 52, 84)
+    ref = VaeImageProcessor(vae_scale_factor=2).preprocess(im, height=52, width=84).numpy()
+    np.testing.assert_array_equal(pixels, ref)
+
+
 # ------------------------------------------------------------------------------------------ outputs
 
 
