@@ -133,25 +133,3 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
              "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     in_place = {v["metadata"]: bundle.root / v["metadata"] for v in components.values()}
     return commit_entry(bundle.root, ENGINES, name, in_place, entry)
-
-
-def _refit_command(a) -> None:
-    plan = refit_plan(a.bundle, a.lora, a.engines)
-    for c, weights in plan.describe().items():
-        print(f"{c}: {len(weights)} weight(s) to refit in build {plan.build!r}")
-    if a.plan_only:
-        return
-    from sd3trt.runtime.cuda import find_gpu
-
-    find_gpu()  # refitting needs the GPU the engines run on: a clear error without one
-    apply_refit(a.bundle, plan, a.name)
-
-
-def add_refit_command(sub) -> None:
-    p = sub.add_parser("refit", help="apply a LoRA to TensorRT engines built with --refit (no rebuild)")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--lora", action="append", required=True, metavar="PATH[:SCALE]", help="repeatable")
-    p.add_argument("--engines", default=None, help="the --refit build to start from (default: the newest)")
-    p.add_argument("--name", default=None, help="name of the new build (default <build>-lora)")
-    p.add_argument("--plan-only", action="store_true", help="check and print the plan; touch no GPU")
-    p.set_defaults(func=_refit_command)
