@@ -92,7 +92,7 @@ def _threads(cfg: BenchConfig) -> int:
 def _device(cfg: BenchConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
-    return "cuda" if sysm._gpu_present() else "cpu"
+    return "cuda" if sysm.gpu_present() else "cpu"
 
 
 def default_cache_dir() -> Path:
@@ -228,7 +228,7 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     from sd3trt.manifest import load_bundle
 
     data = load_bundle(bundle)
-    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm._openvino_skip(
+    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm.openvino_skip(
             "sd3trt-openvino-fp32", data):
         return
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
@@ -301,9 +301,9 @@ def _digest(path: Path) -> str:
 
 
 def _cpu_flags() -> list[str]:
-    from sd3trt.benchmarks.machine import _cpuinfo
+    from sd3trt.benchmarks.machine import cpuinfo
 
-    return _cpuinfo().get("flags", [])
+    return cpuinfo().get("flags", [])
 
 
 def run_bench(cfg: BenchConfig) -> dict:

@@ -72,7 +72,8 @@ def _has(module: str) -> bool:
         return False
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
+    """Whether `nvidia-smi -L` lists a GPU (no CUDA library is loaded to find out)."""
     if shutil.which("nvidia-smi") is None:
         return False
     import subprocess
@@ -127,11 +128,11 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
         if why:
             return why
     if system in OPENVINO:
-        why = _openvino_skip(system, bundle)
+        why = openvino_skip(system, bundle)
         if why:
             return why
     if system == "sd3trt-trt":
-        if not _gpu_present():
+        if not gpu_present():
             return "TensorRT needs an NVIDIA GPU and none is present on this machine"
         if not (_has("tensorrt") or _has("tensorrt_rtx")):
             return "neither tensorrt nor tensorrt_rtx is installed (pip install -e '.[engines]')"
@@ -154,7 +155,8 @@ def _int8_skip(system: str, bundle) -> str | None:
     return None
 
 
-def _openvino_skip(system: str, bundle) -> str | None:
+def openvino_skip(system: str, bundle) -> str | None:
+    """Why the sd3trt OpenVINO `system` cannot run on `bundle` here; None when it can."""
     if not _has("openvino"):
         return "OpenVINO is not installed (pip install -e '.[openvino]')"
     if bundle.dtype != "fp32":

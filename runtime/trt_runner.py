@@ -51,9 +51,6 @@ DIAGNOSTICS = {
 }
 
 
-# --------------------------------------------------------------------------- bf16 on the host
-
-
 # --------------------------------------------------------------------------- the runner
 
 SPECIALIZATIONS = ("lazy", "eager", "none")  # TensorRT-RTX dynamic-shape kernel specialization strategies
