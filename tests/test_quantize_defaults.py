@@ -2,7 +2,7 @@
 gate for both precisions, FP8 attention (NVIDIA's recipe), TensorRT-RTX engines from the result.
 
 The models have head_dim 16 (TensorRT's fused FP8 attention needs head_dim % 16 == 0; the other tiny
-variants have 8). The SD3.5 style is the issue-14 model: qk RMS-norm, a dual-attention block, a 3-level VAE
+variants have 8). The SD3.5 style has qk RMS-norm, a dual-attention block, a 3-level VAE
 and CLIP-G padded with "!".
 
 Everything is the CLI default except `--calib-scale 0.25` (and --threads 2): the default calibration is 12
@@ -63,7 +63,7 @@ def quantized(tmp_path_factory):
     return out
 
 
-def test_the_sd35_style_model_is_the_issue_model(quantized):
+def test_the_sd35_style_model_has_the_sd35_features(quantized):
     root, _ = quantized["sd35"]
     model_dir = root.parent / "model"
     t = json.loads((model_dir / "transformer" / "config.json").read_text())
