@@ -145,6 +145,11 @@ class Img2Img:
         return self._pool.get(name)
 
     @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The components whose weights the load-time LoRAs change (their graphs run with merged weights)."""
+        return tuple(sorted(self._initializers))
+
+    @property
     def loaded_components(self) -> tuple[str, ...]:
         return self._pool.loaded()
 
