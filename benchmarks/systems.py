@@ -144,13 +144,14 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
 def _int8_skip(system: str, bundle) -> str | None:
     """Why an sd3trt int8 system cannot run: a missing or failed INT8 transformer (and VAE decoder, "-vae")."""
     from sd3trt.errors import Sd3trtError
+    from sd3trt.manifest import gate_passed
 
     for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
         try:
             entry = bundle.quantized_entry("int8", component)
         except Sd3trtError as e:
             return f"{e} (or pass --quantize to let the benchmark do it)"
-        if not entry.get("accuracy", {}).get("passed", False):
+        if not gate_passed(entry):
             return f"the bundle's int8 {component} failed its accuracy gate (recorded with --force); not benchmarked"
     return None
 

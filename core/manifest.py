@@ -145,6 +145,25 @@ def entry_sha256(entry: dict) -> str | None:
     return entry.get("files", {}).get(entry_file(entry))
 
 
+def tensor_specs(entry: dict, kind: str) -> list[dict]:
+    """A component entry's "inputs" or "outputs": [{"name", "dtype", "shape" (ints and symbolic axes)}]."""
+    if kind not in ("inputs", "outputs"):
+        raise ValueError(f"kind must be 'inputs' or 'outputs', got {kind!r}")
+    return entry[kind]
+
+
+def gate_passed(entry: dict) -> bool:
+    """Whether a quantized graph passed its accuracy gate (False when it was recorded with --force)."""
+    return bool(entry.get("accuracy", {}).get("passed", False))
+
+
+def quantized_summary(entry: dict) -> dict:
+    """What an engine built from a quantized graph records of that graph's entry."""
+    return {**{k: entry.get(k) for k in ("precision", "method", "file", "scheme")},
+            "coverage": {k: v for k, v in entry["coverage"].items() if not isinstance(v, (list, dict))},
+            "accuracy_passed": entry["accuracy"]["passed"]}
+
+
 def build_precisions(entry: dict) -> tuple[str, str]:
     """(transformer precision, precision of the other engines, the VAE's among them) of an engine build's entry."""
     return entry.get("transformer_precision") or entry.get("precision"), entry.get("precision")
@@ -153,6 +172,16 @@ def build_precisions(entry: dict) -> tuple[str, str]:
 def build_option(entry: dict, option: str):
     """One of the build options an engine build (or an engine's metadata) records; None when absent."""
     return entry.get("options", {}).get(option)
+
+
+def build_flavour(entry: dict) -> str:
+    """The TensorRT flavour (its module name: tensorrt or tensorrt_rtx) an engine build was made with."""
+    return entry.get("flavour", "")
+
+
+def newest_build(builds: dict[str, dict], names) -> str:
+    """The most recently built of `names` (keys of `builds`, Bundle.engine_builds())."""
+    return max(names, key=lambda n: builds[n].get("built_at", ""))
 
 
 def build_components(entry: dict) -> dict[str, dict]:

@@ -33,7 +33,8 @@ from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, l
 from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
-from sd3trt.manifest import ENGINES, build_components, commit_entry, entry_file, entry_files, load_bundle
+from sd3trt.manifest import (ENGINES, build_components, commit_entry, entry_file, entry_files, load_bundle,
+                             quantized_summary, tensor_specs)
 from sd3trt.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.runtime.flavour import Flavour, load_flavour
 from sd3trt.sizes import parse_size
@@ -111,10 +112,7 @@ class Source:
     def metadata(self) -> dict:
         if self.quantized is None:
             return {}
-        q = self.quantized
-        return {"quantized": {**{k: q.get(k) for k in ("precision", "method", "file", "scheme")},
-                              "coverage": {k: v for k, v in q["coverage"].items() if not isinstance(v, (list, dict))},
-                              "accuracy_passed": q["accuracy"]["passed"], "low_precision": self.low}}
+        return {"quantized": {**quantized_summary(self.quantized), "low_precision": self.low}}
 
 
 def low_type(bundle, low: str | None = None) -> str:
@@ -201,7 +199,7 @@ def check_bindings(component: str, entry: dict, io: dict, host_dtype_override: s
     """Network I/O must be the manifest's: names, dtypes, ranks and fixed dims. Returns the metadata "io"."""
     result = {}
     for kind in ("inputs", "outputs"):
-        want = {t["name"]: t for t in entry[kind]}
+        want = {t["name"]: t for t in tensor_specs(entry, kind)}
         got = {t["name"]: t for t in io[kind]}
         if set(want) != set(got):
             raise Sd3trtError(

@@ -22,7 +22,8 @@ import numpy as np
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import write_bytes_atomic, write_json_atomic
 from sd3trt.lora import read_loras
-from sd3trt.manifest import ENGINES, build_components, build_option, commit_entry, entry_file, entry_sha256, load_bundle
+from sd3trt.manifest import (ENGINES, build_components, build_flavour, build_option, commit_entry, entry_file,
+                             entry_sha256, load_bundle, newest_build)
 from sd3trt.runtime import lora as lora_runtime
 
 
@@ -44,7 +45,7 @@ def _pick_build(bundle, build: str | None) -> tuple[str, dict]:
         if not refittable:
             raise Sd3trtError(f"bundle {bundle.root} has no engine build made with --refit; build one with "
                               f"`sd3trt build --bundle {bundle.root} --precision fp16 --refit` (on a GPU machine)")
-        build = max(refittable, key=lambda n: builds[n].get("built_at", ""))
+        build = newest_build(builds, refittable)
     entry = bundle.engine_build(build)
     if not build_option(entry, "refit"):
         raise Sd3trtError(f"engine build {build!r} was not built with --refit; rebuild it with `sd3trt build ... "
@@ -98,7 +99,7 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
     bundle = load_bundle(Path(bundle_dir))
     src = bundle.engine_build(plan.build)
     name = name or f"{plan.build}-lora"
-    fl = load_flavour(src["flavour"])
+    fl = load_flavour(build_flavour(src))
     trt, logger = fl.trt, make_logger(fl.trt)
     out_dir = bundle.root / "engines" / name
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Mapping
 
 from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import build_precisions
+from sd3trt.manifest import build_flavour, build_precisions, newest_build
 from sd3trt.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
 from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, request_dims
 
@@ -73,8 +73,8 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
             f"{'transformer' if transformer_precision else 'VAE'} (it has {have}); build one with "
             f"`sd3trt build --bundle {bundle.root} --precision {want}`"
         )
-    usable = [n for n in candidates if _flavour_installed(engines[n].get("flavour", ""))] or candidates
-    name = max(usable, key=lambda n: engines[n].get("built_at", ""))
+    usable = [n for n in candidates if _flavour_installed(build_flavour(engines[n]))] or candidates
+    name = newest_build(engines, usable)
     return name, engines[name]
 
 
