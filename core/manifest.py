@@ -98,7 +98,12 @@ def commit_entry(root: Path, section: str, key: str, staged_files: Mapping[str, 
 
     Staged files are hashed first, outside the lock. Then, under the lock: when any file moves or goes, the
     old entry is unlisted first (the manifest never names a file in flux), the files move, and the new entry
-    is listed; otherwise one read-modify-write. Concurrent writers serialize; none loses another's entry."""
+    is listed; otherwise one read-modify-write. Concurrent writers serialize; none loses another's entry.
+
+        staged = {"onnx/transformer.int8.onnx": tmp / "transformer.int8.onnx",   # moved into place
+                  "onnx/transformer.int8.onnx.data": None,                        # the old external data goes
+                  "onnx/transformer.int8.json": tmp / "report.json"}
+        commit_entry(root, QUANTIZED, quantized_key("int8"), staged, entry)"""
     root = Path(root)
     digests = {rel: sha256_file(src) for rel, src in staged_files.items() if src is not None}
     moves = {rel: src for rel, src in staged_files.items() if src is None or Path(src) != root / rel}
@@ -172,6 +177,11 @@ def build_precisions(entry: dict) -> tuple[str, str]:
 def build_option(entry: dict, option: str):
     """One of the build options an engine build (or an engine's metadata) records; None when absent."""
     return entry.get("options", {}).get(option)
+
+
+def engine_digests(components: dict[str, dict]) -> dict[str, str]:
+    """engine path -> sha256 of an engine build's components (hashed when each engine was written)."""
+    return {v["engine"]: v["engine_sha256"] for v in components.values()}
 
 
 def build_flavour(entry: dict) -> str:

@@ -33,8 +33,8 @@ from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, l
 from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
-from sd3trt.manifest import (ENGINES, build_components, commit_entry, entry_file, entry_files, load_bundle,
-                             quantized_summary, tensor_specs)
+from sd3trt.manifest import (ENGINES, build_components, commit_entry, engine_digests, entry_file, entry_files,
+                             load_bundle, quantized_summary, tensor_specs)
 from sd3trt.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.runtime.flavour import Flavour, load_flavour
 from sd3trt.sizes import parse_size
@@ -393,7 +393,7 @@ def _list_build(bundle, name: str, opts: BuildOptions, fl: Flavour, target: dict
     def merge(previous: dict | None) -> dict:
         kept = {c: v for c, v in build_components(previous or {}).items() if c not in metas and bundle.has(c)}
         components = {**kept, **built}
-        files = {v["engine"]: v["engine_sha256"] for v in components.values()}
+        files = engine_digests(components)
         files.update({v["metadata"]: sha256_file(bundle.root / v["metadata"]) for v in kept.values()})
         return {
             "precision": opts.precision, "flavour": fl.name, "tensorrt_version": fl.version, "target": target,

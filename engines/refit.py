@@ -22,8 +22,8 @@ import numpy as np
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import write_bytes_atomic, write_json_atomic
 from sd3trt.lora import read_loras
-from sd3trt.manifest import (ENGINES, build_components, build_flavour, build_option, commit_entry, entry_file,
-                             entry_sha256, load_bundle, newest_build)
+from sd3trt.manifest import (ENGINES, build_components, build_flavour, build_option, commit_entry, engine_digests,
+                             entry_file, entry_sha256, load_bundle, newest_build)
 from sd3trt.runtime import lora as lora_runtime
 
 
@@ -67,7 +67,8 @@ def refit_plan(bundle_dir: Path, loras, build: str | None = None) -> RefitPlan:
             raise Sd3trtError(f"engine build {build!r} has no {c} engine, which the LoRA changes")
         meta = json.loads(files[1].read_text())
         own = bundle.component(c) if bundle.has(c) else None
-        if meta.get("precision_source") != "as-exported" or own is None or meta["source_onnx"]["file"] != entry_file(own):
+        from_export = own is not None and meta["source_onnx"]["file"] == entry_file(own)
+        if meta.get("precision_source") != "as-exported" or not from_export:
             raise Sd3trtError(f"the {c} engine of build {build!r} was made from a {meta.get('precision_source')} graph "
                               "whose weights are not the bundle's; fuse the LoRA before quantizing or converting: "
                               "`sd3trt export --lora PATH[:SCALE]`, then quantize/build again")
@@ -129,7 +130,7 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
         write_json_atomic(bundle.root / meta_rel, meta)
         components[c] = {**v, "engine": engine_rel, "metadata": meta_rel, "engine_sha256": meta["engine_sha256"]}
 
-    entry = {**src, "components": components, "files": {v["engine"]: v["engine_sha256"] for v in components.values()},
+    entry = {**src, "components": components, "files": engine_digests(components),
              "refit_from": plan.build, "loras": [lora.record() for lora in plan.loras],
              "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     in_place = {v["metadata"]: bundle.root / v["metadata"] for v in components.values()}
