@@ -266,7 +266,7 @@ class Bundle:
         builds = self.engine_builds()
         if name not in builds:
             have = ", ".join(sorted(builds)) or "none"
-            raise Sd3trtError(f"bundle {self.root} has no engine build {name!r} (it has: {have}); create it with "
+            raise Sd3trtError(f"bundle {self.root} has no engine build {name!r}; it has {have}; create it with "
                               f"`sd3trt build --bundle {self.root} --name {name}`")
         return builds[name]
 

@@ -53,17 +53,16 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
 
     build = build or os.environ.get(ENV_BUILD)
     if build:
-        if build not in engines:
-            raise Sd3trtError(f"bundle {bundle.root} has no engine build {build!r}; it has {', '.join(sorted(engines))}")
-        if not fits(engines[build]):
-            tp, vp = build_precisions(engines[build])
+        entry = bundle.engine_build(build)  # refuses a name that is not one of the builds, naming them
+        if not fits(entry):
+            tp, vp = build_precisions(entry)
             raise Sd3trtError(
                 f"engine build {build!r} runs the transformer in {tp} and the VAE in {vp}, not the "
                 f"{transformer_precision or tp} / {vae_precision or vp} asked for; build that with "
                 f"`sd3trt build --bundle {bundle.root} --precision {transformer_precision or vae_precision}` or pick "
                 "another build"
             )
-        return build, engines[build]
+        return build, entry
     candidates = [n for n, e in engines.items() if fits(e)]
     if not candidates:
         have = ", ".join(f"{n} ({'/'.join(build_precisions(e))})" for n, e in sorted(engines.items()))
