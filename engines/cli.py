@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
+from sd3trt.profiles import DEFAULT_IMAGES
 from sd3trt.spec import SD3_PIXEL_MULTIPLE, T5_DEFAULT_LENGTH
 
 
@@ -58,7 +59,7 @@ def add_build_command(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("shapes (optimization profiles)")
     g.add_argument("--image-size", action="append", metavar="MIN:OPT:MAX",
                    help="image side range in px for height and width, or one size; repeat for several profiles "
-                        "(default 512:1024:1536, capped by the model)")
+                        f"(default {':'.join(map(str, DEFAULT_IMAGES))}, capped by the model)")
     g.add_argument("--image-step", type=int, default=SD3_PIXEL_MULTIPLE,
                    help="sizes are multiples of this (default %(default)s; a multiple of the model's pixel multiple)")
     g.add_argument("--batch", default="1", metavar="MIN:OPT:MAX", help="images per request (default 1)")
