@@ -314,13 +314,20 @@ class Bundle:
         """The record `sd3trt gate` wrote under manifest[CPU_GATES][key]; {} when none."""
         return self.data.get(CPU_GATES, {}).get(key) or {}
 
-    def all_files(self) -> dict[str, str]:
-        """Every file the manifest lists, relative path -> sha256."""
+    def _files_of(self, sections: tuple[str, ...]) -> dict[str, str]:
         files = {}
-        for section in ("components", "tokenizers", ENGINES, QUANTIZED):
+        for section in sections:
             for entry in self.data.get(section, {}).values():
                 files.update(entry.get("files", {}))
         return files
+
+    def export_files(self) -> dict[str, str]:
+        """The files `sd3trt export` wrote (graphs and tokenizers), relative path -> sha256."""
+        return self._files_of(("components", "tokenizers"))
+
+    def all_files(self) -> dict[str, str]:
+        """Every file the manifest lists, relative path -> sha256."""
+        return self._files_of(("components", "tokenizers", ENGINES, QUANTIZED))
 
     def check_files(self, verify_checksums: bool = False,
                     report: Callable[[str, str], None] | None = None) -> None:

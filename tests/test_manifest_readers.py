@@ -28,6 +28,9 @@ def test_readers_of_an_exported_bundle(tiny_sd3):
         tensor_specs(entry, "files")
     assert bundle.engine_builds() == {} and bundle.quantized_graphs() == {} and bundle.cpu_gate("openvino.bf16") == {}
     assert bundle.loras == data["loras"] and bundle.opset == data["opset"]
+    exported = {**{r: d for e in data["components"].values() for r, d in e["files"].items()},
+                **{r: d for e in data["tokenizers"].values() for r, d in e["files"].items()}}
+    assert bundle.export_files() == exported == bundle.all_files()  # no engines or quantized graphs yet
 
 
 def test_readers_of_engine_build_and_quantized_entries(tiny_sd3):
