@@ -61,9 +61,10 @@ def _read_manifest(path: Path) -> dict:
 
 
 def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
-    """The one way manifest.json is written: under the bundle's lock, read it ({} when there is none yet),
-    apply `change` (which edits the dict in place or returns a new one), write it back atomically.
-    Concurrent writers (`sd3trt build` beside `sd3trt quantize`) serialize; none loses another's entry."""
+    """Rewrite manifest.json under the bundle's lock: read it ({} when there is none yet), apply `change`
+    (which edits the dict in place or returns a new one), write it back atomically. This and commit_entry (an
+    entry with its files) are the manifest's writers; concurrent ones (`sd3trt build` beside `sd3trt
+    quantize`) serialize, and none loses another's entry."""
     root = Path(root)
     with _manifest_lock(root):
         path = root / MANIFEST
