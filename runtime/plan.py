@@ -160,7 +160,7 @@ def make_noise(noise: Noise | None, seed: int | None, latent_shape: tuple[int, .
     lat = np.array(noise.latents, dtype=np.float32)
     if lat.shape != tuple(latent_shape):
         raise RequestError(f"noise 'latents' has shape {lat.shape}, this request needs {tuple(latent_shape)} "
-                           "(num_images, latent channels, height/8, width/8)", "noise")
+                           "(num_images, latent channels, height and width divided by the VAE factor)", "noise")
     if noise.posterior is None:
         post = np.random.default_rng(seed).standard_normal(post_shape, dtype=np.float32)
     else:
