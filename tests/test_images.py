@@ -352,16 +352,18 @@ def test_target_size():
     assert I.target_size(1030, 512, max_side=1024) == (1024, 512)  # checked after flooring
 
 
-def test_pixels_have_the_plans_size_on_a_vae_factor_other_than_8(tmp_path):
+def test_pixels_have_the_plans_size_on_a_vae_factor_other_than_8(tiny_factory):
     """A model whose VAE downsamples by 2 (make-tiny --vae-levels 2): sides are floored to its pixel multiple
-    (4), and the pixels are that size, as diffusers' image processor with the model's factor makes them."""
+    (4), the pixels are that size, as diffusers' image processor with the model's factor makes them, and
+    img2img runs at that size."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from sd3trt.export.tiny_model import TinyOptions, make_tiny
+    from sd3trt.runtime.pipeline import Img2Img
     from sd3trt.runtime.plan import read_image
     from sd3trt.spec import read_model_facts
 
-    facts = read_model_facts(make_tiny(tmp_path / "model", TinyOptions(vae_levels=2)))
+    model, bundle = tiny_factory("vae2")
+    facts = read_model_facts(model)
     assert (facts.vae_scale_factor, facts.pixel_multiple) == (2, 4)
     im = rand_rgb(86, 54)
     pixels, size, (w, h) = read_image(im, facts, None)
@@ -369,6 +371,10 @@ def test_pixels_have_the_plans_size_on_a_vae_factor_other_than_8(tmp_path):
     assert pixels.shape == (1, 3, 52, 84)
     ref = VaeImageProcessor(vae_scale_factor=2).preprocess(im, height=52, width=84).numpy()
     np.testing.assert_array_equal(pixels, ref)
+    with Img2Img.from_bundle(bundle) as pipe:
+        plan = pipe.prepare(im, "a cat", steps=2, seed=0)
+        assert (plan.width, plan.height) == (84, 52) and plan.latent_shape[2:] == (26, 42)
+        assert pipe.run(plan).array.shape == (1, 52, 84, 3)
 
 
 # ------------------------------------------------------------------------------------------ outputs
