@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sd3trt.benchmarks import models as mdl
 from sd3trt.benchmarks import systems as sysm
+from sd3trt.spec import T5_DEFAULT_LENGTH
 
 DEFAULT_OUT = "sd3trt-bench"  # under the working directory: <machine>/ per machine
 DEFAULT_PROMPT = "a watercolor painting of a lighthouse on a rocky shore at sunset, soft light, detailed"
@@ -52,7 +53,7 @@ class BenchConfig:
     device: str = "auto"  # diffusers' device: auto | cpu | cuda
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE
-    max_sequence_length: int = 256
+    max_sequence_length: int = T5_DEFAULT_LENGTH
     seed: int = 0
     cache_dir: str | None = None
     out_dir: str | None = None
@@ -91,7 +92,7 @@ def _threads(cfg: BenchConfig) -> int:
 def _device(cfg: BenchConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
-    return "cuda" if sysm._gpu_present() else "cpu"
+    return "cuda" if sysm.gpu_present() else "cpu"
 
 
 def default_cache_dir() -> Path:
@@ -224,17 +225,17 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
 def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     """--quantize with OpenVINO systems on a bf16 CPU: run `sd3trt gate` when a graph of the bundle has no verdict
     on its present file (a re-quantized graph's old verdict does not count)."""
-    from sd3trt.manifest import CPU_GATES, load_bundle
+    from sd3trt.manifest import load_bundle
 
     data = load_bundle(bundle)
-    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm._openvino_skip(
+    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm.openvino_skip(
             "sd3trt-openvino-fp32", data):
         return
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
     from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
     from sd3trt.runtime.ov_runner import cpu_has_bf16
 
-    record = data.data.get(CPU_GATES, {}).get(GATE_KEY, {}).get("graphs", {})
+    record = data.cpu_gate(GATE_KEY).get("graphs", {})
     shas = {key: graph_key(data, component, path)[1] for key, (component, path) in graphs_of(data).items()}
     if not cpu_has_bf16() or all(record.get(key, {}).get("sha256") == sha for key, sha in shas.items()):
         return
@@ -300,9 +301,9 @@ def _digest(path: Path) -> str:
 
 
 def _cpu_flags() -> list[str]:
-    from sd3trt.benchmarks.machine import _cpuinfo
+    from sd3trt.benchmarks.machine import cpuinfo
 
-    return _cpuinfo().get("flags", [])
+    return cpuinfo().get("flags", [])
 
 
 def run_bench(cfg: BenchConfig) -> dict:

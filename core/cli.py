@@ -156,19 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_make_random(sub)
     add_export(sub)
     add_verify(sub)
-    from sd3trt.engines.cli import add_build_command
-    from sd3trt.engines.cpu_gate import add_gate_command
-    from sd3trt.engines.quantize_cli import add_quantize_command
-    from sd3trt.engines.refit import add_refit_command
+    from sd3trt.engines.cli import add_engine_commands
     from sd3trt.runtime.cli import add_runtime_commands
 
     from sd3trt.benchmarks.cli import add_bench_command
     from sd3trt.server.cli import add_server_commands
 
-    add_build_command(sub)
-    add_quantize_command(sub)
-    add_gate_command(sub)
-    add_refit_command(sub)
+    add_engine_commands(sub)
     add_runtime_commands(sub)
     add_demo(sub)
     add_server_commands(sub)

@@ -19,6 +19,7 @@ TRANSFORMER = ("fp32",) + QUANTIZED
 VAE = ("fp32",) + VAE_QUANTIZED
 LOW_TYPES = ("fp16", "bf16")
 NUMPY = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+HOST_NUMPY = {**NUMPY, "bf16": "float32"}  # numpy has no bfloat16: the host side of a bf16 tensor is float32
 
 
 def check(precision: str, allowed: tuple[str, ...], what: str) -> str:

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
 
+# The released SD3 / SD3.5 models' VAE downsampling and transformer patch (a model's own: ModelFacts).
+SD3_VAE_SCALE_FACTOR = 8
+SD3_PATCH_SIZE = 2
+SD3_PIXEL_MULTIPLE = SD3_VAE_SCALE_FACTOR * SD3_PATCH_SIZE
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 T5_DEFAULT_LENGTH = 256
@@ -28,7 +32,6 @@ COMPONENT_SOURCES = {
 COMPONENTS = tuple(COMPONENT_SOURCES)
 TOKENIZER_SOURCES = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 FLOAT = "float"  # placeholder dtype: the bundle's float dtype (fp32, fp16 or bf16)
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -125,9 +128,9 @@ def read_model_facts(model_dir: Path, skip_t5: bool = False) -> ModelFacts:
     facts = ModelFacts(
         vae_scaling_factor=float(vae.get("scaling_factor", 1.5305)),
         vae_shift_factor=float(vae.get("shift_factor") or 0.0),
-        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else SD3_VAE_SCALE_FACTOR,
         latent_channels=int(vae.get("latent_channels", 16)),
-        patch_size=int(tr.get("patch_size", 2)),
+        patch_size=int(tr.get("patch_size", SD3_PATCH_SIZE)),
         joint_attention_dim=int(tr.get("joint_attention_dim", 4096)),
         pooled_projection_dim=int(tr.get("pooled_projection_dim", 2048)),
         pos_embed_max_size=int(tr.get("pos_embed_max_size", 96)),

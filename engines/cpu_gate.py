@@ -13,7 +13,6 @@ transformer graph in bf16. The verdicts go to the manifest
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 from sd3trt.engines.accuracy import GATE, gate, psnr_db, ssim, summary
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import CPU_GATES, QUANTIZED, load_bundle, update_manifest
+from sd3trt.manifest import CPU_GATES, load_bundle, set_entry
 from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
 
 
@@ -44,10 +43,8 @@ class GateSettings:
 
 def graphs_of(bundle) -> dict[str, tuple[str, Path]]:
     """{gate key: (component, ONNX path)} of every graph the bundle has: its own and its quantized ones."""
-    out = {name: (name, bundle.onnx_path(name)) for name in bundle.data["components"]}
-    for entry_key, entry in bundle.data.get(QUANTIZED, {}).items():
-        component = entry_key.split(".")[0]
-        path = bundle.path(entry["file"])
+    out = {name: (name, bundle.onnx_path(name)) for name in bundle.component_names()}
+    for component, _precision, path, _sha256 in bundle.quantized_graphs().values():
         key = graph_key(bundle, component, path)
         if key is not None:
             out[key[0]] = (component, path)
@@ -125,33 +122,5 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
     record = {"openvino": openvino_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "thresholds": dict(GATE), "settings": asdict(settings), "graphs": verdicts, "together": together,
               "seconds": round(time.perf_counter() - t0, 1)}
-    update_manifest(Path(root), lambda data: data.setdefault(CPU_GATES, {}).__setitem__(GATE_KEY, record))
+    set_entry(Path(root), CPU_GATES, GATE_KEY, record)
     return record
-
-
-def _run(a) -> None:
-    settings = GateSettings(runs=a.runs, steps=a.steps, strength=a.strength, size=a.size)
-    for what, value in (("--runs", a.runs), ("--steps", a.steps), ("--size", a.size)):
-        if value < 1:
-            raise Sd3trtError(f"{what} must be at least 1, got {value}")
-    if not 0 < a.strength <= 1:
-        raise Sd3trtError(f"--strength {a.strength} must be in (0, 1]")
-    record = gate_bf16(a.bundle, settings, a.threads)
-    bf16 = sorted(k for k, g in record["graphs"].items() if g["passed"])
-    print(f"bf16 on OpenVINO: {', '.join(bf16) or 'no graph'} (recorded in {a.bundle / 'manifest.json'}; "
-          f"{record['seconds']:.0f} s)")
-
-
-def add_gate_command(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("gate", help="measure which graphs may run in bf16 on OpenVINO (image vs fp32) and record it",
-                       description="Run img2img on OpenVINO with each graph of the bundle in bf16 and compare the image "
-                                   f"with the fp32 pipeline's (worst PSNR >= {GATE['psnr_db']:g} dB and SSIM >= "
-                                   f"{GATE['ssim']:g}); `--backend openvino` then runs the graphs that passed in bf16.")
-    p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
-    p.add_argument("--runs", type=int, default=GateSettings.runs, help="img2img requests compared (default %(default)s)")
-    p.add_argument("--steps", type=int, default=GateSettings.steps, help="denoising steps (default %(default)s)")
-    p.add_argument("--strength", type=float, default=GateSettings.strength)
-    p.add_argument("--size", type=int, default=GateSettings.size, help="image side in px (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
-    p.set_defaults(func=_run)
-    return p

@@ -44,6 +44,7 @@ from sd3trt.runtime.prompts import PromptEncoder
 from sd3trt.runtime.result import Result
 from sd3trt.runtime.runners import BACKENDS, OrtRunner, Runner, RunnerPool
 from sd3trt.spec import T5_DEFAULT_LENGTH
+from sd3trt import precision as words
 
 __all__ = ["Img2Img", "Noise", "Plan", "Result", "RequestError"]
 
@@ -103,10 +104,10 @@ class Img2Img:
             from sd3trt.runtime.cpu_precision import graph_precisions
 
             self.graph_precisions = MappingProxyType(graph_precisions(bundle, cpu_precision, self._onnx_files))
-        self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
+        self.float_dtype = np.dtype(words.HOST_NUMPY[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
-        dirs = {n: bundle.tokenizer_dir(n) for n in bundle.data["tokenizers"]}
+        dirs = {n: bundle.tokenizer_dir(n) for n in bundle.tokenizer_names()}
         self.prompts = PromptEncoder(self.facts, dirs, self._pool.get,
                                      plans.check_int(prompt_cache, "prompt_cache", 0))
 
@@ -145,12 +146,17 @@ class Img2Img:
         return self._pool.get(name)
 
     @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The components whose weights the load-time LoRAs change (their graphs run with merged weights)."""
+        return tuple(sorted(self._initializers))
+
+    @property
     def loaded_components(self) -> tuple[str, ...]:
         return self._pool.loaded()
 
     def load_all(self) -> None:
         """Load every engine now (servers do this at start; the first request is then not slower)."""
-        for name in self.bundle.data["components"]:
+        for name in self.bundle.component_names():
             self._pool.get(name)
 
     def clear_prompt_cache(self) -> None:
