@@ -36,6 +36,7 @@ MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest, commit_entry)
 ENGINES = "engines"  # manifest section of engine builds, keyed by build name (`sd3trt build`, `sd3trt refit`)
 QUANTIZED = "quantized"  # manifest section of quantized graphs, keyed by quantized_key()
+COMPRESSED = "compressed"  # manifest section of 8-bit-weight graphs (`sd3trt compress-weights`), by component
 CPU_GATES = "cpu_gates"  # manifest section of `sd3trt gate` records (runtime/cpu_precision.py); lists no files
 STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
 RESTORE = "re-run `sd3trt export --overwrite` (or the `sd3trt build` / `sd3trt quantize` that wrote it) to restore it"
@@ -307,6 +308,18 @@ class Bundle:
             )
         return parts
 
+    def compressed_graphs(self) -> dict[str, Path]:
+        """{component: its 8-bit-weight graph} for the graphs of `sd3trt compress-weights` made from the present
+        export whose image gate did not fail; an Sd3trtError naming the fix when there is none."""
+        fix = f"`sd3trt compress-weights --bundle {self.root}`"
+        current = {c: e for c, e in self.data.get(COMPRESSED, {}).items()
+                   if self.has(c) and e["source"]["sha256"] == entry_sha256(self.component(c))}
+        usable = {c: self.path(e["file"]) for c, e in current.items() if (e.get("gate") or {}).get("passed", True)}
+        if not usable:
+            state = "all failed their image gate" if current else "none made from the present export"
+            raise Sd3trtError(f"bundle {self.root} has no usable 8-bit-weight graphs ({state}); create them with {fix}")
+        return usable
+
     def quantized_path(self, precision: str, component: str = "transformer") -> Path:
         return self.path(self.quantized_entry(precision, component)["file"])
 
@@ -336,7 +349,7 @@ class Bundle:
 
     def all_files(self) -> dict[str, str]:
         """Every file the manifest lists, relative path -> sha256."""
-        return self._files_of(("components", "tokenizers", ENGINES, QUANTIZED))
+        return self._files_of(("components", "tokenizers", ENGINES, QUANTIZED, COMPRESSED))
 
     def check_files(self, verify_checksums: bool = False,
                     report: Callable[[str, str], None] | None = None) -> None:

@@ -92,16 +92,32 @@ def _default_keep() -> tuple[str, ...]:
     return ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "RMSNormalization")
 
 
-def _gate(a) -> None:
-    from sd3trt.engines.cpu_gate import GateSettings, gate_bf16
+def _gate_settings(a):
+    """The image gate's requests from --runs/--steps/--strength/--size, each checked."""
+    from sd3trt.engines.cpu_gate import GateSettings
 
     for what, value in (("--runs", a.runs), ("--steps", a.steps), ("--size", a.size)):
         if value < 1:
             raise Sd3trtError(f"{what} must be at least 1, got {value}")
     if not 0 < a.strength <= 1:
         raise Sd3trtError(f"--strength {a.strength} must be in (0, 1]")
-    settings = GateSettings(runs=a.runs, steps=a.steps, strength=a.strength, size=a.size)
-    record = gate_bf16(a.bundle, settings, a.threads)
+    return GateSettings(runs=a.runs, steps=a.steps, strength=a.strength, size=a.size)
+
+
+def _gate_options(p) -> None:
+    from sd3trt.engines.cpu_gate import GateSettings
+
+    p.add_argument("--runs", type=int, default=GateSettings.runs, help="img2img requests compared (default %(default)s)")
+    p.add_argument("--steps", type=int, default=GateSettings.steps, help="denoising steps (default %(default)s)")
+    p.add_argument("--strength", type=float, default=GateSettings.strength)
+    p.add_argument("--size", type=int, default=GateSettings.size, help="image side in px (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+
+
+def _gate(a) -> None:
+    from sd3trt.engines.cpu_gate import gate_bf16
+
+    record = gate_bf16(a.bundle, _gate_settings(a), a.threads)
     bf16 = sorted(k for k, g in record["graphs"].items() if g["passed"])
     print(f"bf16 on OpenVINO: {', '.join(bf16) or 'no graph'} (recorded in {a.bundle / 'manifest.json'}; "
           f"{record['seconds']:.0f} s)")
@@ -109,19 +125,43 @@ def _gate(a) -> None:
 
 def add_gate_command(sub) -> argparse.ArgumentParser:
     from sd3trt.engines.accuracy import GATE
-    from sd3trt.engines.cpu_gate import GateSettings
 
     p = sub.add_parser("gate", help="measure which graphs may run in bf16 on OpenVINO (image vs fp32) and record it",
                        description="Run img2img on OpenVINO with each graph of the bundle in bf16 and compare the image "
                                    f"with the fp32 pipeline's (worst PSNR >= {GATE['psnr_db']:g} dB and SSIM >= "
                                    f"{GATE['ssim']:g}); `--backend openvino` then runs the graphs that passed in bf16.")
     p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
-    p.add_argument("--runs", type=int, default=GateSettings.runs, help="img2img requests compared (default %(default)s)")
-    p.add_argument("--steps", type=int, default=GateSettings.steps, help="denoising steps (default %(default)s)")
-    p.add_argument("--strength", type=float, default=GateSettings.strength)
-    p.add_argument("--size", type=int, default=GateSettings.size, help="image side in px (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    _gate_options(p)
     p.set_defaults(func=_gate)
+    return p
+
+
+def _compress(a) -> None:
+    from sd3trt.engines.weight_compress import compress_bundle
+
+    components = tuple(c.strip() for c in a.components.split(",") if c.strip())
+    settings = None if a.no_gate else _gate_settings(a)
+    if settings is None:
+        print("compress-weights: --no-gate: the 8-bit-weight graphs run without an image comparison")
+    compress_bundle(a.bundle, components, settings, threads=a.threads)
+
+
+def add_compress_command(sub) -> argparse.ArgumentParser:
+    from sd3trt.engines.accuracy import GATE
+    from sd3trt.engines.weight_compress import COMPRESSIBLE
+
+    p = sub.add_parser("compress-weights", help="8-bit weights (no calibration) for the CPU backends: half the memory "
+                                                "of 16-bit weights",
+                       description="Store each MatMul weight of the chosen graphs as int8 with one scale per output "
+                                   "channel (`img2img --weights w8` runs them; OpenVINO keeps them compressed). Then "
+                                   "img2img with them is compared with the bundle's own graphs (worst PSNR >= "
+                                   f"{GATE['psnr_db']:g} dB and SSIM >= {GATE['ssim']:g}); graphs that fail stay unused.")
+    p.add_argument("--bundle", type=Path, required=True, help="a bundle written by `sd3trt export`")
+    p.add_argument("--components", default="transformer,t5", help=f"comma-separated, of {', '.join(COMPRESSIBLE)}")
+    p.add_argument("--no-gate", action="store_true",
+                   help="skip the image comparison (where the reference pipeline cannot fit the machine)")
+    _gate_options(p)
+    p.set_defaults(func=_compress)
     return p
 
 
@@ -157,4 +197,5 @@ def add_engine_commands(sub) -> None:
     add_build_command(sub)
     add_quantize_command(sub)
     add_gate_command(sub)
+    add_compress_command(sub)
     add_refit_command(sub)

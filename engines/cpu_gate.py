@@ -64,12 +64,12 @@ def _pipeline(bundle, threads: int, bf16: dict[str, Path]):
                    prompt_cache=0, runner_factory=make)
 
 
-def _images(pipe, requests: list[dict]) -> list[np.ndarray]:
+def images(pipe, requests: list[dict]) -> list[np.ndarray]:
     with pipe:
         return [np.clip(pipe(**r).decoded / 2 + 0.5, 0, 1) for r in requests]
 
 
-def _compare(ref: list[np.ndarray], test: list[np.ndarray]) -> dict:
+def compare(ref: list[np.ndarray], test: list[np.ndarray]) -> dict:
     return {"image": {"psnr_db": summary([psnr_db(a, b) for a, b in zip(ref, test)]),
                       "ssim": summary([ssim(a, b) for a, b in zip(ref, test)])}}
 
@@ -86,10 +86,10 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
     graphs = graphs_of(bundle)
     requests = settings.requests(bundle.facts)
     t0 = time.perf_counter()
-    ref = _images(_pipeline(bundle, threads, {}), requests)
+    ref = images(_pipeline(bundle, threads, {}), requests)
     verdicts = {}
     for key, (component, path) in graphs.items():
-        figures = _compare(ref, _images(_pipeline(bundle, threads, {component: path}), requests))
+        figures = compare(ref, images(_pipeline(bundle, threads, {component: path}), requests))
         ok, why = gate("bf16", figures)
         verdicts[key] = {"passed": ok, "sha256": graph_key(bundle, component, path)[1], **figures,
                          **({"failures": why} if why else {})}
@@ -108,7 +108,7 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
         keys = [k for k in keys if verdicts[k]["passed"]]
         if len(keys) < 2:
             continue
-        figures = _compare(ref, _images(_pipeline(bundle, threads, {graphs[k][0]: graphs[k][1] for k in keys}),
+        figures = compare(ref, images(_pipeline(bundle, threads, {graphs[k][0]: graphs[k][1] for k in keys}),
                                         requests))
         ok, why = gate("bf16", figures)
         together[label] = {"graphs": keys, "passed": ok, **figures}

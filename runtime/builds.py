@@ -143,3 +143,19 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
     if unknown:
         raise Sd3trtError(f"onnx_files names {unknown}, which this bundle does not have; use {sorted(chosen)}")
     return {**chosen, **{name: Path(p) for name, p in files.items()}}, build
+
+
+def check_weights(backend: str, weights: str | None) -> None:
+    """Refuse a `weights` choice the backend cannot run (before any graph is chosen)."""
+    if weights is None:
+        return
+    words.check(weights, words.WEIGHTS, "weights")
+    if backend not in ("onnxruntime", "openvino"):
+        raise Sd3trtError(f"8-bit weights are graphs for the CPU backends, not {backend}; use --backend openvino "
+                          "or onnxruntime (TensorRT builds its own precisions)")
+
+
+def compressed_graphs(bundle, chosen: Mapping) -> dict[str, Path]:
+    """The 8-bit-weight graphs (`sd3trt compress-weights`) to run in place of `chosen` bundle graphs."""
+    return {name: path for name, path in bundle.compressed_graphs().items()
+            if Path(chosen.get(name, "")) == bundle.onnx_path(name)}

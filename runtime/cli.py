@@ -63,7 +63,7 @@ def run_img2img(a) -> None:
     with warnings_on_stderr(), Img2Img.from_bundle(
             a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
             transformer_precision=a.precision, vae_precision=a.vae_precision, loras=a.lora,
-            cpu_precision=a.cpu_precision) as pipe:
+            cpu_precision=a.cpu_precision, weights=a.weights) as pipe:
         res = pipe(
             a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
             guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
@@ -94,6 +94,7 @@ def add_precisions(p) -> None:
 
 
 def add_runtime_commands(sub) -> None:
+    from sd3trt.precision import WEIGHTS
     from sd3trt.runtime.images import DEFAULT_MAX_PIXELS
     from sd3trt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
     from sd3trt.runtime.runners import BACKENDS
@@ -115,6 +116,9 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     add_precisions(p)
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="w8: the 8-bit-weight graphs of `sd3trt compress-weights` (CPU backends; half the memory of "
+                        "16-bit weights, for models that would not fit otherwise)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (diffusers/PEFT safetensors) into the weights at load time, at SCALE (default 1); "
                         "repeatable; ONNX Runtime backends (TensorRT: `sd3trt refit`)")

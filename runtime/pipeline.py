@@ -37,7 +37,7 @@ from sd3trt.runtime import images as imgs
 from sd3trt.runtime import lora as lora_runtime
 from sd3trt.runtime import plan as plans
 from sd3trt.runtime import scheduler as sch
-from sd3trt.runtime.builds import check_request, choose_graphs
+from sd3trt.runtime.builds import check_request, check_weights, choose_graphs, compressed_graphs
 from sd3trt.runtime.cancel import check_token, stop_if_cancelled
 from sd3trt.runtime.plan import Noise, Plan, RequestError
 from sd3trt.runtime.prompts import PromptEncoder
@@ -76,18 +76,21 @@ class Img2Img:
     (path, scale) pairs or sd3trt.lora.LoraSpec); ONNX Runtime backends, float graphs (runtime/lora.py).
     cpu_precision: openvino backend: "auto" (the default: bf16 where the CPU has it natively), "fp32" or "bf16";
     bf16 runs only the graphs whose bf16 image passed `sd3trt gate` on this bundle (runtime/cpu_precision.py).
+    weights: "w8" runs the 8-bit-weight graphs of `sd3trt compress-weights` (CPU backends) for the components
+    that still run their bundle graph; a quantized transformer (transformer_precision) keeps its own graph.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, low_memory: bool = False,
                  runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
                  engine_build: str | None = None, transformer_precision: str | None = None,
                  vae_precision: str | None = None, onnx_files: Mapping[str, str | Path] | None = None,
-                 prompt_cache: int = 16, loras=None, cpu_precision: str | None = None):
+                 prompt_cache: int = 16, loras=None, cpu_precision: str | None = None, weights: str | None = None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if bundle.dtype == "bf16" and backend not in ("tensorrt", "openvino"):
             raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; use --backend openvino, or export "
                               "with --dtype fp32 (or fp16)")
+        check_weights(backend, weights)
         if cpu_precision is not None and backend != "openvino":
             raise Sd3trtError(f"cpu_precision is for the openvino backend, not {backend}; use --backend openvino "
                               "(ONNX Runtime runs the bundle's float graphs, or --precision int8)")
@@ -98,6 +101,8 @@ class Img2Img:
         loras = lora_runtime.read_for(bundle, backend, loras, transformer_precision, onnx_files or {})
         self._onnx_files, self.engine_build = choose_graphs(bundle, backend, engine_build, transformer_precision,
                                                            vae_precision, onnx_files or {})
+        if weights is not None:
+            self._onnx_files.update(compressed_graphs(bundle, self._onnx_files))
         self.loras, self._initializers = lora_runtime.overrides(bundle, loras, self._onnx_files)
         self.graph_precisions: Mapping[str, str] = MappingProxyType({})  # openvino: fp32/bf16 per component
         if backend == "openvino":
