@@ -107,9 +107,9 @@ def _external_bytes(init, base_dir: str) -> bytes:
         return f.read(int(info["length"])) if "length" in info else f.read()
 
 
-def compress_weights(src: Path, dest: Path, low: str) -> dict:
-    """Write the int8-weight graph of `src` to `dest` (+ `dest`.data); returns a report.
-    low: the graph's float type ("fp32", "fp16", "bf16"): the dequantized weights are cast to it."""
+def compress_weights(src: Path, dest: Path) -> dict:
+    """Write the int8-weight graph of `src` to `dest` (+ `dest`.data); returns a report. Each weight is
+    expanded back to its own float type (a 16-bit graph may keep some modules in fp32: spec.Fp32Rule)."""
     src, dest = Path(src), Path(dest)
     model = onnx.load(str(src), load_external_data=False)
     g = model.graph
@@ -117,7 +117,6 @@ def compress_weights(src: Path, dest: Path, low: str) -> dict:
     axes = _weight_axes(g)
     if not axes:
         raise Sd3trtError(f"{src} has no MatMul / Gemm weight to compress")
-    to = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[low]
     writer = _DataWriter(dest.with_name(dest.name + ".data"))
     kept, new_inits, nodes, before, after = [], [], [], 0, 0
     try:
@@ -134,8 +133,9 @@ def compress_weights(src: Path, dest: Path, low: str) -> dict:
             qi = TensorProto(name=f"{init.name}__int8", data_type=TensorProto.INT8, dims=q.shape)
             writer.put(qi, memoryview(np.ascontiguousarray(q)).cast("B"))
             shape = (1, -1) if axes[init.name] == 1 else (-1, 1)
+            to = init.data_type
             new_inits += [qi, _scale_tensor(scale.reshape(shape), f"{init.name}__scale", to)]
-            wide = f"{init.name}__{low}"
+            wide = f"{init.name}__expanded"
             nodes += [helper.make_node("Cast", [qi.name], [wide], to=to, name=f"{init.name}/Cast"),
                       helper.make_node("Mul", [wide, f"{init.name}__scale"], [init.name], name=f"{init.name}/Mul")]
             del w, q
@@ -172,7 +172,7 @@ def compress_bundle(root: Path, components: tuple[str, ...] = ("transformer", "t
         rel = f"onnx/{c}.w8.onnx"
         with tempfile.TemporaryDirectory(dir=root / "onnx", prefix=f".{c}.w8.") as tmp:
             dest = Path(tmp) / f"{c}.w8.onnx"
-            report = compress_weights(bundle.onnx_path(c), dest, bundle.dtype)
+            report = compress_weights(bundle.onnx_path(c), dest)
             entry = {"file": rel, "scheme": "int8 weights, symmetric, one scale per output channel; no calibration",
                      "source": {"component": c, "sha256": entry_sha256(bundle.component(c))},
                      "report": report, "seconds": round(time.perf_counter() - t0, 1), "gate": None}

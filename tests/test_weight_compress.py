@@ -90,3 +90,27 @@ def test_bad_uses_are_refused(tiny_sd3, tmp_path):
         Img2Img.from_bundle(root, backend="tensorrt", weights="w8")
     with pytest.raises(Sd3trtError, match="unknown weights 'w4'"):
         Img2Img.from_bundle(root, weights="w4")
+
+
+def test_modules_kept_in_fp32_get_fp32_weights_back(tiny_factory, tmp_path):
+    """A 16-bit graph with an fp32 block (spec.Fp32Rule): each weight is expanded to its own type."""
+    import onnx
+    import onnxruntime as ort
+
+    from sd3trt.export.components import example_inputs
+    from sd3trt.spec import Fp32Rule, component_specs, request_dims
+
+    rule = Fp32Rule("transformer", ("transformer_blocks.1",), ("fp16",), {}, "sd3trt", "test")
+    root = export_bundle(tiny_factory("sd35")[0], tmp_path / "b16", dtype="fp16", fp32_rules={"transformer": (rule,)},
+                         components=("transformer",), log=_quiet)
+    compress_bundle(root, ("transformer",), None, log=_quiet)
+    b = load_bundle(root)
+    path = b.compressed_graphs()["transformer"]
+    onnx.checker.check_model(str(path))
+    facts = b.facts
+    args = example_inputs(facts, "transformer", "fp16", request_dims(facts, 2, 64, 64, 8))
+    feeds = {t.name: a.numpy() for t, a in zip(component_specs(facts)["transformer"].inputs, args)}
+    feeds["timestep"] = feeds["timestep"].astype(np.float32)
+    ref = ort.InferenceSession(str(b.onnx_path("transformer"))).run(None, feeds)[0].astype(np.float32)
+    out = ort.InferenceSession(str(path)).run(None, feeds)[0].astype(np.float32)
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
