@@ -1,5 +1,6 @@
 """The engines' commands, registered together by core/cli.py through `add_engine_commands(subparsers)`:
-`sd3trt build`, `sd3trt quantize` (its flags: quantize_cli.py), `sd3trt gate` and `sd3trt refit`.
+`sd3trt build`, `sd3trt quantize` (its flags: quantize_cli.py), `sd3trt gate`, `sd3trt compress-weights` and
+`sd3trt refit`.
 Each command's work is in its own module, imported when it runs."""
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ def add_refit_command(sub) -> argparse.ArgumentParser:
 
 
 def add_engine_commands(sub) -> None:
-    """build, quantize, gate and refit, in that order in `sd3trt --help`."""
+    """build, quantize, gate, compress-weights and refit, in that order in `sd3trt --help`."""
     from sd3trt.engines.quantize_cli import add_quantize_command
 
     add_build_command(sub)
