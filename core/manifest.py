@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_json_atomic
+from sd3trt.lora import LORA_MAP_KEY
 from sd3trt.spec import ModelFacts
 
 FORMAT = "sd3trt-bundle"
@@ -233,9 +234,10 @@ class Bundle:
     def component_names(self) -> list[str]:
         return list(self.data["components"])
 
-    def components(self) -> dict[str, dict]:
-        """name -> manifest entry of every exported component."""
-        return dict(self.data["components"])
+    def lora_map_path(self, component: str) -> Path | None:
+        """The component's module -> initializer map for LoRAs (written by export), None when it has none."""
+        rel = self.component(component).get(LORA_MAP_KEY)
+        return self.path(rel) if rel else None
 
     def tokenizer_names(self) -> list[str]:
         return list(self.data["tokenizers"])

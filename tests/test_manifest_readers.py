@@ -28,6 +28,9 @@ def test_readers_of_an_exported_bundle(tiny_sd3):
         tensor_specs(entry, "files")
     assert bundle.engine_builds() == {} and bundle.quantized_graphs() == {} and bundle.cpu_gate("openvino.bf16") == {}
     assert bundle.loras == data["loras"] and bundle.opset == data["opset"]
+    for name, e in data["components"].items():
+        assert bundle.lora_map_path(name) == (tiny_sd3[1] / e["lora_map"] if "lora_map" in e else None)
+    assert bundle.lora_map_path("transformer") is not None  # export records where LoRAs go in the transformer
     exported = {**{r: d for e in data["components"].values() for r, d in e["files"].items()},
                 **{r: d for e in data["tokenizers"].values() for r, d in e["files"].items()}}
     assert bundle.export_files() == exported == bundle.all_files()  # no engines or quantized graphs yet
