@@ -72,11 +72,14 @@ def _serve(a) -> None:
         fetch=FetchPolicy(enabled=not a.no_url_fetch, timeout_s=a.fetch_timeout, max_redirects=a.fetch_max_redirects,
                           allow_hosts=tuple(a.allow_fetch_host)),
         fetch_workers=a.fetch_workers, graceful_timeout_s=a.graceful_timeout, inflight_grace_s=a.inflight_grace,
+        charge_retry_s=a.charge_retry,
         heartbeat_s=a.heartbeat, stale_after_s=a.lease, limit_concurrency=a.limit_concurrency,
         max_inflight_per_key=a.max_inflight_per_key, max_uploads=a.max_uploads,
         conn=ConnLimits(header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
                         max_connections=a.max_connections, max_per_client=a.max_connections_per_client),
     )
+    if a.charge_retry < 0:
+        raise Sd3trtError(f"--charge-retry must be >= 0 seconds (0: no retry), got {a.charge_retry:g}")
     if a.max_connections_per_client < 0:
         raise Sd3trtError(f"--max-connections-per-client must be >= 0 (0: no cap), got {a.max_connections_per_client}")
     if a.heartbeat * 3 > a.lease:
@@ -184,6 +187,10 @@ def add_server_commands(sub) -> None:
                    help="on SIGTERM, seconds to keep working through the queue; what is left is refunded (503)")
     p.add_argument("--inflight-grace", type=_positive(float), default=30.0,
                    help="then, seconds the image being generated may still take before it too is refunded (503)")
+    p.add_argument("--charge-retry", type=float, default=10.0, metavar="SECONDS",
+                   help="how long the charge of a finished image is retried while the key database is unavailable "
+                        "(the client waits); then 503 db_unavailable, the image withheld, nothing taken "
+                        "(default %(default)s)")
     p.add_argument("--limit-concurrency", type=_positive(int), default=256,
                    help="requests handled at once before 503 (probes are exempt; default %(default)s)")
     p.add_argument("--max-inflight-per-key", type=_positive(int), default=8,

@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.server.outage import OUTAGES, StoreUnavailable
+
+__all__ = ["CreditStore", "InsufficientCredits", "KeyStore", "StoreUnavailable", "open_store"]
 
 KEY_PREFIX = "sd3"
 SCHEMA_VERSION = 1
@@ -195,6 +198,10 @@ class CreditStore:
     def close(self) -> None:
         raise NotImplementedError
 
+    def ping(self) -> None:
+        """Raises StoreUnavailable when the database cannot be read now (the readiness check)."""
+        self._read("SELECT value FROM meta WHERE name = 'schema_version'")
+
     def schema_version(self) -> int:
         rows = self._read("SELECT value FROM meta WHERE name = 'schema_version'")
         return int(rows[0][0]) if rows else 0
@@ -332,6 +339,11 @@ class CreditStore:
     def pending(self) -> list[tuple[int, str, int, str]]:
         return self._read("SELECT id, key_id, amount, owner FROM debits WHERE state = 'pending' ORDER BY id")
 
+    def own_pending(self) -> list[tuple[int, int, str]]:
+        """(debit id, amount, note) of this instance's pending debits; a server's note is the request id."""
+        return self._read("SELECT id, amount, note FROM debits WHERE state = 'pending' AND owner = ? ORDER BY id",
+                          (self.instance_id or "",))
+
     # -- server instances and recovery ----------------------------------------------------------
     def register_instance(self) -> str:
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -395,10 +407,15 @@ class CreditStore:
         return n
 
 
+# sqlite3.OperationalError messages that mean the file cannot be used now, not that the SQL is wrong.
+_SQLITE_UNAVAILABLE = ("database is locked", "readonly database", "database or disk is full", "disk I/O error",
+                       "unable to open database file")
+
+
 class KeyStore(CreditStore):
     """SQLite (WAL mode), one host. Thread-safe: one connection guarded by a lock."""
 
-    def __init__(self, path: str | Path, stale_after_s: float = 120.0):
+    def __init__(self, path: str | Path, stale_after_s: float = 120.0, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         self.where = str(self.path)
         try:
@@ -409,8 +426,9 @@ class KeyStore(CreditStore):
         self.stale_after_s = stale_after_s
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             mode = _journal_wal(self._db)
             self._db.execute("PRAGMA synchronous = FULL")  # money: a committed debit survives power loss
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -420,7 +438,7 @@ class KeyStore(CreditStore):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 found = self._db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             self._check_version(found[0] if found else None)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, StoreUnavailable) as e:
             raise Sd3trtError(f"cannot open the key database {self.path} ({e}); pass a writable --db path") from None
         if mode.lower() != "wal":
             raise Sd3trtError(f"the key database {self.path} cannot use WAL mode (got {mode}); put it on a local disk")
@@ -428,19 +446,32 @@ class KeyStore(CreditStore):
 
     # -- plumbing -------------------------------------------------------------------------------
     @contextmanager
+    def _available(self):
+        """SQLite's errors about the file (locked past the busy timeout, read-only, full, I/O) as
+        StoreUnavailable; errors about the SQL stay what they are."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if not any(w in str(e) for w in _SQLITE_UNAVAILABLE):
+                raise
+            raise OUTAGES.failed(self.where, str(e)) from None
+        OUTAGES.succeeded(self.where)
+
+    @contextmanager
     def _tx(self):
         """A write transaction; BEGIN IMMEDIATE takes SQLite's write lock at once (no upgrade deadlocks)."""
-        with self._lock:
+        with self._lock, self._available():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # also after a COMMIT that failed (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._available():
             return self._db.execute(sql, args).fetchall()
 
     def close(self) -> None:

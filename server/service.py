@@ -8,6 +8,11 @@ event loop (key-store calls, parsing, decoding and fetches run in the bounded po
     format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
     -> charge (the fence, see keystore.py) -> image handed to the connection.
 
+The credit database may go away at any step (a PostgreSQL restart, a locked or full SQLite file): the
+request is answered 503 ``db_unavailable`` with ``Retry-After`` (outage.py), the image of a request
+whose charge could not be made is withheld, and every debit such a request leaves pending is settled
+by this server itself once the database is back (``settle``, run by the lease thread).
+
 A client that leaves is noticed as soon as its connection closes (a watcher task): a fetch not yet
 started is dropped, queued work is cancelled, a generation stops at its next step, and the debit is
 refunded. An image is charged when its bytes are handed to the connection; a client gone before that
@@ -21,6 +26,7 @@ import base64 as b64
 import logging
 import os
 import secrets
+import threading
 import time
 
 from fastapi import Request
@@ -36,6 +42,7 @@ from sd3trt.server.keystore import CreditStore, InsufficientCredits, open_store
 from sd3trt.server.lease import Lease
 from sd3trt.server.metrics import Metrics
 from sd3trt.server.middleware import BodyTooLarge
+from sd3trt.server.outage import OUTAGES, RETRY_AFTER_S, StoreUnavailable
 from sd3trt.runtime.runners import release_heap
 from sd3trt.server.pools import Pools, in_thread, run
 from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response, parse
@@ -44,10 +51,16 @@ from sd3trt.server.worker import Draining, Job, JobCancelled, Output, QueueFull,
 log = logging.getLogger("sd3trt.server")
 
 BIG_BODY = 1 << 20  # after a body this large, freed heap pages are handed back to the OS
+STORE_CHECK_S = 1.5  # how long /readyz reuses its last check of the credit database
 
 
 def queue_full() -> ApiError:
     return ApiError(429, "queue_full", "the server is busy (queue full); retry shortly", headers={"Retry-After": "2"})
+
+
+def db_unavailable(e: StoreUnavailable, what: str = "") -> ApiError:
+    return ApiError(503, "db_unavailable", f"{e}{what}; no credits were taken, retry shortly",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def shutting_down(what: str) -> ApiError:
@@ -67,6 +80,12 @@ class Server:
         self.bundle = None  # set by the worker once the pipeline is built
         self.pools = Pools(cfg.fetch_workers, cpu_workers=max(1, min(4, os.cpu_count() or 1)))
         self.per_key: dict[str, int] = {}
+        # Request ids being handled (a debit's note) and debits whose image was withheld: what settle() spares
+        # and what it must undo. Read by the lease thread, hence the lock.
+        self._held_lock = threading.Lock()
+        self._live: set[str] = set()
+        self._withheld: set[int] = set()
+        self._store_check = (-STORE_CHECK_S, None)  # (when, why not) of the last readiness check of the database
         self.uploads = 0
         self.fetches = 0
         self.deadlines: set[fetching.Deadline] = set()
@@ -113,15 +132,40 @@ class Server:
         return "the engines are still loading"
 
     async def readiness(self) -> str | None:
-        """None when ready, else why not: also when the database or decode threads are all stuck (wedged)."""
+        """None when ready, else why not: also when the credit database cannot be used, or the database or
+        decode threads are all stuck (wedged)."""
         if not self.ready():
             return self.not_ready_reason()
-        for name, pool in (("key database", self.pools.db), ("decode", self.pools.cpu)):
-            try:
-                await asyncio.wait_for(run(pool, int), 2.0)
-            except asyncio.TimeoutError:
-                return f"every {name} thread has been busy for over 2 s (the server is wedged); see the log"
+        if self.lease.error is not None:
+            return f"the key database failed this server's last heartbeat ({self.lease.error})"
+        why = await self._check_store()
+        if why is not None:
+            return why
+        try:
+            await asyncio.wait_for(run(self.pools.cpu, int), 2.0)
+        except asyncio.TimeoutError:
+            return "every decode thread has been busy for over 2 s (the server is wedged); see the log"
         return None
+
+    async def _check_store(self) -> str | None:
+        """A read of the credit database in the db pool (so a wedged pool shows too), reused for STORE_CHECK_S:
+        probes polled by a load balancer cost one query per interval, not one each. A failure any store of
+        this process met meanwhile (a request, the heartbeat) counts at once."""
+        at, why = self._store_check
+        if time.monotonic() - at < STORE_CHECK_S:
+            if why is None and OUTAGES.down(self.store.where):
+                return f"the key database {self.store.where} is unavailable (see the log)"
+            return why
+        self._store_check = (time.monotonic(), why)  # probes arriving meanwhile reuse the last answer
+        try:
+            await asyncio.wait_for(run(self.pools.db, self.store.ping), 2.0)
+            why = None
+        except asyncio.TimeoutError:
+            why = "every key database thread has been busy for over 2 s (the server is wedged); see the log"
+        except StoreUnavailable as e:
+            why = str(e)
+        self._store_check = (time.monotonic(), why)
+        return why
 
     async def engines_loaded(self, wait_s: float) -> str | None:
         """Wait up to ``wait_s`` for the engines to finish loading: None when they loaded, else why not."""
@@ -139,7 +183,7 @@ class Server:
         n = await in_thread(self.store.recover)
         if n:
             log.warning("refunded %d pending debit(s) left by a server that stopped mid-request", n)
-        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s)
+        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s, settle=self.settle)
         self.lease.start()
         self.worker.start()
 
@@ -163,10 +207,13 @@ class Server:
         if self.lease is not None:
             await in_thread(self.lease.stop)
         if self.store is not None:
-            n = await in_thread(self._refund_own_pending)
-            if n:
-                self.metrics.inc("credits_refunded", n)
-            await in_thread(self.store.unregister_instance)
+            try:
+                n = await in_thread(self._refund_own_pending)
+                if n:
+                    self.metrics.inc("credits_refunded", n)
+                await in_thread(self.store.unregister_instance)
+            except StoreUnavailable as e:  # a peer's recovery (or the next start) refunds what is left pending
+                log.warning("shutdown: %s; this server's pending debits are refunded by the next server to run", e)
             await in_thread(self.store.close)
         self.pools.close()
 
@@ -177,21 +224,51 @@ class Server:
                 total += amount
         return total
 
+    # -- settling what an outage left ------------------------------------------------------------
+    def settle(self, store: CreditStore) -> int:
+        """In the lease thread, once per heartbeat: refund this instance's pending debits that no request
+        holds any more (a debit or refund whose answer was lost to a database outage), and undo the charge
+        of an image that was withheld because its charge could not be confirmed. Returns how many."""
+        rows = store.own_pending()
+        with self._held_lock:  # read after the rows: a request live when its debit was written is seen here
+            live, withheld = set(self._live), set(self._withheld)
+        n = 0
+        for debit_id, amount, note in rows:
+            if note not in live and store.refund(debit_id, "no request held it (a key database outage)"):
+                self.metrics.inc("credits_refunded", amount)
+                n += 1
+        for debit_id in withheld:  # pending -> refunded, or committed (the charge did land) -> refunded
+            if store.refund(debit_id, "image withheld") or store.refund_delivered(debit_id, "image withheld"):
+                self.metrics.inc("credits_refunded", self.cfg.credits_per_image)
+                n += 1
+            with self._held_lock:
+                self._withheld.discard(debit_id)
+        return n
+
     # -- the hooks the middleware calls ---------------------------------------------------------
     async def credit_headers(self, state: dict) -> dict[str, str]:
         out = {"x-request-id": state["request_id"]} if "request_id" in state else {}
         if "key_id" in state:
-            out["x-remaining-credits"] = str(await run(self.pools.db, self.store.balance, state["key_id"]))
+            try:
+                out["x-remaining-credits"] = str(await run(self.pools.db, self.store.balance, state["key_id"]))
+            except StoreUnavailable:  # the answer goes out without it
+                pass
         return out
 
     async def key_headers(self, key: str | None) -> dict[str, str]:
         """x-remaining-credits for a request no route took (404, 405), when its key is valid."""
         if not key or self.store is None:
             return {}
-        key_id = await run(self.pools.db, self.store.authenticate, key)
+        try:
+            key_id = await run(self.pools.db, self.store.authenticate, key)
+        except StoreUnavailable:
+            return {}
         return await self.credit_headers({"key_id": key_id}) if key_id else {}
 
     def finished(self, state: dict) -> None:
+        if "request_id" in state:
+            with self._held_lock:
+                self._live.discard(state["request_id"])
         watcher = state.pop("watcher", None)
         if watcher is not None:
             watcher.cancel()
@@ -207,6 +284,8 @@ class Server:
     async def img2img(self, request: Request, x_api_key: str | None) -> Response:
         state = request.scope.setdefault("state", {})
         state["request_id"] = secrets.token_hex(6)
+        with self._held_lock:
+            self._live.add(state["request_id"])  # before any debit: settle() spares it until finished()
         key_id = await run(self.pools.db, self.store.authenticate, x_api_key)
         if key_id is None:
             raise ApiError(401, "unauthorized", "missing or unknown API key; send it in the x-api-key header")
@@ -335,8 +414,24 @@ class Server:
         return debit_id
 
     def _refund_now(self, debit_id: int, cost: int, why: str = "request failed") -> None:
-        if self.store.refund(debit_id, why):
-            self.metrics.inc("credits_refunded", cost)
+        try:
+            if self.store.refund(debit_id, why):
+                self.metrics.inc("credits_refunded", cost)
+        except StoreUnavailable:  # stays pending; settle() refunds it once the database is back
+            pass
+
+    def undo_charge(self, debit_id: int) -> None:
+        """In a db thread at shutdown: a charge that landed for an image that never went out is given back."""
+        try:
+            self.store.refund_delivered(debit_id, "server shut down")
+        except StoreUnavailable:
+            self.withhold(debit_id)
+
+    def withhold(self, debit_id: int) -> None:
+        """The image of this debit was not handed out and its charge may or may not have landed: settle()
+        gives the credits back either way."""
+        with self._held_lock:
+            self._withheld.add(debit_id)
 
     async def _refund(self, debit_id: int, cost: int, why: str) -> None:
         """Refund in the db pool; a cancelled wait still lets the refund finish there."""
@@ -413,7 +508,14 @@ class ImageResponse(Response):
         state["delivering"] = True  # from here a leaving client is seen through the flag, not by cancelling
         if state.get("client_gone"):
             return await srv._refund(self.debit_id, self.cost, "client gone before the image was sent")
-        charged = await _charge(srv, self.debit_id)
+        try:
+            charged = await _charge(srv, self.debit_id, state)
+        except StoreUnavailable as e:
+            srv.withhold(self.debit_id)
+            log.warning("rid=%s: the charge of debit %s could not be confirmed (%s): image withheld, the debit is "
+                        "settled as refunded once the database is back", rid, self.debit_id, e)
+            err = db_unavailable(e, ", so the image could not be charged and is withheld")
+            return await error_response(err.status, err.code, err.message, headers=err.headers)(scope, receive, send)
         if charged is None:
             log.warning("rid=%s: debit %s was refunded by a peer that judged this server gone, and the key cannot "
                         "pay again: image withheld", rid, self.debit_id)
@@ -422,27 +524,41 @@ class ImageResponse(Response):
                                   "is withheld, retry later", headers={"Retry-After": "5",
                                                                        **await srv.credit_headers(state)})
             return await resp(scope, receive, send)
-        left = await run(srv.pools.db, srv.store.balance, state["key_id"])
         if state.get("client_gone"):  # left while the charge was made: the image never leaves the server
-            if await run(srv.pools.db, srv.store.refund_delivered, charged, "client left before the charged image "
-                         "was sent"):
-                srv.metrics.inc("credits_refunded", self.cost)
+            try:
+                if await run(srv.pools.db, srv.store.refund_delivered, charged, "client left before the charged "
+                             "image was sent"):
+                    srv.metrics.inc("credits_refunded", self.cost)
+            except StoreUnavailable:
+                srv.withhold(charged)
             return
-        self.raw_headers.append((b"x-remaining-credits", str(left).encode()))
+        try:
+            left = await run(srv.pools.db, srv.store.balance, state["key_id"])
+            self.raw_headers.append((b"x-remaining-credits", str(left).encode()))
+        except StoreUnavailable:  # paid for: the image goes out, without the balance the database cannot give now
+            pass
         srv.metrics.inc("credits_debited", self.cost)
         srv.metrics.inc("images_generated")
         await super().__call__(scope, receive, send)
 
 
-async def _charge(srv: Server, debit_id: int) -> int | None:
-    fut = srv.pools.db.submit(srv.store.charge, debit_id)
-    try:
-        return await asyncio.wrap_future(fut)
-    except asyncio.CancelledError:  # shutdown: a charge that lands anyway is undone (no image went out)
-        if not fut.cancel():
-            fut.add_done_callback(lambda f: f.exception() or f.result() is None
-                                  or srv.store.refund_delivered(f.result(), "server shut down"))
-        raise
+async def _charge(srv: Server, debit_id: int, state: dict) -> int | None:
+    """``store.charge`` in the db pool; one that meets an unavailable database is retried (it is idempotent)
+    for up to ``charge_retry_s`` while the client waits, then StoreUnavailable is raised."""
+    deadline = time.monotonic() + srv.cfg.charge_retry_s
+    for attempt in range(64):  # bounded by the deadline long before the count
+        fut = srv.pools.db.submit(srv.store.charge, debit_id)
+        try:
+            return await asyncio.wrap_future(fut)
+        except StoreUnavailable:
+            if time.monotonic() + 0.5 > deadline or state.get("client_gone") or srv.draining:
+                raise
+        except asyncio.CancelledError:  # shutdown: a charge that lands anyway is undone (no image went out)
+            if not fut.cancel():
+                fut.add_done_callback(lambda f: f.exception() or f.result() is None or srv.undo_charge(f.result()))
+            raise
+        await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
+    raise StoreUnavailable(f"the charge of debit {debit_id} was tried 64 times")
 
 
 def insufficient(cost: int, balance: int) -> ApiError:
