@@ -9,8 +9,8 @@ judge this instance gone, and the server then reports not-ready and takes no new
 
 After each renewal the thread also calls ``settle(store)``: the server settles its own pending debits
 that no request holds any more (left by a database outage), within one interval of the database
-being back. A renewal that fails is logged once (the outage itself is logged by the store) and
-``error`` says why until one succeeds; readiness reports it.
+being back. A renewal that fails is logged once (the outage itself is logged by the store), retried
+every RETRY_S, and ``error`` says why until one succeeds; readiness reports it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Callable
 from sd3trt.server.keystore import CreditStore, open_store
 
 log = logging.getLogger("sd3trt.server")
+
+RETRY_S = 1.0
 
 
 class Lease:
@@ -55,7 +57,8 @@ class Lease:
         store = open_store(self.db, stale_after_s=self.stale_after_s)
         store.instance_id = self.instance_id
         try:
-            while not self._stop.wait(self.interval_s):
+            # While renewals fail, retry every second at most: readiness and settlement follow the database back.
+            while not self._stop.wait(self.interval_s if self.error is None else min(RETRY_S, self.interval_s)):
                 try:
                     store.heartbeat()
                     self.renewed_at = time.monotonic()
@@ -64,7 +67,7 @@ class Lease:
                     settled = self.settle(store) if self.settle else 0
                 except Exception as e:  # noqa: BLE001 - keep renewing; fresh() reports a lease running out
                     if self.error is None:
-                        log.error("heartbeat failed (%s); retrying every %g s", e, self.interval_s)
+                        log.error("heartbeat failed (%s); retrying every %g s", e, min(RETRY_S, self.interval_s))
                     self.error = str(e)
                     continue
                 if n:

@@ -24,7 +24,7 @@ from contextlib import ExitStack, contextmanager
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.server.keystore import SCHEMA_VERSION, CreditStore, schema_sql
-from sd3trt.server.outage import OUTAGES
+from sd3trt.server.outage import OUTAGES, StoreUnavailable
 
 _SCHEMA = schema_sql(money="BIGINT", time="DOUBLE PRECISION", serial="BIGSERIAL PRIMARY KEY")
 
@@ -126,8 +126,8 @@ class PgKeyStore(CreditStore):
                     raise
 
     def _reconnect(self) -> None:
-        if time.monotonic() < self._retry_at:
-            raise OUTAGES.failed(self.where, "reconnecting")
+        if time.monotonic() < self._retry_at:  # this store's last attempt failed a moment ago: no new outage
+            raise StoreUnavailable(f"the key database {self.where} is unavailable (reconnecting)")
         try:
             self._conn = self._open()
         except self._psycopg.Error as e:

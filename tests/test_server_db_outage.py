@@ -63,6 +63,15 @@ def _readyz(srv: ServerProcess) -> int:
         return 0
 
 
+def _balance_or_none(store, key_id):
+    from sd3trt.server.keystore import StoreUnavailable
+
+    try:
+        return store.balance(key_id)
+    except StoreUnavailable:
+        return None
+
+
 def _is_image(r: requests.Response) -> bool:
     if r.status_code != 200:
         return False
@@ -124,3 +133,29 @@ def test_postgres_restart_under_load_settles_every_credit_while_the_server_runs(
     committed = store._read("SELECT COALESCE(SUM(amount), 0) FROM debits WHERE key_id = ? AND state = 'committed'",
                             (key_id,))[0][0]
     assert committed == images and store.balance(key_id) == balance  # SIGTERM had nothing left to refund
+
+
+def test_postgres_store_fails_fast_during_an_outage_and_reconnects_once_it_is_back(durable_pg, caplog):
+    from sd3trt.server.keystore import StoreUnavailable
+
+    url = durable_pg.fresh_database("reconnect")
+    store, idle = open_store(url), open_store(url)
+    key_id = store.create_key(5).split("_")[1]
+    assert idle.balance(key_id) == 5
+    durable_pg.pause("fast")
+    try:
+        t0 = time.monotonic()
+        for _ in range(20):  # at most one connection attempt per second; the others fail at once
+            with pytest.raises(StoreUnavailable, match="is unavailable"):
+                store.debit(key_id, 1)
+        took = time.monotonic() - t0
+    finally:
+        durable_pg.resume()
+    assert took < 2.0, took
+    # A connection the restart dropped while it sat idle is noticed at BEGIN and replaced: its first call works.
+    debit_id, left = idle.debit(key_id, 1)
+    assert left == 4 and idle.charge(debit_id) == debit_id
+    # The store that met the outage connects again at its next attempt (within a second).
+    _until(lambda: _balance_or_none(store, key_id) == 4, 3, "the store to reconnect")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("until it is back" in m for m in messages) == 1 and sum("available again" in m for m in messages) == 1

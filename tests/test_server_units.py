@@ -573,3 +573,57 @@ def test_gate_limits_requests_but_never_probes():
         assert (await call("/v1/x"))[0] == 200  # the slots are given back
 
     asyncio.run(main())
+
+
+# -- the SQLite credit store when its file cannot be used (issue 28) -------------------------------------
+
+def _outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "until it is back" in r.getMessage()
+            or "available again" in r.getMessage()]
+
+
+def test_sqlite_store_locked_past_its_busy_timeout_is_unavailable_not_an_error(tmp_path, caplog):
+    import sqlite3
+
+    from sd3trt.server.keystore import KeyStore, StoreUnavailable
+
+    store = KeyStore(tmp_path / "k.db", busy_timeout_s=0.2)
+    key_id = store.create_key(3).split("_")[1]
+    other = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+    try:
+        for _ in range(3):  # each call fails with the one error; the outage is logged once
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                store.debit(key_id, 1)
+        assert store.balance(key_id) == 3  # WAL: reads go on
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.debit(key_id, 1)
+    assert store.balance(key_id) == 2
+    lines = _outage_lines(caplog)
+    assert len(lines) == 2 and "until it is back" in lines[0] and "available again" in lines[1], lines
+
+
+def test_sqlite_store_full_or_read_only_is_unavailable_and_rolls_back(tmp_path):
+    from sd3trt.server.keystore import KeyStore, StoreUnavailable
+
+    store = KeyStore(tmp_path / "k.db")
+    key_id = store.create_key(10_000).split("_")[1]
+    (pages,) = store._read("PRAGMA page_count")[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the file cannot grow: SQLite's "disk is full"
+    taken = 0
+    with pytest.raises(StoreUnavailable, match="database or disk is full"):
+        for _ in range(10_000):  # bounded: a page of journal rows fills long before
+            store.debit(key_id, 1)
+            taken += 1
+    assert store.balance(key_id) == 10_000 - taken  # the failed debit took nothing
+    assert not store._db.in_transaction
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store._db.execute("PRAGMA query_only = ON")  # as a read-only file answers writes
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        store.debit(key_id, 1)
+    store.ping()  # reads still work
+    store._db.execute("PRAGMA query_only = OFF")
+    store.debit(key_id, 1)
+    assert store.balance(key_id) == 10_000 - taken - 1
