@@ -117,7 +117,8 @@ def test_postgres_restart_under_load_settles_every_credit_while_the_server_runs(
               f"balance while the server lives {balance}, images + balance {images + balance} of {CREDITS}; "
               f"/readyz during the outage {sorted(set(probes))} ({len(probes)} probes)")
         assert images + balance == CREDITS, counts
-        assert set(codes) <= {200, 429, 503}, counts
+        # 406: while many debits run at once, ones beyond the balance are refused (the queue-full ones are refunded).
+        assert set(codes) <= {200, 406, 429, 503}, counts
         assert all(r.json()["code"] == "db_unavailable" for r in results if r.status_code == 503)
         if charge_retry == 0:  # the requests in flight met the outage at their charge: withheld, then settled
             assert 503 in codes and "image withheld" in log.read_text(), counts
