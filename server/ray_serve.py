@@ -35,7 +35,8 @@ def config_from_env(env=os.environ) -> ServerConfig:
     """SD3TRT_BUNDLE (required), SD3TRT_DB (a SQLite file or a postgresql:// URL), SD3TRT_BACKEND,
     SD3TRT_ENGINES, SD3TRT_PRECISION, SD3TRT_VAE_PRECISION, SD3TRT_CPU_PRECISION (as the serve flags), SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE, SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES,
     SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1, SD3TRT_MAX_STEPS, SD3TRT_MAX_INFLIGHT_PER_KEY,
-    SD3TRT_LIMIT_CONCURRENCY, SD3TRT_HEARTBEAT, SD3TRT_LEASE (seconds), SD3TRT_THREADS, SD3TRT_LOW_MEMORY=1."""
+    SD3TRT_LIMIT_CONCURRENCY, SD3TRT_HEARTBEAT, SD3TRT_LEASE, SD3TRT_CHARGE_RETRY (seconds), SD3TRT_THREADS,
+    SD3TRT_LOW_MEMORY=1."""
     d = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
     allow = tuple(h.strip() for h in env.get("SD3TRT_ALLOW_FETCH_HOSTS", "").split(",") if h.strip())
     return ServerConfig(
@@ -55,6 +56,7 @@ def config_from_env(env=os.environ) -> ServerConfig:
         limit_concurrency=int(env.get("SD3TRT_LIMIT_CONCURRENCY", d.limit_concurrency)),
         heartbeat_s=float(env.get("SD3TRT_HEARTBEAT", d.heartbeat_s)),
         stale_after_s=float(env.get("SD3TRT_LEASE", d.stale_after_s)),
+        charge_retry_s=float(env.get("SD3TRT_CHARGE_RETRY", d.charge_retry_s)),
         threads=int(env.get("SD3TRT_THREADS", d.threads)),
         low_memory=env.get("SD3TRT_LOW_MEMORY", "") == "1",
         fetch=FetchPolicy(enabled=env.get("SD3TRT_NO_URL_FETCH", "") != "1", allow_hosts=allow),

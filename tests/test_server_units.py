@@ -627,3 +627,37 @@ def test_sqlite_store_full_or_read_only_is_unavailable_and_rolls_back(tmp_path):
     store._db.execute("PRAGMA query_only = OFF")
     store.debit(key_id, 1)
     assert store.balance(key_id) == 10_000 - taken - 1
+
+
+def test_settle_refunds_only_what_no_request_holds_and_undoes_withheld_charges(tmp_path):
+    """What a database outage leaves behind under a live server: its own pending debits of requests that
+    are over (a debit or refund whose answer was lost) are refunded, those of requests still in progress
+    are not, and a withheld image's charge that did land is given back; a peer's debits are left alone."""
+    from sd3trt.server.config import ServerConfig
+    from sd3trt.server.keystore import KeyStore
+    from sd3trt.server.service import Server
+
+    store = KeyStore(tmp_path / "k.db")
+    store.register_instance()
+    peer = KeyStore(tmp_path / "k.db")
+    peer.register_instance()
+    key_id = store.create_key(10).split("_")[1]
+    srv = Server(ServerConfig(bundle=None, db=tmp_path / "k.db"))
+    try:
+        live, _ = store.debit(key_id, 1, "rid-live")
+        gone, _ = store.debit(key_id, 1, "rid-gone")
+        withheld, _ = store.debit(key_id, 1, "rid-withheld")
+        assert store.charge(withheld) == withheld  # the charge landed, but its answer was lost: image withheld
+        theirs, _ = peer.debit(key_id, 1, "rid-gone")  # the same note on a peer: not ours to settle
+        srv._live.add("rid-live")
+        srv.withhold(withheld)
+        assert store.balance(key_id) == 6
+        assert srv.settle(store) == 2
+        assert store.balance(key_id) == 8
+        assert sorted(p[0] for p in store.pending()) == sorted([live, theirs])
+        assert srv.settle(store) == 0  # once
+        srv._live.discard("rid-live")
+        assert srv.settle(store) == 1 and [p[0] for p in store.pending()] == [theirs]
+        assert srv.metrics.counters["credits_refunded"] == 3
+    finally:
+        srv.pools.close()
