@@ -295,7 +295,8 @@ class CreditStore:
     def charge(self, debit_id: int) -> int | None:
         """Make the debit final before its image is handed out: pending -> committed, or, when recovery
         refunded it meanwhile, take the amount again as a new committed debit. Returns the id of the
-        committed debit, or None when the key can no longer pay (the image must not be handed out)."""
+        committed debit, or None when the key can no longer pay (the image must not be handed out).
+        Idempotent: called again (its answer lost to an outage), it returns the same committed debit."""
         now = time.time()
         with self._tx() as db:
             row = db.execute("UPDATE debits SET state = 'committed', settled_at = ? WHERE id = ? AND state = 'pending' "
@@ -306,13 +307,17 @@ class CreditStore:
                                                       (debit_id,)).fetchone()
             if state == "committed":
                 return debit_id
+            note = f"charged again: debit {debit_id} was refunded by recovery"
+            again = db.execute("SELECT id FROM debits WHERE key_id = ? AND note = ? AND state = 'committed'",
+                               (key_id, note)).fetchone()
+            if again is not None:  # an earlier call charged it again and its answer was lost (an outage)
+                return again[0]
             if db.execute("UPDATE keys SET credits = credits - ? WHERE id = ? AND credits >= ? AND disabled = 0 "
                           "RETURNING credits", (amount, key_id, amount)).fetchone() is None:
                 return None
             (new_id,) = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at, settled_at) "
                                    "VALUES (?, ?, 'committed', ?, ?, ?, ?) RETURNING id",
-                                   (key_id, amount, owner, f"charged again: debit {debit_id} was refunded by recovery",
-                                    now, now)).fetchone()
+                                   (key_id, amount, owner, note, now, now)).fetchone()
             return new_id
 
     def refund_delivered(self, debit_id: int, note: str = "") -> bool:
