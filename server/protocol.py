@@ -12,6 +12,11 @@ This protocol adds, per connection:
     at once (503 / 429) and closed, before it can hold anything.
 
 Request concurrency is limited by the app (probes excluded), not here.
+
+The hooks (``connection_made``, ``handle_events``, ``on_response_complete``, ``connection_lost``) and
+the state they read (``cycle``, ``conn``, ``server_state``) are uvicorn's private API: pyproject.toml
+pins uvicorn to the releases tested, and a unit test runs a real uvicorn protocol and fails when any
+hook is not called.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ class Server:
         self._live: set[str] = set()
         self._withheld: set[int] = set()
         self._store_check = (-STORE_CHECK_S, None)  # (when, why not) of the last readiness check of the database
-        self.uploads = 0
+        self.uploads = 0  # bodies being read and decoded now
+        self.upload_slots = asyncio.Semaphore(cfg.max_uploads)
         self.fetches = 0
         self.deadlines: set[fetching.Deadline] = set()
         self.fetch_resolve, self.fetch_connect = fetching.default_resolve, fetching.default_connect  # test hooks
@@ -322,12 +323,11 @@ class Server:
         """Body -> (request, decoded image or None for a URL), at most ``max_uploads`` bodies at a time."""
         cfg = self.cfg
         # A waiting body is not read, so the wait stays well inside the body timeout.
-        deadline = time.monotonic() + min(cfg.upload_wait_s, cfg.conn.body_timeout_s / 2)
-        while self.uploads >= cfg.max_uploads:  # bounded: at most upload_wait_s / 0.05 rounds
-            if time.monotonic() > deadline:
-                raise ApiError(429, "busy", f"the server is reading {cfg.max_uploads} other uploads; retry shortly",
-                               headers={"Retry-After": "2"})
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self.upload_slots.acquire(), min(cfg.upload_wait_s, cfg.conn.body_timeout_s / 2))
+        except asyncio.TimeoutError:
+            raise ApiError(429, "busy", f"the server is reading {cfg.max_uploads} other uploads; retry shortly",
+                           headers={"Retry-After": "2"}) from None
         self.uploads += 1
         size = 0
         try:
@@ -343,6 +343,7 @@ class Server:
             return await run(self.pools.cpu, self._prepare, body)
         finally:
             self.uploads -= 1
+            self.upload_slots.release()
             if size > BIG_BODY and self.uploads == 0:
                 self.pools.cpu.submit(release_heap)
 

@@ -661,3 +661,70 @@ def test_settle_refunds_only_what_no_request_holds_and_undoes_withheld_charges(t
         assert srv.metrics.counters["credits_refunded"] == 3
     finally:
         srv.pools.close()
+
+
+def test_uvicorn_calls_every_hook_of_the_guarded_protocol():
+    """server/protocol.py overrides hooks of uvicorn's private H11Protocol; a uvicorn release that renames
+    or stops calling one would leave the server silently without its header/body timeouts. A real
+    uvicorn protocol on a loopback socket: each hook is called, and the header timer is armed, disarmed
+    when the headers arrive and armed again for the next request."""
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from sd3trt.server.protocol import ConnLimits, protocol_class
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    calls, timers = [], []
+    guarded = protocol_class(ConnLimits(header_timeout_s=30, body_timeout_s=30))
+
+    class Recording(guarded):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            calls.append("connection_made")
+            timers.append(self._timer is not None)
+
+        def handle_events(self):
+            super().handle_events()
+            calls.append("handle_events")
+            timers.append(self._timer is not None)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            calls.append("on_response_complete")
+            timers.append(self._timer is not None)
+
+        def connection_lost(self, exc):
+            super().connection_lost(exc)
+            calls.append("connection_lost")
+
+    async def main():
+        config = Config(app, lifespan="off", log_level="warning")
+        config.load()
+        state = ServerState()
+        server = await asyncio.get_running_loop().create_server(lambda: Recording(config, state, {}), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"ok"), 10)
+        writer.close()
+        for _ in range(100):  # bounded: the server side sees the close within a few loop turns
+            if "connection_lost" in calls:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        return head
+
+    head = asyncio.run(main())
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert calls[0] == "connection_made" and "handle_events" in calls and "on_response_complete" in calls
+    assert calls[-1] == "connection_lost", calls
+    assert timers[0] is True  # armed at connection
+    assert timers[calls.index("handle_events")] is False  # the headers arrived: disarmed
+    assert timers[calls.index("on_response_complete")] is True  # armed again for the next request's headers
