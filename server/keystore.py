@@ -1,7 +1,7 @@
 """API keys and credits with a debit journal so no credit is lost or spent twice.
 
-``CreditStore`` is the one interface and holds the logic; ``KeyStore`` stores it in SQLite (WAL mode,
-one host, the default) and ``pgstore.PgKeyStore`` in PostgreSQL (many hosts), with the same semantics.
+``CreditStore`` is the one interface and holds the logic; ``SqliteCreditStore`` stores it in SQLite (WAL mode,
+one host, the default) and ``pgstore.PostgresCreditStore`` in PostgreSQL (many hosts), with the same semantics.
 ``open_store(--db)`` picks by the value: a ``postgresql://`` URL or a file path.
 
 Keys look like ``sd3_<id>_<secret>``. Only ``sha256(secret)`` is stored; ``<id>`` is not secret
@@ -44,7 +44,7 @@ from pathlib import Path
 from sd3trt.errors import Sd3trtError
 from sd3trt.server.outage import OUTAGES, StoreUnavailable
 
-__all__ = ["CreditStore", "InsufficientCredits", "KeyStore", "StoreUnavailable", "open_store"]
+__all__ = ["CreditStore", "InsufficientCredits", "SqliteCreditStore", "StoreUnavailable", "open_store"]
 
 KEY_PREFIX = "sd3"
 SCHEMA_VERSION = 1
@@ -159,23 +159,23 @@ def _journal_wal(db: sqlite3.Connection, wait_s: float = 10.0) -> str:
             time.sleep(0.02)
 
 
-def is_url(target) -> bool:
+def is_database_url(target) -> bool:
     """A PostgreSQL URL (``postgresql://...`` or ``postgres://...``) rather than a SQLite file path."""
     return isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres")
 
 
 def open_store(target, stale_after_s: float = 120.0) -> "CreditStore":
     """The credit store for ``--db``: PostgreSQL for a ``postgresql://`` URL, else a SQLite file."""
-    if is_url(target):
-        from sd3trt.server.pgstore import PgKeyStore
+    if is_database_url(target):
+        from sd3trt.server.pgstore import PostgresCreditStore
 
-        return PgKeyStore(target, stale_after_s=stale_after_s)
-    return KeyStore(target, stale_after_s=stale_after_s)
+        return PostgresCreditStore(target, stale_after_s=stale_after_s)
+    return SqliteCreditStore(target, stale_after_s=stale_after_s)
 
 
 def db_target(value: str):
     """``--db`` as given: a URL stays a string, anything else is a path."""
-    return value if is_url(value) else Path(value)
+    return value if is_database_url(value) else Path(value)
 
 
 class CreditStore:
@@ -417,7 +417,7 @@ _SQLITE_UNAVAILABLE = ("database is locked", "readonly database", "database or d
                        "unable to open database file")
 
 
-class KeyStore(CreditStore):
+class SqliteCreditStore(CreditStore):
     """SQLite (WAL mode), one host. Thread-safe: one connection guarded by a lock."""
 
     def __init__(self, path: str | Path, stale_after_s: float = 120.0, busy_timeout_s: float = 30.0):

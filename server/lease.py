@@ -1,11 +1,11 @@
 """This server instance's lease on its pending debits, renewed by a thread of its own.
 
 Peers sharing the key database refund the pending debits of an instance whose heartbeat is older
-than ``stale_after_s`` (``KeyStore.recover``). The heartbeat therefore runs in a dedicated thread on
+than ``stale_after_s`` (``SqliteCreditStore.recover``). The heartbeat therefore runs in a dedicated thread on
 its own database connection: a busy event loop, exhausted request pools or a slow fetch cannot stall
 it. The same thread runs ``recover()`` for the peers. ``fresh()`` turns false well before peers would
 judge this instance gone, and the server then reports not-ready and takes no new work; the fence in
-``KeyStore.charge`` covers the rest (a debit refunded anyway is charged again or the image withheld).
+``SqliteCreditStore.charge`` covers the rest (a debit refunded anyway is charged again or the image withheld).
 
 After each renewal the thread also calls ``settle(store)``: the server settles its own pending debits
 that no request holds any more (left by a database outage), within one interval of the database

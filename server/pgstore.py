@@ -52,7 +52,7 @@ class _Tx:
         return self.conn.execute(sql.replace("?", "%s"), args)
 
 
-class PgKeyStore(CreditStore):
+class PostgresCreditStore(CreditStore):
     """PostgreSQL. Thread-safe: one connection guarded by a lock, reopened if the server dropped it.
 
     A lost connection (the server restarted, a network cut) fails the call in progress with

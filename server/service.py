@@ -352,7 +352,7 @@ class Server:
         cfg = self.cfg
         req = parse(body, cfg.max_prompt_chars, cfg.max_steps)
         body.clear()
-        if inputs.is_url(req.image):
+        if inputs.is_image_url(req.image):
             return req, None
         try:
             data = inputs.decode_base64(req.image, cfg.max_image_bytes)
@@ -496,7 +496,7 @@ class Server:
 
 
 class ImageResponse(Response):
-    """The image, handed out only once it is paid for: ``KeyStore.charge`` (the fence) right before the
+    """The image, handed out only once it is paid for: ``SqliteCreditStore.charge`` (the fence) right before the
     bytes go to the connection, and no charge at all when the client has left."""
 
     def __init__(self, srv: Server, state: dict, debit_id: int, cost: int, content: bytes, media_type: str,

@@ -585,9 +585,9 @@ def _outage_lines(caplog) -> list[str]:
 def test_sqlite_store_locked_past_its_busy_timeout_is_unavailable_not_an_error(tmp_path, caplog):
     import sqlite3
 
-    from sd3trt.server.keystore import KeyStore, StoreUnavailable
+    from sd3trt.server.keystore import SqliteCreditStore, StoreUnavailable
 
-    store = KeyStore(tmp_path / "k.db", busy_timeout_s=0.2)
+    store = SqliteCreditStore(tmp_path / "k.db", busy_timeout_s=0.2)
     key_id = store.create_key(3).split("_")[1]
     other = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
@@ -606,9 +606,9 @@ def test_sqlite_store_locked_past_its_busy_timeout_is_unavailable_not_an_error(t
 
 
 def test_sqlite_store_full_or_read_only_is_unavailable_and_rolls_back(tmp_path):
-    from sd3trt.server.keystore import KeyStore, StoreUnavailable
+    from sd3trt.server.keystore import SqliteCreditStore, StoreUnavailable
 
-    store = KeyStore(tmp_path / "k.db")
+    store = SqliteCreditStore(tmp_path / "k.db")
     key_id = store.create_key(10_000).split("_")[1]
     (pages,) = store._read("PRAGMA page_count")[0]
     store._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the file cannot grow: SQLite's "disk is full"
@@ -634,12 +634,12 @@ def test_settle_refunds_only_what_no_request_holds_and_undoes_withheld_charges(t
     are over (a debit or refund whose answer was lost) are refunded, those of requests still in progress
     are not, and a withheld image's charge that did land is given back; a peer's debits are left alone."""
     from sd3trt.server.config import ServerConfig
-    from sd3trt.server.keystore import KeyStore
+    from sd3trt.server.keystore import SqliteCreditStore
     from sd3trt.server.service import Server
 
-    store = KeyStore(tmp_path / "k.db")
+    store = SqliteCreditStore(tmp_path / "k.db")
     store.register_instance()
-    peer = KeyStore(tmp_path / "k.db")
+    peer = SqliteCreditStore(tmp_path / "k.db")
     peer.register_instance()
     key_id = store.create_key(10).split("_")[1]
     srv = Server(ServerConfig(bundle=None, db=tmp_path / "k.db"))
