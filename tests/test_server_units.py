@@ -658,7 +658,7 @@ def test_settle_refunds_only_what_no_request_holds_and_undoes_withheld_charges(t
         assert srv.settle(store) == 0  # once
         srv._live.discard("rid-live")
         assert srv.settle(store) == 1 and [p[0] for p in store.pending()] == [theirs]
-        assert srv.metrics.counters["credits_refunded"] == 3
+        assert srv.metrics.counter("credits_refunded") == 3
     finally:
         srv.pools.close()
 
