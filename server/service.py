@@ -77,7 +77,6 @@ class Server:
         self.store: CreditStore | None = None
         self.lease: Lease | None = None
         self.draining = False
-        self.bundle = None  # set by the worker once the pipeline is built
         self.pools = Pools(cfg.fetch_workers, cpu_workers=max(1, min(4, os.cpu_count() or 1)))
         self.per_key: dict[str, int] = {}
         # Request ids being handled (a debit's note) and debits whose image was withheld: what settle() spares
@@ -105,7 +104,6 @@ class Server:
                                    transformer_precision=self.cfg.precision, vae_precision=self.cfg.vae_precision,
                                    cpu_precision=self.cfg.cpu_precision, loras=list(self.cfg.loras) or None)
         pipe.load_all()
-        self.bundle = pipe.bundle
         return pipe
 
     def _render(self, pipe, job: Job) -> Output:
@@ -434,7 +432,7 @@ class Server:
         with self._held_lock:
             self._withheld.add(debit_id)
 
-    async def _refund(self, debit_id: int, cost: int, why: str) -> None:
+    async def refund(self, debit_id: int, cost: int, why: str) -> None:
         """Refund in the db pool; a cancelled wait still lets the refund finish there."""
         fut = self.pools.db.submit(self._refund_now, debit_id, cost, why)
         try:
@@ -470,7 +468,7 @@ class Server:
                 raise ApiError(500, "generation_failed",
                                f"the server failed while generating (request {rid}); no credits were taken") from None
         except BaseException:
-            await self._refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
+            await self.refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
             raise
         headers = {"x-request-id": rid, "x-seed": str(seed), "x-inference-time": f"{out.seconds:.3f}"}
         if out.warnings:
@@ -508,7 +506,7 @@ class ImageResponse(Response):
         srv, state, rid = self.srv, self.state, self.state["request_id"]
         state["delivering"] = True  # from here a leaving client is seen through the flag, not by cancelling
         if state.get("client_gone"):
-            return await srv._refund(self.debit_id, self.cost, "client gone before the image was sent")
+            return await srv.refund(self.debit_id, self.cost, "client gone before the image was sent")
         try:
             charged = await _charge(srv, self.debit_id, state)
         except StoreUnavailable as e:
