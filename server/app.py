@@ -18,11 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd3trt.runtime import images as imgs
 from sd3trt.server.config import ServerConfig
+from sd3trt.server.credits import db_unavailable
 from sd3trt.server.middleware import Gate
 from sd3trt.server.outage import StoreUnavailable
 from sd3trt.server.protocol import protocol_class
 from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response
-from sd3trt.server.service import Server, db_unavailable
+from sd3trt.server.service import Server
 
 __all__ = ["PATH", "Server", "ServerConfig", "create_app", "serve"]
 

@@ -11,7 +11,7 @@ event loop (key-store calls, parsing, decoding and fetches run in the bounded po
 The credit database may go away at any step (a PostgreSQL restart, a locked or full SQLite file): the
 request is answered 503 ``db_unavailable`` with ``Retry-After`` (outage.py), the image of a request
 whose charge could not be made is withheld, and every debit such a request leaves pending is settled
-by this server itself once the database is back (``settle``, run by the lease thread).
+by this server itself once the database is back (credits.py: ``Credits.settle``, run by the lease thread).
 
 A client that leaves is noticed as soon as its connection closes (a watcher task): a fetch not yet
 started is dropped, queued work is cancelled, a generation stops at its next step, and the debit is
@@ -26,7 +26,6 @@ import base64 as b64
 import logging
 import os
 import secrets
-import threading
 import time
 
 from fastapi import Request
@@ -38,14 +37,15 @@ from sd3trt.runtime.plan import Plan, RequestError
 from sd3trt.server import fetch as fetching
 from sd3trt.server import inputs
 from sd3trt.server.config import ServerConfig
-from sd3trt.server.keystore import CreditStore, InsufficientCredits, open_store
+from sd3trt.server.credits import Credits, ImageResponse, insufficient
+from sd3trt.server.keystore import CreditStore, open_store
 from sd3trt.server.lease import Lease
 from sd3trt.server.metrics import Metrics
 from sd3trt.server.middleware import BodyTooLarge
-from sd3trt.server.outage import OUTAGES, RETRY_AFTER_S, StoreUnavailable
+from sd3trt.server.outage import OUTAGES, StoreUnavailable
 from sd3trt.runtime.runners import release_heap
 from sd3trt.server.pools import Pools, in_thread, run
-from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response, parse
+from sd3trt.server.schema import ApiError, Img2ImgRequest, parse
 from sd3trt.server.worker import Draining, Job, JobCancelled, Output, QueueFull, Worker
 
 log = logging.getLogger("sd3trt.server")
@@ -56,11 +56,6 @@ STORE_CHECK_S = 1.5  # how long /readyz reuses its last check of the credit data
 
 def queue_full() -> ApiError:
     return ApiError(429, "queue_full", "the server is busy (queue full); retry shortly", headers={"Retry-After": "2"})
-
-
-def db_unavailable(e: StoreUnavailable, what: str = "") -> ApiError:
-    return ApiError(503, "db_unavailable", f"{e}{what}; no credits were taken, retry shortly",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def shutting_down(what: str) -> ApiError:
@@ -74,16 +69,12 @@ class Server:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.store: CreditStore | None = None
         self.lease: Lease | None = None
         self.draining = False
         self.pools = Pools(cfg.fetch_workers, cpu_workers=max(1, min(4, os.cpu_count() or 1)))
+        self.credits = Credits(cfg, self.pools, self.metrics)
+        self.credits.stopping = self.stopping
         self.per_key: dict[str, int] = {}
-        # Request ids being handled (a debit's note) and debits whose image was withheld: what settle() spares
-        # and what it must undo. Read by the lease thread, hence the lock.
-        self._held_lock = threading.Lock()
-        self._live: set[str] = set()
-        self._withheld: set[int] = set()
         self._store_check = (-STORE_CHECK_S, None)  # (when, why not) of the last readiness check of the database
         self.uploads = 0  # bodies being read and decoded now
         self.upload_slots = asyncio.Semaphore(cfg.max_uploads)
@@ -95,6 +86,10 @@ class Server:
         self.metrics.gauge("inflight", "Requests being generated now.", self.worker.busy)
         self.metrics.gauge("ready", "1 when the engines are loaded and requests are accepted.",
                            lambda: int(self.ready()))
+
+    @property
+    def store(self) -> CreditStore | None:
+        return self.credits.store
 
     # -- pipeline -------------------------------------------------------------------------------
     def _load(self) -> Img2Img:
@@ -177,12 +172,12 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
         cfg = self.cfg
-        self.store = await in_thread(open_store, cfg.db, cfg.stale_after_s)
+        self.credits.store = await in_thread(open_store, cfg.db, cfg.stale_after_s)
         instance = await in_thread(self.store.register_instance)
         n = await in_thread(self.store.recover)
         if n:
             log.warning("refunded %d pending debit(s) left by a server that stopped mid-request", n)
-        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s, settle=self.settle)
+        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s, settle=self.credits.settle)
         self.lease.start()
         self.worker.start()
 
@@ -207,7 +202,7 @@ class Server:
             await in_thread(self.lease.stop)
         if self.store is not None:
             try:
-                n = await in_thread(self._refund_own_pending)
+                n = await in_thread(self.credits.refund_own_pending)
                 if n:
                     self.metrics.inc("credits_refunded", n)
                 await in_thread(self.store.unregister_instance)
@@ -216,43 +211,9 @@ class Server:
             await in_thread(self.store.close)
         self.pools.close()
 
-    def _refund_own_pending(self) -> int:
-        total = 0
-        for debit_id, _key, amount, owner in self.store.pending():
-            if owner == self.store.instance_id and self.store.refund(debit_id, "server shut down"):
-                total += amount
-        return total
-
-    # -- settling what an outage left ------------------------------------------------------------
-    def settle(self, store: CreditStore) -> int:
-        """In the lease thread, once per heartbeat: refund this instance's pending debits that no request
-        holds any more (a debit or refund whose answer was lost to a database outage), and undo the charge
-        of an image that was withheld because its charge could not be confirmed. Returns how many."""
-        rows = store.own_pending()
-        with self._held_lock:  # read after the rows: a request live when its debit was written is seen here
-            live, withheld = set(self._live), set(self._withheld)
-        n = 0
-        for debit_id, amount, note in rows:
-            if note not in live and store.refund(debit_id, "no request held it (a key database outage)"):
-                self.metrics.inc("credits_refunded", amount)
-                n += 1
-        for debit_id in withheld:  # pending -> refunded, or committed (the charge did land) -> refunded
-            if store.refund(debit_id, "image withheld") or store.refund_delivered(debit_id, "image withheld"):
-                self.metrics.inc("credits_refunded", self.cfg.credits_per_image)
-                n += 1
-            with self._held_lock:
-                self._withheld.discard(debit_id)
-        return n
-
     # -- the hooks the middleware calls ---------------------------------------------------------
     async def credit_headers(self, state: dict) -> dict[str, str]:
-        out = {"x-request-id": state["request_id"]} if "request_id" in state else {}
-        if "key_id" in state:
-            try:
-                out["x-remaining-credits"] = str(await run(self.pools.db, self.store.balance, state["key_id"]))
-            except StoreUnavailable:  # the answer goes out without it
-                pass
-        return out
+        return await self.credits.headers(state)
 
     async def key_headers(self, key: str | None) -> dict[str, str]:
         """x-remaining-credits for a request no route took (404, 405), when its key is valid."""
@@ -266,8 +227,7 @@ class Server:
 
     def finished(self, state: dict) -> None:
         if "request_id" in state:
-            with self._held_lock:
-                self._live.discard(state["request_id"])
+            self.credits.end(state["request_id"])
         watcher = state.pop("watcher", None)
         if watcher is not None:
             watcher.cancel()
@@ -283,8 +243,7 @@ class Server:
     async def img2img(self, request: Request, x_api_key: str | None) -> Response:
         state = request.scope.setdefault("state", {})
         state["request_id"] = secrets.token_hex(6)
-        with self._held_lock:
-            self._live.add(state["request_id"])  # before any debit: settle() spares it until finished()
+        self.credits.begin(state["request_id"])  # before any debit: settle() spares it until finished()
         key_id = await run(self.pools.db, self.store.authenticate, x_api_key)
         if key_id is None:
             raise ApiError(401, "unauthorized", "missing or unknown API key; send it in the x-api-key header")
@@ -299,7 +258,7 @@ class Server:
         cfg, cost = self.cfg, self.cfg.credits_per_image
         if not self.ready():
             raise ApiError(503, "not_ready", f"{self.not_ready_reason()}; retry later", headers={"Retry-After": "5"})
-        balance = await run(self.pools.db, self.store.balance, key_id)
+        balance = await self.credits.balance(key_id)
         if balance < cost:  # before the body is read or any URL fetched
             raise insufficient(cost, balance)
         if self.per_key.get(key_id, 0) >= cfg.max_inflight_per_key:
@@ -314,7 +273,7 @@ class Server:
         plan = await run(self.pools.cpu, self._plan, req, image, seed)
         if self.worker.full():
             raise queue_full()
-        debit_id = await self._debit(key_id, cost, state["request_id"])
+        debit_id = await self.credits.debit(key_id, cost, state["request_id"])
         return await self._generate(req, plan, state, debit_id, cost)
 
     async def _read_input(self, request: Request, state: dict) -> tuple[Img2ImgRequest, object | None]:
@@ -399,47 +358,6 @@ class Server:
         except RequestError as e:
             raise ApiError(422, "invalid_field", str(e), field=self.API_FIELDS.get(e.field, e.field)) from None
 
-    # -- credits --------------------------------------------------------------------------------
-    async def _debit(self, key_id: str, cost: int, note: str) -> int:
-        fut = self.pools.db.submit(self.store.debit, key_id, cost, note)
-        try:
-            debit_id, _ = await asyncio.wrap_future(fut)
-        except InsufficientCredits as e:
-            raise insufficient(cost, e.remaining) from None
-        except asyncio.CancelledError:
-            if not fut.cancel():  # running: undo it once it lands
-                fut.add_done_callback(lambda f: f.exception() or self._refund_now(f.result()[0], cost))
-            raise
-        return debit_id
-
-    def _refund_now(self, debit_id: int, cost: int, why: str = "request failed") -> None:
-        try:
-            if self.store.refund(debit_id, why):
-                self.metrics.inc("credits_refunded", cost)
-        except StoreUnavailable:  # stays pending; settle() refunds it once the database is back
-            pass
-
-    def undo_charge(self, debit_id: int) -> None:
-        """In a db thread at shutdown: a charge that landed for an image that never went out is given back."""
-        try:
-            self.store.refund_delivered(debit_id, "server shut down")
-        except StoreUnavailable:
-            self.withhold(debit_id)
-
-    def withhold(self, debit_id: int) -> None:
-        """The image of this debit was not handed out and its charge may or may not have landed: settle()
-        gives the credits back either way."""
-        with self._held_lock:
-            self._withheld.add(debit_id)
-
-    async def refund(self, debit_id: int, cost: int, why: str) -> None:
-        """Refund in the db pool; a cancelled wait still lets the refund finish there."""
-        fut = self.pools.db.submit(self._refund_now, debit_id, cost, why)
-        try:
-            await asyncio.shield(asyncio.wrap_future(fut))
-        except asyncio.CancelledError:
-            pass
-
     # -- generation and delivery ----------------------------------------------------------------
     async def _generate(self, req: Img2ImgRequest, plan: Plan, state: dict, debit_id: int, cost: int) -> Response:
         rid = state["request_id"]
@@ -468,15 +386,15 @@ class Server:
                 raise ApiError(500, "generation_failed",
                                f"the server failed while generating (request {rid}); no credits were taken") from None
         except BaseException:
-            await self.refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
+            await self.credits.refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
             raise
         headers = {"x-request-id": rid, "x-seed": str(seed), "x-inference-time": f"{out.seconds:.3f}"}
         if out.warnings:
             headers["x-warnings"] = "; ".join(out.warnings)[:500].encode("ascii", "replace").decode()
         if req.base64:
-            return ImageResponse(self, state, debit_id, cost, b64.b64encode(out.data), "text/plain; charset=utf-8",
-                                 headers)
-        return ImageResponse(self, state, debit_id, cost, out.data, out.media_type, headers)
+            return ImageResponse(self.credits, state, debit_id, cost, b64.b64encode(out.data),
+                                 "text/plain; charset=utf-8", headers)
+        return ImageResponse(self.credits, state, debit_id, cost, out.data, out.media_type, headers)
 
     def _watch(self, request: Request, state: dict, task: asyncio.Task) -> asyncio.Task:
         """A task that notices the client leaving (its connection closed) once the body is read: the
@@ -491,75 +409,3 @@ class Server:
             if not state.get("delivering"):
                 task.cancel()
         return asyncio.create_task(watch())
-
-
-class ImageResponse(Response):
-    """The image, handed out only once it is paid for: ``SqliteCreditStore.charge`` (the fence) right before the
-    bytes go to the connection, and no charge at all when the client has left."""
-
-    def __init__(self, srv: Server, state: dict, debit_id: int, cost: int, content: bytes, media_type: str,
-                 headers: dict[str, str]):
-        super().__init__(content, media_type=media_type, headers=headers)
-        self.srv, self.state, self.debit_id, self.cost = srv, state, debit_id, cost
-
-    async def __call__(self, scope, receive, send):
-        srv, state, rid = self.srv, self.state, self.state["request_id"]
-        state["delivering"] = True  # from here a leaving client is seen through the flag, not by cancelling
-        if state.get("client_gone"):
-            return await srv.refund(self.debit_id, self.cost, "client gone before the image was sent")
-        try:
-            charged = await _charge(srv, self.debit_id, state)
-        except StoreUnavailable as e:
-            srv.withhold(self.debit_id)
-            log.warning("rid=%s: the charge of debit %s could not be confirmed (%s): image withheld, the debit is "
-                        "settled as refunded once the database is back", rid, self.debit_id, e)
-            err = db_unavailable(e, ", so the image could not be charged and is withheld")
-            return await error_response(err.status, err.code, err.message, headers=err.headers)(scope, receive, send)
-        if charged is None:
-            log.warning("rid=%s: debit %s was refunded by a peer that judged this server gone, and the key cannot "
-                        "pay again: image withheld", rid, self.debit_id)
-            resp = error_response(503, "payment_lost", "this server was presumed stopped and its charge for the "
-                                  "request refunded, and the key has too few credits to charge it again; the image "
-                                  "is withheld, retry later", headers={"Retry-After": "5",
-                                                                       **await srv.credit_headers(state)})
-            return await resp(scope, receive, send)
-        if state.get("client_gone"):  # left while the charge was made: the image never leaves the server
-            try:
-                if await run(srv.pools.db, srv.store.refund_delivered, charged, "client left before the charged "
-                             "image was sent"):
-                    srv.metrics.inc("credits_refunded", self.cost)
-            except StoreUnavailable:
-                srv.withhold(charged)
-            return
-        try:
-            left = await run(srv.pools.db, srv.store.balance, state["key_id"])
-            self.raw_headers.append((b"x-remaining-credits", str(left).encode()))
-        except StoreUnavailable:  # paid for: the image goes out, without the balance the database cannot give now
-            pass
-        srv.metrics.inc("credits_debited", self.cost)
-        srv.metrics.inc("images_generated")
-        await super().__call__(scope, receive, send)
-
-
-async def _charge(srv: Server, debit_id: int, state: dict) -> int | None:
-    """``store.charge`` in the db pool; one that meets an unavailable database is retried (it is idempotent)
-    for up to ``charge_retry_s`` while the client waits, then StoreUnavailable is raised."""
-    deadline = time.monotonic() + srv.cfg.charge_retry_s
-    for attempt in range(64):  # bounded by the deadline long before the count
-        fut = srv.pools.db.submit(srv.store.charge, debit_id)
-        try:
-            return await asyncio.wrap_future(fut)
-        except StoreUnavailable:
-            if time.monotonic() + 0.5 > deadline or state.get("client_gone") or srv.draining:
-                raise
-        except asyncio.CancelledError:  # shutdown: a charge that lands anyway is undone (no image went out)
-            if not fut.cancel():
-                fut.add_done_callback(lambda f: f.exception() or f.result() is None or srv.undo_charge(f.result()))
-            raise
-        await asyncio.sleep(min(0.1 * 2 ** attempt, 1.0))
-    raise StoreUnavailable(f"the charge of debit {debit_id} was tried 64 times")
-
-
-def insufficient(cost: int, balance: int) -> ApiError:
-    return ApiError(406, "insufficient_credits", f"not enough credits: this request costs {cost}, the key has "
-                    f"{balance}; top the key up")

@@ -649,15 +649,15 @@ def test_settle_refunds_only_what_no_request_holds_and_undoes_withheld_charges(t
         withheld, _ = store.debit(key_id, 1, "rid-withheld")
         assert store.charge(withheld) == withheld  # the charge landed, but its answer was lost: image withheld
         theirs, _ = peer.debit(key_id, 1, "rid-gone")  # the same note on a peer: not ours to settle
-        srv._live.add("rid-live")
-        srv.withhold(withheld)
+        srv.credits.begin("rid-live")
+        srv.credits.withhold(withheld)
         assert store.balance(key_id) == 6
-        assert srv.settle(store) == 2
+        assert srv.credits.settle(store) == 2
         assert store.balance(key_id) == 8
         assert sorted(p[0] for p in store.pending()) == sorted([live, theirs])
-        assert srv.settle(store) == 0  # once
-        srv._live.discard("rid-live")
-        assert srv.settle(store) == 1 and [p[0] for p in store.pending()] == [theirs]
+        assert srv.credits.settle(store) == 0  # once
+        srv.credits.end("rid-live")
+        assert srv.credits.settle(store) == 1 and [p[0] for p in store.pending()] == [theirs]
         assert srv.metrics.counter("credits_refunded") == 3
     finally:
         srv.pools.close()
