@@ -8,7 +8,15 @@ from pathlib import Path
 
 from sd3trt.server import inputs
 from sd3trt.server.fetch import FetchPolicy
-from sd3trt.server.protocol import ConnLimits
+
+
+@dataclass(frozen=True)
+class ConnLimits:
+    """Per-connection limits, enforced by the connection handler (protocol.py)."""
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1024
+    max_per_client: int = 64  # 0: no per-address cap (e.g. behind a reverse proxy, every client is the proxy)
 
 
 @dataclass

@@ -23,21 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sd3trt.server.config import ConnLimits
+
 log = logging.getLogger("sd3trt.server")
-
-
-@dataclass(frozen=True)
-class ConnLimits:
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    max_connections: int = 1024
-    max_per_client: int = 64  # 0: no per-address cap (e.g. behind a reverse proxy, every client is the proxy)
 
 
 def raw_response(status: int, reason: str, text: str) -> bytes:

@@ -673,7 +673,8 @@ def test_uvicorn_calls_every_hook_of_the_guarded_protocol():
     from uvicorn.config import Config
     from uvicorn.server import ServerState
 
-    from sd3trt.server.protocol import ConnLimits, protocol_class
+    from sd3trt.server.config import ConnLimits
+    from sd3trt.server.protocol import protocol_class
 
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
@@ -728,3 +729,100 @@ def test_uvicorn_calls_every_hook_of_the_guarded_protocol():
     assert timers[0] is True  # armed at connection
     assert timers[calls.index("handle_events")] is False  # the headers arrived: disarmed
     assert timers[calls.index("on_response_complete")] is True  # armed again for the next request's headers
+
+
+# -- one settings model: flags, environment, Ray config (issue 25) ------------------------------------------
+
+# A value other than the default for every setting, as text (what a flag or a variable carries).
+SETTING_SAMPLES = {
+    "--bundle": "/models/b", "--db": "postgresql://u@db.internal/keys", "--backend": "openvino",
+    "--engines": "fp16-build", "--precision": "int8", "--vae-precision": "int8", "--cpu-precision": "bf16",
+    "--lora": ["a.safetensors:0.5", "b.safetensors"], "--host": "0.0.0.0", "--port": "9001", "--low-memory": True,
+    "--threads": "3", "--credits-per-image": "2", "--queue-size": "5", "--max-image-bytes": "12345",
+    "--max-body-bytes": "23456", "--max-pixels": "1000000", "--max-prompt-chars": "77", "--max-steps": "40",
+    "--input-formats": "png,jpg", "--no-url-fetch": True, "--allow-fetch-host": ["10.0.0.0/8", "img.internal"],
+    "--fetch-timeout": "4.5", "--fetch-max-redirects": "1", "--fetch-workers": "3", "--graceful-timeout": "7",
+    "--inflight-grace": "8", "--charge-retry": "0", "--limit-concurrency": "99", "--max-inflight-per-key": "3",
+    "--max-uploads": "2", "--upload-wait": "4", "--max-connections": "500", "--max-connections-per-client": "0",
+    "--header-timeout": "6", "--body-timeout": "30", "--heartbeat": "2", "--lease": "9",
+}
+
+
+def _serve_parser():
+    import argparse
+
+    from sd3trt.server.cli import add_server_commands
+
+    parser = argparse.ArgumentParser(prog="sd3trt")
+    add_server_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_every_setting_round_trips_through_a_flag_a_variable_and_a_ray_config():
+    from sd3trt.server import settings
+
+    assert sorted(SETTING_SAMPLES) == sorted(s.flag for s in settings.SETTINGS)  # a new setting needs a sample
+    argv, env = ["serve"], {}
+    for s in settings.SETTINGS:
+        v = SETTING_SAMPLES[s.flag]
+        if v is True:
+            argv.append(s.flag)
+            env[s.env] = "1"
+        elif isinstance(v, list):
+            argv += [x for item in v for x in (s.flag, item)]
+            env[s.env] = ",".join(v)
+        else:
+            argv += [s.flag, v]
+            env[s.env] = v
+    from_flags = settings.from_args(_serve_parser().parse_args(argv))
+    from_env = settings.from_env(env)
+    ray_config = {"applications": [{"name": "sd3trt", "import_path": "sd3trt.server.ray_serve:app",
+                                    "runtime_env": {"env_vars": env}}]}
+    try:
+        from ray.serve.schema import ServeDeploySchema
+
+        ServeDeploySchema.model_validate(ray_config)  # the variables are a valid Ray Serve config
+    except ImportError:
+        pass
+    from sd3trt.server.ray_serve import config_from_env
+
+    from_ray = config_from_env(ray_config["applications"][0]["runtime_env"]["env_vars"])
+    assert from_flags == from_env == from_ray
+    for s in settings.SETTINGS:  # every setting took effect, none kept its default
+        assert s.default() != _at(from_flags, s.path), s.flag
+    assert from_flags.fetch.allow_hosts == ("10.0.0.0/8", "img.internal") and from_flags.input_formats == ("PNG", "JPEG")
+    assert from_flags.conn.header_timeout_s == 6.0 and not from_flags.fetch.enabled
+
+
+def _at(cfg, path):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_settings_refuse_bad_values_with_one_sentence_and_keep_defaults():
+    from sd3trt.errors import Sd3trtError
+    from sd3trt.server import settings
+
+    cfg = settings.from_env({"SD3TRT_BUNDLE": "/b"})
+    flags = settings.from_args(_serve_parser().parse_args(["serve", "--bundle", "/b"]))
+    assert cfg == flags and cfg.queue_size == settings.DEFAULTS.queue_size and str(cfg.bundle) == "/b"
+    for env, needle in ((("SD3TRT_QUEUE_SIZE", "0"), "must be > 0"), (("SD3TRT_BACKEND", "cuda"), "not one of"),
+                        (("SD3TRT_INPUT_FORMATS", "gif"), "not supported"), (("SD3TRT_NO_URL_FETCH", "yes"), "1 or 0"),
+                        (("SD3TRT_LEASE", "1"), "at least 3 x --heartbeat")):
+        with pytest.raises(Sd3trtError, match=needle) as e:
+            settings.from_env({"SD3TRT_BUNDLE": "/b", env[0]: env[1]})
+        assert "\n" not in str(e.value)
+    with pytest.raises(Sd3trtError, match="SD3TRT_BUNDLE is not set"):
+        settings.from_env({})
+    with pytest.raises(SystemExit):
+        _serve_parser().parse_args(["serve", "--queue-size", "0"])
+
+
+def test_the_readme_settings_table_is_the_generated_one():
+    from pathlib import Path
+
+    from sd3trt.server import settings
+
+    readme = (Path(__file__).resolve().parents[1] / "server" / "README.md").read_text()
+    assert settings.markdown_table() in readme
