@@ -1,4 +1,4 @@
-"""The credit database going away under load (issue 28): a real `sd3trt serve` process on the tiny bundle,
+"""The credit database going away under load: a real `sd3trt serve` process on the tiny bundle,
 credits in a real PostgreSQL with its durable defaults (tests/pg_local.py), restarted `fast` (clients
 disconnected) and `immediate` (a crash) while 60 requests of one key are in flight.
 

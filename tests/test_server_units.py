@@ -575,7 +575,7 @@ def test_gate_limits_requests_but_never_probes():
     asyncio.run(main())
 
 
-# -- the SQLite credit store when its file cannot be used (issue 28) -------------------------------------
+# -- the SQLite credit store when its file cannot be used ------------------------------------------------
 
 def _outage_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "until it is back" in r.getMessage()
@@ -731,7 +731,7 @@ def test_uvicorn_calls_every_hook_of_the_guarded_protocol():
     assert timers[calls.index("on_response_complete")] is True  # armed again for the next request's headers
 
 
-# -- one settings model: flags, environment, Ray config (issue 25) ------------------------------------------
+# -- one settings model: flags, environment, Ray config -----------------------------------------------------
 
 # A value other than the default for every setting, as text (what a flag or a variable carries).
 SETTING_SAMPLES = {
