@@ -148,6 +148,33 @@ def entry_files(entry: dict) -> dict[str, str]:
     return dict(sorted(entry.get("files", {}).items()))
 
 
+def entry_fingerprint(entry: dict) -> str | None:
+    """The hash of everything a component's export depended on (export/bundle.py), or None."""
+    return entry.get("fingerprint")
+
+
+def component_entry(name: str, inputs: list, outputs: list, files: dict[str, str], fingerprint: str,
+                    export: dict, lora_map: str | None = None) -> dict:
+    """A component's manifest entry as `sd3trt export` writes it (the README's Bundle format)."""
+    entry = {"file": f"onnx/{name}.onnx", "inputs": inputs, "outputs": outputs, "files": files,
+             "fingerprint": fingerprint, "export": export}
+    if lora_map is not None:
+        entry[LORA_MAP_KEY] = lora_map
+    return entry
+
+
+def export_manifest(previous: dict, *, version: str, dtype: str, opset: int, source: dict, model: dict,
+                    scheduler: dict, tokenizers: dict, components: dict, loras: list) -> dict:
+    """The whole manifest `sd3trt export` writes. The engines of `previous` (the manifest before the export) stay
+    only if every graph they were built from is byte-identical; quantized and compressed graphs go."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "sd3trt_version": version, "dtype": dtype,
+        "opset": opset, "source": source, "model": model, "scheduler": scheduler, "tokenizers": tokenizers,
+        "components": components, "loras": loras,
+        ENGINES: previous.get(ENGINES, {}) if previous.get("components") == components else {},
+    }
+
+
 def entry_sha256(entry: dict) -> str | None:
     """The sha256 the entry lists for its own graph (entry["file"]) of a component or quantized entry."""
     return entry.get("files", {}).get(entry_file(entry))

@@ -18,7 +18,8 @@ from typing import Callable
 import sd3trt
 from sd3trt.errors import Sd3trtError
 from sd3trt.memory import peak_rss_mib, reset_peak_rss
-from sd3trt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, update_manifest, write_json_atomic
+from sd3trt.manifest import (MANIFEST, component_entry, entry_fingerprint, entry_files, export_manifest, sha256_file,
+                             update_manifest, write_json_atomic)
 from sd3trt import lora as lora_files
 from sd3trt import precision as words
 from sd3trt.spec import COMPONENT_SOURCES, COMPONENTS, TOKENIZER_SOURCES, component_specs, read_model_facts
@@ -52,9 +53,9 @@ def _reusable(out: Path, component: str, fingerprint: str) -> dict | None:
         entry = json.loads(side.read_text())
     except (OSError, ValueError):
         return None
-    if entry.get("fingerprint") != fingerprint:
+    if entry_fingerprint(entry) != fingerprint:
         return None
-    for rel, digest in entry["files"].items():
+    for rel, digest in entry_files(entry).items():
         if not (out / rel).is_file() or sha256_file(out / rel) != digest:
             return None
     return entry
@@ -147,22 +148,18 @@ def export_bundle(
                                      fp32_rules=tuple(r for r in rules if dtype in r.dtypes))
             seconds, peak = time.perf_counter() - t0, peak_rss_mib()
             spec = specs[name]
-            entry = {
-                "file": f"onnx/{name}.onnx",
-                "inputs": [t.to_dict(words.NUMPY[dtype]) for t in spec.inputs],
-                "outputs": [t.to_dict(words.NUMPY[dtype]) for t in spec.outputs],
-                "files": {f"onnx/{p.name}": sha256_file(p) for p in files},
-                "fingerprint": fp,
-                "export": {"dtype": dtype, "opset": opset, "torch_onnx": "torchscript", "seconds": round(seconds, 1),
-                           # this component's own peak where the kernel can reset it, else the process's so far
-                           "peak_rss_mib": round(peak) if peak else None, "peak_rss_own": exact_peak},
-            }
+            export = {"dtype": dtype, "opset": opset, "torch_onnx": "torchscript", "seconds": round(seconds, 1),
+                      # this component's own peak where the kernel can reset it, else the process's so far
+                      "peak_rss_mib": round(peak) if peak else None, "peak_rss_own": exact_peak}
             if records:
-                entry["export"]["loras"] = records
+                export["loras"] = records
             if kept:
-                entry["export"]["fp32_modules"] = kept
-            if f"onnx/{name}.lora.json" in entry["files"]:
-                entry[lora_files.LORA_MAP_KEY] = f"onnx/{name}.lora.json"
+                export["fp32_modules"] = kept
+            digests = {f"onnx/{p.name}": sha256_file(p) for p in files}
+            lora_map = f"onnx/{name}.lora.json"
+            entry = component_entry(name, [t.to_dict(words.NUMPY[dtype]) for t in spec.inputs],
+                                    [t.to_dict(words.NUMPY[dtype]) for t in spec.outputs], digests, fp, export,
+                                    lora_map if lora_map in digests else None)
             write_json_atomic(out / "onnx" / f"{name}.json", entry)
             size = sum(p.stat().st_size for p in files) / 2**20
             log(f"[{i}/{len(wanted)}] {name}: done in {seconds:.1f} s ({size:.1f} MiB, peak RSS {peak / 1024:.1f} GiB)")
@@ -175,21 +172,12 @@ def export_bundle(
     if facts.has_t5:
         tokenizers["t5"] = _save_tokenizer(model_dir, out, "t5", facts.t5_max_length)
     scheduler = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "sd3trt_version": sd3trt.__version__,
-        "dtype": dtype,
-        "opset": opset,
-        "source": {"model_dir": str(model_dir.resolve()), "pipeline": "StableDiffusion3Img2ImgPipeline"},
-        "model": facts.to_dict(),
-        "scheduler": scheduler,
-        "tokenizers": tokenizers,
-        "components": entries,
-        "loras": [lora.record() for lora in loras],  # fused into the exported weights, in order
-        # Engines stay valid only if every graph they were built from is byte-identical.
-        "engines": old.get("engines", {}) if old.get("components") == entries else {},
-    }
+    manifest = export_manifest(
+        old, version=sd3trt.__version__, dtype=dtype, opset=opset,
+        source={"model_dir": str(model_dir.resolve()), "pipeline": "StableDiffusion3Img2ImgPipeline"},
+        model=facts.to_dict(), scheduler=scheduler, tokenizers=tokenizers, components=entries,
+        loras=[lora.record() for lora in loras],  # fused into the exported weights, in order
+    )
     update_manifest(out, lambda _old: manifest)
     log(f"bundle written: {out / MANIFEST}")
     return out
