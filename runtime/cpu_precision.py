@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping
 
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import CPU_GATES, QUANTIZED, quantized_key
+from sd3trt.manifest import entry_sha256
 
 GATE_KEY = "openvino.bf16"  # manifest[CPU_GATES][GATE_KEY]: the bf16 gate of the openvino backend
 log = logging.getLogger(__name__)
@@ -26,19 +26,17 @@ def graph_key(bundle, component: str, path: Path) -> tuple[str, str] | None:
     """(gate key, sha256) of the graph `component` runs from `path`: the bundle's own or a quantized graph;
     None for a graph passed in from outside the bundle (never gated: it runs in fp32)."""
     path = Path(path)
-    entry = bundle.component(component)
     if path == bundle.onnx_path(component):
-        return component, entry["files"][entry["file"]]
-    for precision_name in ("int8", "fp8"):
-        q = bundle.data.get(QUANTIZED, {}).get(quantized_key(precision_name, component))
-        if q is not None and path == bundle.path(q["file"]):
-            return f"{component}.{precision_name}", q["files"][q["file"]]
+        return component, entry_sha256(bundle.component(component))
+    for graph_component, precision_name, graph_path, sha256 in bundle.quantized_graphs().values():
+        if graph_component == component and path == graph_path:
+            return f"{component}.{precision_name}", sha256
     return None
 
 
 def passed_graphs(bundle) -> dict[str, str]:
     """{gate key: sha256} of the graphs whose bf16 image passed the gate on this bundle."""
-    record = bundle.data.get(CPU_GATES, {}).get(GATE_KEY) or {}
+    record = bundle.cpu_gate(GATE_KEY)
     return {k: g["sha256"] for k, g in record.get("graphs", {}).items() if g.get("passed")}
 
 
