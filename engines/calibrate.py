@@ -250,47 +250,21 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
 # --------------------------------------------------------------------------- activation ranges
 
 
-class _TappedSession:
-    """The fp32 transformer with extra outputs, as an ONNX Runtime session (weights stay on disk)."""
-
-    def __init__(self, onnx_path: Path, outputs: list[tuple[str, str]], extra_nodes=(), threads: int = 0):
-        import onnx
-        from onnx import TensorProto, helper
-
-        from sd3trt.runtime.ort_session import ort_session
-
-        onnx_path = Path(onnx_path)
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        del model.graph.output[:]
-        model.graph.node.extend(extra_nodes)
-        for name, _ in outputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        self.names = [n for n, _ in outputs]
-        external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
-        if external:  # save next to the original so the external weight file resolves
-            fd, tmp = tempfile.mkstemp(dir=onnx_path.parent, prefix=".calib-", suffix=".onnx")
-            os.close(fd)
-            try:
-                onnx.save_model(model, tmp)
-                self.session = ort_session(tmp, threads)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        else:
-            self.session = ort_session(model.SerializeToString(), threads)
-
-    def run(self, feeds) -> list[np.ndarray]:
-        return self.session.run(self.names, feeds)
-
-
-def _absmax_nodes(taps: list[str]):
-    from onnx import helper
+def _measure_nodes(taps: list[str], prefix: str, reduce: bool):
+    """Nodes that give each tap as a float32 output: its absolute max (reduce) or the tensor itself."""
+    from onnx import TensorProto, helper
 
     nodes, outs = [], []
     for i, t in enumerate(taps):
-        a, m = f"__calib_abs_{i}", f"__calib_amax_{i}"
-        nodes.append(helper.make_node("Abs", [t], [a], name=f"__calib_Abs_{i}"))
-        nodes.append(helper.make_node("ReduceMax", [a], [m], keepdims=0, name=f"__calib_ReduceMax_{i}"))
-        outs.append((m, t))
+        out = f"__calib_{prefix}_{i}"
+        src = t
+        if reduce:
+            nodes.append(helper.make_node("Abs", [t], [f"{out}_abs"], name=f"__calib_Abs_{prefix}_{i}"))
+            nodes.append(helper.make_node("ReduceMax", [f"{out}_abs"], [f"{out}_max"], keepdims=0,
+                                          name=f"__calib_ReduceMax_{prefix}_{i}"))
+            src = f"{out}_max"
+        nodes.append(helper.make_node("Cast", [src], [out], to=TensorProto.FLOAT, name=f"__calib_Cast_{prefix}_{i}"))
+        outs.append(out)
     return nodes, outs
 
 
@@ -318,42 +292,111 @@ def _mse_clip(hist: np.ndarray, edges: np.ndarray, precision: str) -> float:
     return best
 
 
+def _clip(hist: np.ndarray, amax: float, method: str, percentile: float, precision: str) -> float:
+    edges = np.linspace(0.0, max(amax, 1e-12), BINS + 1)
+    if method == "percentile":
+        cdf = np.cumsum(hist) / max(hist.sum(), 1.0)
+        k = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(edges[min(k + 1, BINS)])
+    return _mse_clip(hist, edges, precision)
+
+
+class _Feeds:
+    """Each sample's inputs of the part being measured: graph inputs from the recording, the rest from the spill."""
+
+    def __init__(self, data: CalibData, spill):
+        self.data, self.spill = data, spill
+
+    def __call__(self, sample: int, names: list[str]) -> dict:
+        graph = self.data.feeds(sample)
+        return {n: graph[n] if n in graph else self.spill.get(sample, n) for n in names}
+
+
+def _input_dims(feeds, names: list[str], indices: list[int]) -> dict[str, list]:
+    """Each input's dims as the samples show them: a dim equal in the first and the last sample is static
+    (OpenVINO's CPU plugin needs ranks and reshapes it can infer), others dynamic."""
+    first, last = feeds(indices[0], names), feeds(indices[-1], names)
+    return {n: [a if a == b else None for a, b in zip(first[n].shape, last[n].shape)]
+            if first[n].ndim == last[n].ndim else [None] * first[n].ndim for n in names}
+
+
+def _whole(model):
+    from sd3trt.engines.calib_blocks import Part
+
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    nodes = list(g.node)
+    return [Part(0, nodes, [i.name for i in g.input if i.name not in inits], [],
+                 {i for n in nodes for i in n.input if i})]
+
+
 def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices: list[int], method: str = "max",
                       percentile: float = 99.99, precision: str = "int8", threads: int = 0,
-                      max_tensors_per_pass: int = 32, log: Callable[[str], None] = print) -> dict[str, float]:
-    """tensor name -> absolute range to quantize it with (see the module docstring for the methods)."""
+                      max_tensors_per_pass: int = 32, log: Callable[[str], None] = print, backend=None,
+                      blocks: bool = False, work_dir: Path | None = None) -> dict[str, float]:
+    """tensor name -> absolute range to quantize it with (see the module docstring for the methods).
+    backend: a calib_backends.Backend (default ONNX Runtime CPU); blocks: measure one transformer block at a
+    time, each sample's block inputs spilled to `work_dir` (calib_blocks.py), the same ranges in bounded memory."""
+    import onnx
+
+    from sd3trt.engines.calib_backends import Backend
+    from sd3trt.engines.calib_blocks import Spill, cut, part_model
+
     if method not in METHODS:
         raise Sd3trtError(f"unknown calibration method {method!r}; use {', '.join(METHODS)}")
     if not indices:
         raise Sd3trtError("no calibration inputs to measure ranges on; use more --calib-prompts")
     if not 50.0 < percentile <= 100.0:
         raise Sd3trtError(f"--percentile {percentile} must be in (50, 100]")
-    nodes, outs = _absmax_nodes(taps)
-    sess = _TappedSession(onnx_path, outs, nodes, threads)
-    amax = dict.fromkeys(taps, 0.0)
-    for i in indices:
-        for (_, t), v in zip(outs, sess.run(data.feeds(i))):
-            amax[t] = max(amax[t], float(v))
-    del sess
-    if method == "max":
-        return amax
-    ranges = {}
-    for start in range(0, len(taps), max_tensors_per_pass):
-        group = taps[start:start + max_tensors_per_pass]
-        sess = _TappedSession(onnx_path, [(t, t) for t in group], threads=threads)
+    onnx_path = Path(onnx_path)
+    backend = backend or Backend("onnxruntime", "fp32", threads)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    parts = cut(model) if blocks else _whole(model)
+    spill = Spill(Path(tempfile.mkdtemp(dir=work_dir or onnx_path.parent, prefix=".calib-blocks-")))
+    feeds = _Feeds(data, spill)
+    amax, ranges, todo = dict.fromkeys(taps, 0.0), {}, list(dict.fromkeys(taps))
+    try:
+        for part in parts:
+            mine = [t for t in todo if t in part.reads]
+            todo = [t for t in todo if t not in mine]
+            dims = _input_dims(feeds, part.inputs, indices)
+            nodes, outs = _measure_nodes(mine, "amax", reduce=True)
+            run = backend.open(part_model(model, part, outs, nodes, dims), onnx_path.parent, part.outputs + outs)
+            for i in indices:
+                got = run(feeds(i, part.inputs))
+                for name, value in zip(part.outputs, got):
+                    spill.put(i, name, value)
+                for t, v in zip(mine, got[len(part.outputs):]):
+                    amax[t] = max(amax[t], float(v))
+            del run
+            if method != "max":
+                ranges.update(_histogram_ranges(model, part, mine, amax, feeds, indices, backend, onnx_path.parent,
+                                                dims, method, percentile, precision, max_tensors_per_pass))
+            for name in part.inputs:
+                if not any(name in q.inputs for q in parts[part.index + 1:]):
+                    spill.drop(name)
+            if len(parts) > 1:
+                log(f"calibration: part {part.index + 1}/{len(parts)} measured ({len(mine)} tensors)")
+    finally:
+        spill.close()
+    return amax if method == "max" else ranges
+
+
+def _histogram_ranges(model, part, taps, amax, feeds, indices, backend, base_dir, dims, method, percentile,
+                      precision, per_pass) -> dict[str, float]:
+    """The second pass of percentile / mse: histograms of |x| over [0, amax] of each tap, `per_pass` at a time."""
+    from sd3trt.engines.calib_blocks import part_model
+
+    out = {}
+    for start in range(0, len(taps), per_pass):
+        group = taps[start:start + per_pass]
+        nodes, outs = _measure_nodes(group, "raw", reduce=False)
+        no_outputs = type(part)(part.index, part.nodes, part.inputs, [], part.reads)
+        run = backend.open(part_model(model, no_outputs, outs, nodes, dims), base_dir, outs)
         hists = {t: np.zeros(BINS, np.float64) for t in group}
         for i in indices:
-            for t, v in zip(group, sess.run(data.feeds(i))):
+            for t, v in zip(group, run(feeds(i, part.inputs))):
                 hists[t] += np.histogram(np.abs(v), bins=BINS, range=(0.0, max(amax[t], 1e-12)))[0]
-        del sess
-        for t in group:
-            edges = np.linspace(0.0, max(amax[t], 1e-12), BINS + 1)
-            if method == "percentile":
-                cdf = np.cumsum(hists[t]) / max(hists[t].sum(), 1.0)
-                k = int(np.searchsorted(cdf, percentile / 100.0))
-                ranges[t] = float(edges[min(k + 1, BINS)])
-            else:
-                ranges[t] = _mse_clip(hists[t], edges, precision)
-        if len(taps) > max_tensors_per_pass:
-            log(f"calibration: ranges for {min(start + max_tensors_per_pass, len(taps))}/{len(taps)} tensors")
-    return ranges
+        del run
+        out.update({t: _clip(hists[t], amax[t], method, percentile, precision) for t in group})
+    return out
