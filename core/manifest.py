@@ -23,7 +23,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from sd3trt import precision as precision_words
 from sd3trt.errors import Sd3trtError
@@ -33,7 +33,7 @@ from sd3trt.spec import ModelFacts
 FORMAT = "sd3trt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest)
+LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest, commit_entry)
 QUANTIZED = "quantized"  # manifest section of quantized graphs, keyed by quantized_key()
 CPU_GATES = "cpu_gates"  # manifest section of `sd3trt gate` records (runtime/cpu_precision.py); lists no files
 STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
@@ -55,6 +55,10 @@ def _manifest_lock(root: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _read_manifest(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
     """The one way manifest.json is written: under the bundle's lock, read it ({} when there is none yet),
     apply `change` (which edits the dict in place or returns a new one), write it back atomically.
@@ -62,7 +66,7 @@ def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
     root = Path(root)
     with _manifest_lock(root):
         path = root / MANIFEST
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = _read_manifest(path)
         new = change(data)
         data = data if new is None else new
         write_json_atomic(path, data)
@@ -79,6 +83,42 @@ def set_entry(root: Path, section: str, name: str, entry: dict | None) -> dict:
             part[name] = entry
 
     return update_manifest(root, change)
+
+
+def commit_entry(root: Path, section: str, key: str, staged_files: Mapping[str, Path | None],
+                 entry: dict | Callable[[dict | None], dict]) -> dict:
+    """Put an entry's files into place and list them in manifest[section][key]; returns the entry written.
+
+    staged_files: bundle-relative path -> the file to move there (os.replace: the same filesystem, e.g. a
+    temp directory inside the bundle), that path itself when the file is already in place, or None to delete
+    the file there (a leftover the new entry no longer has). entry: the new entry, or a function of the one
+    listed now (None when none) that returns it, for a writer that merges. The entry's "files" is the sha256
+    of every staged file, over the digests the entry already lists (files hashed when written, e.g. engines).
+
+    Staged files are hashed first, outside the lock. Then, under the lock: when any file moves or goes, the
+    old entry is unlisted first (the manifest never names a file in flux), the files move, and the new entry
+    is listed; otherwise one read-modify-write. Concurrent writers serialize; none loses another's entry."""
+    root = Path(root)
+    digests = {rel: sha256_file(src) for rel, src in staged_files.items() if src is not None}
+    moves = {rel: src for rel, src in staged_files.items() if src is None or Path(src) != root / rel}
+    with _manifest_lock(root):
+        path = root / MANIFEST
+        data = _read_manifest(path)
+        previous = data.get(section, {}).get(key)
+        if moves and previous is not None:
+            del data[section][key]
+            write_json_atomic(path, data)
+        for rel, src in moves.items():
+            if src is None:
+                (root / rel).unlink(missing_ok=True)
+            else:
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, root / rel)
+        new = dict(entry(previous) if callable(entry) else entry)
+        new["files"] = dict(sorted({**new.get("files", {}), **digests}.items()))
+        data.setdefault(section, {})[key] = new
+        write_json_atomic(path, data)
+        return new
 
 
 def quantized_key(precision: str, component: str = "transformer") -> str:
