@@ -224,7 +224,7 @@ def _maybe_quantize(cfg: BenchConfig, bundle: Path) -> None:
 def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     """--quantize with OpenVINO systems on a bf16 CPU: run `sd3trt gate` when a graph of the bundle has no verdict
     on its present file (a re-quantized graph's old verdict does not count)."""
-    from sd3trt.manifest import CPU_GATES, load_bundle
+    from sd3trt.manifest import load_bundle
 
     data = load_bundle(bundle)
     if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm._openvino_skip(
@@ -234,7 +234,7 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
     from sd3trt.runtime.ov_runner import cpu_has_bf16
 
-    record = data.data.get(CPU_GATES, {}).get(GATE_KEY, {}).get("graphs", {})
+    record = data.cpu_gate(GATE_KEY).get("graphs", {})
     shas = {key: graph_key(data, component, path)[1] for key, (component, path) in graphs_of(data).items()}
     if not cpu_has_bf16() or all(record.get(key, {}).get("sha256") == sha for key, sha in shas.items()):
         return

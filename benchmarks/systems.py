@@ -135,7 +135,7 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
             return "TensorRT needs an NVIDIA GPU and none is present on this machine"
         if not (_has("tensorrt") or _has("tensorrt_rtx")):
             return "neither tensorrt nor tensorrt_rtx is installed (pip install -e '.[engines]')"
-        if not bundle.data.get("engines"):
+        if not bundle.engine_builds():
             return f"the bundle has no TensorRT engines; build them with `sd3trt build --bundle {bundle.root}`"
     return None
 

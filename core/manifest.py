@@ -23,7 +23,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from sd3trt import precision as precision_words
 from sd3trt.errors import Sd3trtError
@@ -33,7 +33,8 @@ from sd3trt.spec import ModelFacts
 FORMAT = "sd3trt-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest)
+LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest, commit_entry)
+ENGINES = "engines"  # manifest section of engine builds, keyed by build name (`sd3trt build`, `sd3trt refit`)
 QUANTIZED = "quantized"  # manifest section of quantized graphs, keyed by quantized_key()
 CPU_GATES = "cpu_gates"  # manifest section of `sd3trt gate` records (runtime/cpu_precision.py); lists no files
 STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
@@ -55,6 +56,10 @@ def _manifest_lock(root: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _read_manifest(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
     """The one way manifest.json is written: under the bundle's lock, read it ({} when there is none yet),
     apply `change` (which edits the dict in place or returns a new one), write it back atomically.
@@ -62,7 +67,7 @@ def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
     root = Path(root)
     with _manifest_lock(root):
         path = root / MANIFEST
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = _read_manifest(path)
         new = change(data)
         data = data if new is None else new
         write_json_atomic(path, data)
@@ -81,12 +86,78 @@ def set_entry(root: Path, section: str, name: str, entry: dict | None) -> dict:
     return update_manifest(root, change)
 
 
+def commit_entry(root: Path, section: str, key: str, staged_files: Mapping[str, Path | None],
+                 entry: dict | Callable[[dict | None], dict]) -> dict:
+    """Put an entry's files into place and list them in manifest[section][key]; returns the entry written.
+
+    staged_files: bundle-relative path -> the file to move there (os.replace: the same filesystem, e.g. a
+    temp directory inside the bundle), that path itself when the file is already in place, or None to delete
+    the file there (a leftover the new entry no longer has). entry: the new entry, or a function of the one
+    listed now (None when none) that returns it, for a writer that merges. The entry's "files" is the sha256
+    of every staged file, over the digests the entry already lists (files hashed when written, e.g. engines).
+
+    Staged files are hashed first, outside the lock. Then, under the lock: when any file moves or goes, the
+    old entry is unlisted first (the manifest never names a file in flux), the files move, and the new entry
+    is listed; otherwise one read-modify-write. Concurrent writers serialize; none loses another's entry."""
+    root = Path(root)
+    digests = {rel: sha256_file(src) for rel, src in staged_files.items() if src is not None}
+    moves = {rel: src for rel, src in staged_files.items() if src is None or Path(src) != root / rel}
+    with _manifest_lock(root):
+        path = root / MANIFEST
+        data = _read_manifest(path)
+        previous = data.get(section, {}).get(key)
+        if moves and previous is not None:
+            del data[section][key]
+            write_json_atomic(path, data)
+        for rel, src in moves.items():
+            if src is None:
+                (root / rel).unlink(missing_ok=True)
+            else:
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, root / rel)
+        new = dict(entry(previous) if callable(entry) else entry)
+        new["files"] = dict(sorted({**new.get("files", {}), **digests}.items()))
+        data.setdefault(section, {})[key] = new
+        write_json_atomic(path, data)
+        return new
+
+
 def quantized_key(precision: str, component: str = "transformer") -> str:
     return f"{component}.{precision}"
 
 
 def _quantize_flag(component: str) -> str:
     return "" if component == "transformer" else f" --component {component}"
+
+
+def entry_file(entry: dict) -> str:
+    """The graph a component or quantized entry names, relative to the bundle."""
+    return entry["file"]
+
+
+def entry_files(entry: dict) -> dict[str, str]:
+    """The files an entry lists (relative path -> sha256), sorted."""
+    return dict(sorted(entry.get("files", {}).items()))
+
+
+def entry_sha256(entry: dict) -> str | None:
+    """The sha256 the entry lists for its own graph (entry["file"]) of a component or quantized entry."""
+    return entry.get("files", {}).get(entry_file(entry))
+
+
+def build_precisions(entry: dict) -> tuple[str, str]:
+    """(transformer precision, precision of the other engines, the VAE's among them) of an engine build's entry."""
+    return entry.get("transformer_precision") or entry.get("precision"), entry.get("precision")
+
+
+def build_option(entry: dict, option: str):
+    """One of the build options an engine build (or an engine's metadata) records; None when absent."""
+    return entry.get("options", {}).get(option)
+
+
+def build_components(entry: dict) -> dict[str, dict]:
+    """component -> {"engine", "metadata", "engine_sha256", "precision", ...} of an engine build's entry."""
+    return entry.get("components", {})
 
 
 @dataclass
@@ -106,8 +177,32 @@ class Bundle:
     def scheduler_config(self) -> dict:
         return self.data["scheduler"]
 
+    @property
+    def opset(self) -> int:
+        return self.data.get("opset", 17)
+
+    @property
+    def loras(self) -> list:
+        """The LoRAs fused into the exported weights, in order (their records)."""
+        return self.data.get("loras", [])
+
     def has(self, component: str) -> bool:
         return component in self.data["components"]
+
+    def component_names(self) -> list[str]:
+        return list(self.data["components"])
+
+    def components(self) -> dict[str, dict]:
+        """name -> manifest entry of every exported component."""
+        return dict(self.data["components"])
+
+    def tokenizer_names(self) -> list[str]:
+        return list(self.data["tokenizers"])
+
+    def source_record(self, component: str) -> dict:
+        """{"file", "sha256"} of the component's exported graph: what a graph derived from it records."""
+        entry = self.component(component)
+        return {"file": entry["file"], "sha256": entry_sha256(entry)}
 
     def component(self, name: str) -> dict:
         if name not in self.data["components"]:
@@ -123,14 +218,23 @@ class Bundle:
     def tokenizer_dir(self, name: str) -> Path:
         return self.path(self.data["tokenizers"][name]["dir"])
 
+    def engine_builds(self) -> dict[str, dict]:
+        """name -> manifest entry of every engine build (written by `sd3trt build` and `sd3trt refit`)."""
+        return dict(self.data.get(ENGINES) or {})
+
     def engine_build(self, name: str) -> dict:
         """The manifest entry of engine build `name` (written by `sd3trt build`)."""
-        builds = self.data.get("engines", {})
+        builds = self.engine_builds()
         if name not in builds:
             have = ", ".join(sorted(builds)) or "none"
             raise Sd3trtError(f"bundle {self.root} has no engine build {name!r} (it has: {have}); create it with "
                               f"`sd3trt build --bundle {self.root} --name {name}`")
         return builds[name]
+
+    def engine_files(self, build_entry: dict, component: str) -> tuple[Path, Path] | None:
+        """(engine, metadata) paths of `component` in an engine build's entry; None when it has no such engine."""
+        comp = build_components(build_entry).get(component)
+        return None if comp is None else (self.path(comp["engine"]), self.path(comp["metadata"]))
 
     def quantized_entry(self, precision: str, component: str = "transformer") -> dict:
         """The entry of the bundle's `precision` `component` graph (written by `sd3trt quantize`); an
@@ -141,8 +245,7 @@ class Bundle:
         entry = self.data.get(QUANTIZED, {}).get(quantized_key(precision, component))
         if entry is None:
             raise Sd3trtError(f"bundle {self.root} has no {precision} {component}; create it with {fix}")
-        src = self.component(component)
-        if entry["source"]["sha256"] != src["files"].get(src["file"]):
+        if entry["source"]["sha256"] != entry_sha256(self.component(component)):
             raise Sd3trtError(f"the {precision} {component} of {self.root} was made from an earlier export; re-run {fix}")
         return entry
 
@@ -159,10 +262,23 @@ class Bundle:
     def quantized_path(self, precision: str, component: str = "transformer") -> Path:
         return self.path(self.quantized_entry(precision, component)["file"])
 
+    def quantized_graphs(self) -> dict[str, tuple[str, str, Path, str | None]]:
+        """quantized key -> (component, precision, path, sha256) of every graph `sd3trt quantize` listed, current
+        or not (quantized_entry checks that one was made from the present export)."""
+        out = {}
+        for key, entry in self.data.get(QUANTIZED, {}).items():
+            component, precision = key.split(".", 1)
+            out[key] = (component, precision, self.path(entry["file"]), entry_sha256(entry))
+        return out
+
+    def cpu_gate(self, key: str) -> dict:
+        """The record `sd3trt gate` wrote under manifest[CPU_GATES][key]; {} when none."""
+        return self.data.get(CPU_GATES, {}).get(key) or {}
+
     def all_files(self) -> dict[str, str]:
         """Every file the manifest lists, relative path -> sha256."""
         files = {}
-        for section in ("components", "tokenizers", "engines", QUANTIZED):
+        for section in ("components", "tokenizers", ENGINES, QUANTIZED):
             for entry in self.data.get(section, {}).values():
                 files.update(entry.get("files", {}))
         return files

@@ -33,7 +33,7 @@ from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, l
 from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
-from sd3trt.manifest import load_bundle, update_manifest
+from sd3trt.manifest import ENGINES, build_components, commit_entry, entry_file, entry_files, load_bundle
 from sd3trt.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.runtime.flavour import Flavour, load_flavour
 from sd3trt.sizes import parse_size
@@ -132,12 +132,11 @@ def component_source(bundle, component: str, precision: str, low: str | None = N
         low = low_type(bundle, low)
         if component == "transformer":
             q = bundle.quantized_entry(precision)  # refuses a missing or stale quantized graph, naming the fix
-            return Source(component, precision, f"quantized ({low} elsewhere)", q["file"], bundle.path(q["file"]),
-                          dict(sorted(q["files"].items())), q, low)
+            return Source(component, precision, f"quantized ({low} elsewhere)", entry_file(q),
+                          bundle.path(entry_file(q)), entry_files(q), q, low)
         precision = low
     how = check_precision(bundle.dtype, precision)
-    return Source(component, precision, how, entry["file"], bundle.onnx_path(component),
-                  dict(sorted(entry["files"].items())))
+    return Source(component, precision, how, entry_file(entry), bundle.onnx_path(component), entry_files(entry))
 
 
 def make_logger(trt):
@@ -414,25 +413,22 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
     if timing_cache is not None:
         write_bytes_atomic(opts.timing_cache, bytes(memoryview(timing_cache.serialize())))
 
-    def merge(manifest: dict) -> None:  # into the manifest as it is now: another build may have landed meanwhile
-        engines = manifest.setdefault("engines", {})
-        previous = engines.get(name, {})
-        components = {c: v for c, v in previous.get("components", {}).items() if c not in metas and bundle.has(c)}
-        for c, m in metas.items():
-            components[c] = {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json",
-                             "engine_sha256": m["engine_sha256"], "precision": m["precision"],
-                             "precision_source": m["precision_source"]}
-        files = {}
-        for c, v in components.items():
-            files[v["engine"]] = v["engine_sha256"]
-            files[v["metadata"]] = sha256_file(bundle.root / v["metadata"])
-        engines[name] = {
+    built = {c: {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json", "engine_sha256": m["engine_sha256"],
+                 "precision": m["precision"], "precision_source": m["precision_source"]} for c, m in metas.items()}
+
+    def merge(previous: dict | None) -> dict:  # with the entry as it is now: another build may have landed meanwhile
+        kept = {c: v for c, v in build_components(previous or {}).items() if c not in metas and bundle.has(c)}
+        components = {**kept, **built}
+        files = {v["engine"]: v["engine_sha256"] for v in components.values()}
+        files.update({v["metadata"]: sha256_file(bundle.root / v["metadata"]) for v in kept.values()})
+        return {
             "precision": opts.precision, "flavour": fl.name, "tensorrt_version": fl.version, "target": target,
             "request": opts.request.to_dict(bundle.facts), "options": metas[wanted[0]]["options"] if wanted else {},
-            "components": dict(sorted(components.items())), "files": dict(sorted(files.items())),
+            "components": dict(sorted(components.items())), "files": files,
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
-    entry = update_manifest(bundle.root, merge)["engines"][name]
+    in_place = {v["metadata"]: bundle.root / v["metadata"] for v in built.values()}
+    entry = commit_entry(bundle.root, ENGINES, name, in_place, merge)
     log(f"build {name!r} done in {time.perf_counter() - t0:.1f} s; manifest updated")
     return entry

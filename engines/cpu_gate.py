@@ -23,7 +23,7 @@ import numpy as np
 
 from sd3trt.engines.accuracy import GATE, gate, psnr_db, ssim, summary
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import CPU_GATES, QUANTIZED, load_bundle, update_manifest
+from sd3trt.manifest import CPU_GATES, load_bundle, set_entry
 from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
 
 
@@ -44,10 +44,8 @@ class GateSettings:
 
 def graphs_of(bundle) -> dict[str, tuple[str, Path]]:
     """{gate key: (component, ONNX path)} of every graph the bundle has: its own and its quantized ones."""
-    out = {name: (name, bundle.onnx_path(name)) for name in bundle.data["components"]}
-    for entry_key, entry in bundle.data.get(QUANTIZED, {}).items():
-        component = entry_key.split(".")[0]
-        path = bundle.path(entry["file"])
+    out = {name: (name, bundle.onnx_path(name)) for name in bundle.component_names()}
+    for component, _precision, path, _sha256 in bundle.quantized_graphs().values():
         key = graph_key(bundle, component, path)
         if key is not None:
             out[key[0]] = (component, path)
@@ -125,7 +123,7 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
     record = {"openvino": openvino_version(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "thresholds": dict(GATE), "settings": asdict(settings), "graphs": verdicts, "together": together,
               "seconds": round(time.perf_counter() - t0, 1)}
-    update_manifest(Path(root), lambda data: data.setdefault(CPU_GATES, {}).__setitem__(GATE_KEY, record))
+    set_entry(Path(root), CPU_GATES, GATE_KEY, record)
     return record
 
 

@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
-from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
+from sd3trt.files import write_bytes_atomic, write_json_atomic
 from sd3trt.lora import read_loras
-from sd3trt.manifest import load_bundle, update_manifest
+from sd3trt.manifest import ENGINES, build_components, build_option, commit_entry, entry_file, entry_sha256, load_bundle
 from sd3trt.runtime import lora as lora_runtime
 
 
@@ -38,15 +38,15 @@ class RefitPlan:
 
 
 def _pick_build(bundle, build: str | None) -> tuple[str, dict]:
-    builds = bundle.data.get("engines", {})
+    builds = bundle.engine_builds()
     if build is None:
-        refittable = sorted(n for n, e in builds.items() if e.get("options", {}).get("refit"))
+        refittable = sorted(n for n, e in builds.items() if build_option(e, "refit"))
         if not refittable:
             raise Sd3trtError(f"bundle {bundle.root} has no engine build made with --refit; build one with "
                               f"`sd3trt build --bundle {bundle.root} --precision fp16 --refit` (on a GPU machine)")
         build = max(refittable, key=lambda n: builds[n].get("built_at", ""))
     entry = bundle.engine_build(build)
-    if not entry.get("options", {}).get("refit"):
+    if not build_option(entry, "refit"):
         raise Sd3trtError(f"engine build {build!r} was not built with --refit; rebuild it with `sd3trt build ... "
                           "--refit`, or fuse the LoRA at export (`sd3trt export --lora`) and build again")
     return build, entry
@@ -61,15 +61,16 @@ def refit_plan(bundle_dir: Path, loras, build: str | None = None) -> RefitPlan:
     build, entry = _pick_build(bundle, build)
     touched = sorted({c for lora in loras for c in lora.modules})
     for c in touched:
-        if c not in entry["components"]:
+        files = bundle.engine_files(entry, c)
+        if files is None:
             raise Sd3trtError(f"engine build {build!r} has no {c} engine, which the LoRA changes")
-        meta = json.loads(bundle.path(entry["components"][c]["metadata"]).read_text())
-        own = bundle.component(c) if bundle.has(c) else {}
-        if meta.get("precision_source") != "as-exported" or meta["source_onnx"]["file"] != own.get("file"):
+        meta = json.loads(files[1].read_text())
+        own = bundle.component(c) if bundle.has(c) else None
+        if meta.get("precision_source") != "as-exported" or own is None or meta["source_onnx"]["file"] != entry_file(own):
             raise Sd3trtError(f"the {c} engine of build {build!r} was made from a {meta.get('precision_source')} graph "
                               "whose weights are not the bundle's; fuse the LoRA before quantizing or converting: "
                               "`sd3trt export --lora PATH[:SCALE]`, then quantize/build again")
-        if meta["source_onnx"]["sha256"] != own["files"].get(own["file"]):
+        if meta["source_onnx"]["sha256"] != entry_sha256(own):
             raise Sd3trtError(f"the {c} engine of build {build!r} was built from an earlier export; rebuild it")
     _, weights = lora_runtime.overrides(bundle, loras, {c: bundle.onnx_path(c) for c in touched})
     return RefitPlan(build, weights, loras)
@@ -102,12 +103,13 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
     out_dir = bundle.root / "engines" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     components = {}
-    for c, v in src["components"].items():
-        meta = json.loads(bundle.path(v["metadata"]).read_text())
+    for c, v in build_components(src).items():
+        engine_path, meta_path = bundle.engine_files(src, c)
+        meta = json.loads(meta_path.read_text())
         engine_rel, meta_rel = f"engines/{name}/{c}.engine", f"engines/{name}/{c}.json"
         if c in plan.weights:
             runtime = trt.Runtime(logger)
-            engine = runtime.deserialize_cuda_engine(bundle.path(v["engine"]).read_bytes())
+            engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
             refitter = trt.Refitter(engine, logger)
             check_refittable(plan, c, {n: None for n in refitter.get_all_weights()})
             for wname, arr in plan.weights[c].items():
@@ -121,23 +123,16 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
                         build=name, loras=[lora.record() for lora in plan.loras if c in lora.modules])
             log(f"{c}: refit {len(plan.weights[c])} weight(s) into {engine_rel}")
         else:
-            shutil.copyfile(bundle.path(v["engine"]), bundle.root / engine_rel)
+            shutil.copyfile(engine_path, bundle.root / engine_rel)
             meta.update(engine=engine_rel, build=name)
         write_json_atomic(bundle.root / meta_rel, meta)
         components[c] = {**v, "engine": engine_rel, "metadata": meta_rel, "engine_sha256": meta["engine_sha256"]}
 
-    def merge(manifest: dict) -> None:
-        files = {}
-        for v in components.values():
-            files[v["engine"]] = v["engine_sha256"]
-            files[v["metadata"]] = sha256_file(bundle.root / v["metadata"])
-        manifest.setdefault("engines", {})[name] = {
-            **src, "components": components, "files": dict(sorted(files.items())), "refit_from": plan.build,
-            "loras": [lora.record() for lora in plan.loras],
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-
-    return update_manifest(bundle.root, merge)["engines"][name]
+    entry = {**src, "components": components, "files": {v["engine"]: v["engine_sha256"] for v in components.values()},
+             "refit_from": plan.build, "loras": [lora.record() for lora in plan.loras],
+             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    in_place = {v["metadata"]: bundle.root / v["metadata"] for v in components.values()}
+    return commit_entry(bundle.root, ENGINES, name, in_place, entry)
 
 
 def _refit_command(a) -> None:

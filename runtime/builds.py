@@ -17,15 +17,11 @@ from typing import Mapping
 
 from sd3trt import precision
 from sd3trt.errors import Sd3trtError
+from sd3trt.manifest import build_precisions
 from sd3trt.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
 from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, request_dims
 
 ENV_BUILD = "SD3TRT_ENGINE_BUILD"  # which engines/<build> to use when a bundle holds several
-
-
-def build_precisions(entry: dict) -> tuple[str, str]:
-    """(transformer precision, precision of the other engines, the VAE's among them) of a build entry."""
-    return entry.get("transformer_precision") or entry.get("precision"), entry.get("precision")
 
 
 def _flavour_installed(name: str) -> bool:
@@ -43,7 +39,7 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
         precision.check(transformer_precision, precision.ENGINE, "transformer precision")
     if vae_precision is not None:
         precision.check(vae_precision, precision.FLOATS, "VAE engine precision")
-    engines = bundle.data.get("engines") or {}
+    engines = bundle.engine_builds()
     if not engines:
         raise Sd3trtError(
             f"bundle {bundle.root} has no TensorRT engines; build them with "
@@ -83,13 +79,13 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
 
 
 def read_metadata(bundle, build: str, entry: dict, component: str) -> dict:
-    comp = entry.get("components", {}).get(component)
-    if comp is None:
+    files = bundle.engine_files(entry, component)
+    if files is None:
         raise Sd3trtError(
             f"engine build {build!r} has no {component} engine; run `sd3trt build --bundle {bundle.root} "
             f"--name {build} --components {component}` with the build's options"
         )
-    path = bundle.path(comp["metadata"])
+    path = files[1]
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -102,7 +98,7 @@ def check_request(bundle, height: int, width: int, num_images: int = 1, cfg: boo
     Returns the build name. Needs no GPU."""
     name, entry = select_build(bundle, build)
     facts = bundle.facts
-    for component in [c for c in COMPONENTS if c in bundle.data["components"]]:
+    for component in [c for c in COMPONENTS if bundle.has(c)]:
         meta = read_metadata(bundle, name, entry, component)
         batch = 1 if component in SINGLE_BATCH else num_images * (2 if cfg and component == "transformer" else 1)
         dims = request_dims(facts, batch, height, width, t5_seq)
@@ -138,7 +134,7 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
         if word is not None and word not in allowed:
             raise Sd3trtError(f"the {backend} backend runs the {what} in {' or '.join(allowed)}; {word} is a "
                               f"TensorRT engine precision: use --backend tensorrt and `sd3trt build --precision {word}`")
-    chosen = {name: bundle.onnx_path(name) for name in bundle.data["components"]}
+    chosen = {name: bundle.onnx_path(name) for name in bundle.component_names()}
     if transformer not in (None, "fp32"):
         chosen["transformer"] = bundle.quantized_path(transformer)
     if vae not in (None, "fp32"):  # the VAE parts the bundle has in int8 (the encoder may have failed its gate)

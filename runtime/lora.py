@@ -39,7 +39,7 @@ def delta(lora: LoraFile, component: str, module: str) -> np.ndarray:
 def weight_maps(bundle) -> dict[str, dict | None]:
     """component -> its recorded weight map (None when the export recorded none), for the bundle's components."""
     maps = {}
-    for comp, entry in bundle.data["components"].items():
+    for comp, entry in bundle.components().items():
         rel = entry.get(LORA_MAP_KEY)
         maps[comp] = json.loads(bundle.path(rel).read_text()) if rel else None
     return maps

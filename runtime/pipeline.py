@@ -105,7 +105,7 @@ class Img2Img:
         self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
-        dirs = {n: bundle.tokenizer_dir(n) for n in bundle.data["tokenizers"]}
+        dirs = {n: bundle.tokenizer_dir(n) for n in bundle.tokenizer_names()}
         self.prompts = PromptEncoder(self.facts, dirs, self._pool.get,
                                      plans.check_int(prompt_cache, "prompt_cache", 0))
 
@@ -149,7 +149,7 @@ class Img2Img:
 
     def load_all(self) -> None:
         """Load every engine now (servers do this at start; the first request is then not slower)."""
-        for name in self.bundle.data["components"]:
+        for name in self.bundle.component_names():
             self._pool.get(name)
 
     def clear_prompt_cache(self) -> None:

@@ -150,7 +150,7 @@ class TrtRunner(Runner):
     def from_bundle(cls, bundle, name: str, build: str | None = None, **kw) -> "TrtRunner":
         build_name, entry = select_build(bundle, build)
         meta = read_metadata(bundle, build_name, entry, name)
-        engine_path = bundle.path(entry["components"][name]["engine"])
+        engine_path = bundle.engine_files(entry, name)[0]
         kw.setdefault("runtime_cache", runtime_cache_path(engine_path, meta))
         for key, value in env_options(name, meta).items():
             kw.setdefault(key, value)
