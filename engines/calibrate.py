@@ -4,14 +4,17 @@
     fit, held_out = data.split()                               # the last `holdout` prompts judge accuracy
     amax = activation_ranges(bundle.onnx_path("transformer"), plan.taps(), data, fit, method="max")
 
-`collect` runs `Img2Img` over a fixed set of prompts and generated pictures with the fp32 ONNX Runtime
-runners, wrapping the transformer's runner to record every call (each denoising step of each run, CFG
-batch included). Text conditioning is the same for every step of a run, so it is stored once per run.
-The cache key hashes the settings and every bundle file the runs depend on (sha256 from the manifest),
-so a re-export or other settings give a new file and an unchanged bundle reuses the old one.
+`collect` runs `Img2Img` over a fixed set of prompts (or the user's, `--calib-prompts FILE`) and generated
+pictures with the runners of a calibration backend (engines/calib_backends.py: CUDA, OpenVINO or ONNX
+Runtime, in the bundle's type or OpenVINO's bf16), wrapping the transformer's runner to record and time
+every call (each denoising step of each run, CFG batch included). Text conditioning is the same for every
+step of a run, so it is stored once per run. The cache key hashes the settings, the backend and every
+bundle file the runs depend on (sha256 from the manifest), so a re-export or other settings give a new
+file and an unchanged bundle reuses the old one.
 
-Activation ranges (absolute max per tensor, symmetric quantization) come from the fp32 transformer run
-on the recorded inputs with the measured tensors added as outputs:
+Activation ranges (absolute max per tensor, symmetric quantization) come from the bundle's transformer
+run by the backend on the recorded inputs, with the measured tensors added as outputs - the whole graph
+at once, or one transformer block at a time (engines/calib_blocks.py; the same ranges in bounded memory):
   max         the largest |x| seen (one pass; reductions happen inside the graph)
   percentile  the `percentile`-th percentile of |x| over all calibration values (a histogram pass)
   mse         the clip value minimizing the expected quantize-dequantize error of the histogram for the
@@ -73,6 +76,7 @@ class CalibSettings:
     size: int = 1024  # image side in px (capped by the model's largest side)
     seed: int = 0
     max_sequence_length: int = 256
+    prompt_texts: tuple = ()  # the user's prompts (`--calib-prompts FILE`), one a run, in place of PROMPTS
 
     def scaled(self, factor: float) -> "CalibSettings":
         """Runs and steps times `factor` (>= 2 runs with >= 1 held out, >= 2 steps); the image size is kept, as
@@ -84,6 +88,9 @@ class CalibSettings:
                                 "steps": max(2, round(self.steps * factor))})
 
     def checked(self, facts) -> "CalibSettings":
+        if self.prompt_texts and len(self.prompt_texts) != self.prompts:
+            raise Sd3trtError(f"{len(self.prompt_texts)} calibration prompts were given for {self.prompts} runs; "
+                              "give one prompt a run (or leave the run count to the prompts file)")
         if self.prompts < 2:
             raise Sd3trtError(f"--calib-prompts must be at least 2 (one to fit, one held out), got {self.prompts}")
         if not 1 <= self.holdout < self.prompts:
@@ -93,6 +100,18 @@ class CalibSettings:
         if side < facts.pixel_multiple:
             raise Sd3trtError(f"--calib-size {self.size} is smaller than {facts.pixel_multiple} px")
         return CalibSettings(**{**asdict(self), "size": side})
+
+
+def read_prompts(path) -> tuple[str, ...]:
+    """`--calib-prompts FILE`: one prompt a line (blank lines skipped), at least 2 (one fits, one is held out)."""
+    p = Path(path)
+    if not p.is_file():
+        raise Sd3trtError(f"--calib-prompts {path}: no such file; give a run count or a file with one prompt a line")
+    lines = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(lines) < 2:
+        raise Sd3trtError(f"--calib-prompts {path} has {len(lines)} prompt(s); calibration needs at least 2 (one to "
+                          "fit, one held out for the gate)")
+    return lines
 
 
 def picture(index: int, side: int):
@@ -116,7 +135,7 @@ def run_inputs(settings: CalibSettings, index: int) -> dict:
     """The img2img request of calibration run `index` (also what the accuracy gate replays)."""
     return {
         "image": picture(index, settings.size),
-        "prompt": PROMPTS[index % len(PROMPTS)],
+        "prompt": (settings.prompt_texts or PROMPTS)[index % len(settings.prompt_texts or PROMPTS)],
         "negative_prompt": NEGATIVES[index % len(NEGATIVES)],
         "strength": settings.strength, "steps": settings.steps, "guidance_scale": settings.guidance,
         "seed": settings.seed + index, "max_sequence_length": settings.max_sequence_length,
@@ -135,6 +154,8 @@ class CalibData:
     key: str = ""
     seconds: float = 0.0  # time the runs took to record
     reused: bool = False  # loaded from the cache rather than recorded now
+    call_seconds: float = 0.0  # mean time of one recorded transformer call
+    backend: str = ""  # what recorded it (calib_backends.Backend.describe())
 
     def __len__(self) -> int:
         return len(self.hidden_states)
@@ -160,7 +181,8 @@ class CalibData:
         np.savez(buf, hidden_states=self.hidden_states, timestep=self.timestep, context=self.context,
                  encoder_hidden_states=self.encoder_hidden_states, pooled_projections=self.pooled_projections,
                  run=self.run, meta=np.array(json.dumps({"format": FORMAT, "settings": self.settings, "key": self.key,
-                                                       "seconds": self.seconds})))
+                                                       "seconds": self.seconds, "call_seconds": self.call_seconds,
+                                                       "backend": self.backend})))
         write_bytes_atomic(Path(path), buf.getvalue())
 
     @classmethod
@@ -171,15 +193,17 @@ class CalibData:
                 raise ValueError("old calibration format")
             return cls(z["hidden_states"], z["timestep"], z["context"], z["encoder_hidden_states"],
                        z["pooled_projections"], z["run"], meta["settings"], meta["key"],
-                       float(meta.get("seconds", 0.0)), True)
+                       float(meta.get("seconds", 0.0)), True, float(meta.get("call_seconds", 0.0)),
+                       meta.get("backend", ""))
 
 
 class _Recorder:
-    """Wraps the transformer runner; stores what every call gets."""
+    """Wraps the transformer runner; stores what every call gets and times the calls."""
 
-    def __init__(self, inner, sink: dict):
+    def __init__(self, inner, sink: dict, timer):
         self.inner = inner
         self.sink = sink
+        self.timer = timer
 
     def run(self, feeds):
         s = self.sink
@@ -191,7 +215,10 @@ class _Recorder:
         s["t"].append(feeds["timestep"].copy())
         s["context"].append(len(s["enc"]) - 1)
         s["run"].append(s["current_run"])
-        return self.inner.run(feeds)
+        t0 = time.perf_counter()
+        out = self.inner.run(feeds)
+        self.timer.add("record", t0)
+        return out
 
     def close(self):
         self.inner.close()
@@ -200,23 +227,31 @@ class _Recorder:
         return getattr(self.inner, name)
 
 
-def cache_key(bundle, settings: CalibSettings) -> str:
+def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> str:
+    """The recording's key: settings, backend (default: what auto picks here) and the bundle's files."""
+    if backend is None:
+        from sd3trt.engines.calib_backends import choose
+
+        backend = choose("auto", bundle).describe()
     files = {}
     for section in ("components", "tokenizers"):
         for entry in bundle.data.get(section, {}).values():
             files.update(entry.get("files", {}))
     blob = json.dumps({"format": FORMAT, "settings": asdict(settings), "files": files,
-                       "scheduler": bundle.scheduler_config, "dtype": bundle.dtype}, sort_keys=True)
+                       "scheduler": bundle.scheduler_config, "dtype": bundle.dtype, "backend": backend}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path | None = None, threads: int = 0,
-            log: Callable[[str], None] = print) -> CalibData:
-    """Record the transformer's inputs over `settings.prompts` img2img runs (cached on disk)."""
+            log: Callable[[str], None] = print, backend=None) -> CalibData:
+    """Record the transformer's inputs over `settings.prompts` img2img runs (cached on disk), every component
+    run by `backend` (a calib_backends.Backend; default: what `--calib-backend auto` picks here)."""
+    from sd3trt.engines.calib_backends import choose
     from sd3trt.runtime.pipeline import Img2Img
 
+    backend = backend or choose("auto", bundle, threads)
     settings = settings.checked(bundle.facts)
-    key = cache_key(bundle, settings)
+    key = cache_key(bundle, settings, backend.describe())
     path = Path(cache_dir or bundle.root / "calibration") / f"transformer-{key[:16]}.npz"
     if path.is_file():
         try:
@@ -226,13 +261,11 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
                 return data
         except (OSError, ValueError, KeyError):
             pass  # damaged or old: record again
-    from sd3trt.runtime.runners import OrtRunner
-
     sink = {"enc": [], "pooled": [], "hidden": [], "t": [], "context": [], "run": [], "current_run": 0}
 
     def factory(name: str):
-        r = OrtRunner(name, bundle.component(name), bundle.onnx_path(name), threads=threads)
-        return _Recorder(r, sink) if name == "transformer" else r
+        r = backend.runner(name, bundle.component(name), bundle.onnx_path(name))
+        return _Recorder(r, sink, backend.timer) if name == "transformer" else r
 
     pipe = Img2Img(bundle, runner_factory=factory, threads=threads)
     t0 = time.perf_counter()
@@ -242,7 +275,8 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
         log(f"calibration: run {i + 1}/{settings.prompts} recorded ({len(sink['hidden'])} transformer calls)")
     data = CalibData(np.stack(sink["hidden"]), np.stack(sink["t"]), np.array(sink["context"], np.int32),
                      np.stack(sink["enc"]), np.stack(sink["pooled"]), np.array(sink["run"], np.int32),
-                     asdict(settings), key, round(time.perf_counter() - t0, 1))
+                     asdict(settings), key, round(time.perf_counter() - t0, 1),
+                     call_seconds=round(backend.timer.per_call().get("record", 0.0), 3), backend=backend.describe())
     data.save(path)
     return data
 

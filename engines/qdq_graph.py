@@ -62,10 +62,17 @@ DEFAULT_KEEP = (
     "norm_out.linear",  # final adaLN modulation
     "proj_out",  # final projection to patches
 )
-# FP8 follows NVIDIA's ModelOpt SD3 recipe (TensorRT demo/Diffusion): the text-stream input projection
-# `context_embedder` stays in 16-bit as well (the patch embedding is a Conv, never quantized here).
-FP8_KEEP = DEFAULT_KEEP + ("context_embedder",)
-KEEP = {"int8": DEFAULT_KEEP, "fp8": FP8_KEEP}
+# ModelOpt's default filter for diffusion transformers (its diffusers example, `filter_func_default`), as
+# module globs of SD3: the embeddings stay 16-bit (the patch embedding `pos_embed.proj` is a Conv, never
+# quantized by this pass anyway; SD3 has no `x_embedder`, other MMDiTs do).
+MODELOPT_FILTER = ("time_text_embed.*", "context_embedder", "pos_embed.*", "x_embedder*", "norm_out.*")
+# FP8 follows NVIDIA's ModelOpt SD3 recipe (TensorRT demo/Diffusion): that filter plus `proj_out` and the
+# adaLN modulations. INT8 quantizes `context_embedder` (+0.4 dB measured, docs/quantization.md).
+FP8_KEEP = DEFAULT_KEEP + tuple(p for p in MODELOPT_FILTER if p not in DEFAULT_KEEP)
+KEEP = {"int8": DEFAULT_KEEP + ("pos_embed.*", "x_embedder*"), "fp8": FP8_KEEP}
+# Blocks kept in high precision by model depth, as NVIDIA's demo does for SD3.5-Large (38 blocks): its
+# block 35. Applied on top of any keep-list by the quantizer (transformer_quant.plan).
+KEEP_BY_DEPTH = {38: ("transformer_blocks.35.*",)}
 # Quantization levels, like NVIDIA's demo: the linear layers only, or those plus the attention batched
 # matmuls (Q.K^T and P.V, with the softmax output P quantized). `sd3trt quantize` defaults to the fastest
 # level that passes the gate (transformer_quant.DEFAULT_LEVELS).
@@ -171,6 +178,16 @@ def expand_keep(patterns, names: list[str]) -> tuple[str, ...]:
         else:
             out.append(p)
     return tuple(out)
+
+
+def block_count(names) -> int:
+    """Transformer blocks among layer or node names (`transformer_blocks.<i>.` / `/transformer_blocks.<i>/`)."""
+    return len({m.group(1) for n in names if (m := re.search(r"transformer_blocks\.(\d+)[./]", n))})
+
+
+def keep_for_depth(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The blocks KEEP_BY_DEPTH keeps for a transformer of this many blocks (none for other depths)."""
+    return KEEP_BY_DEPTH.get(block_count(n.name for n in model.graph.node), ())
 
 
 def _head_dims(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """Writing a Q/DQ graph to disk one initializer at a time: peak memory is the largest weight, never the model.
 
-    files = write_streaming(qdq, source_dir, Path(tmp) / "transformer.int8.onnx")   # graph + .data
+    files = write_qdq(qdq, source_dir, Path(tmp) / "transformer.int8.onnx", external=True)   # graph + .data
 
-`qdq` is a qdq_graph.QdqGraph over a graph loaded without its external data. Each initializer is
+`qdq` is a qdq_graph.QdqGraph over a graph loaded without its external data. Streamed, each initializer is
 written to `<name>.data` in graph order: a weight of the source graph is copied byte for byte from the
 source's external data (or its inline bytes), a new quantized weight is made by its pending job just
 before it is written and dropped after. Tensors are page-aligned (consumers may mmap them); the ones under
@@ -43,6 +43,23 @@ def _point_to(t: onnx.TensorProto, location: str, offset: int, length: int) -> N
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         e = t.external_data.add()
         e.key, e.value = key, value
+
+
+def write_qdq(qdq, source_dir: Path, dest: Path, external: bool) -> list[Path]:
+    """Write `qdq.model` to `dest`, streamed to external data when `external` (a graph near or past ONNX's
+    2 GB protobuf limit), else in one file (a small graph: its weights are made in memory); returns the
+    files written."""
+    if external:
+        return write_streaming(qdq, source_dir, dest)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    load_external_data_for_model(qdq.model, str(source_dir))
+    for t in qdq.model.graph.initializer:
+        if t.name in qdq.pending:
+            t.CopyFrom(numpy_helper.from_array(qdq.pending.pop(t.name)(), t.name))
+    onnx.save_model(qdq.model, str(dest))
+    onnx.checker.check_model(str(dest))
+    return [Path(dest)]
 
 
 def write_streaming(qdq, source_dir: Path, dest: Path) -> list[Path]:
