@@ -143,6 +143,10 @@ def choose(asked: str, bundle, threads: int = 0) -> Backend:
     if asked not in NAMES:
         raise Sd3trtError(f"unknown calibration backend {asked!r}; use {', '.join(NAMES)}")
     dtype = bundle.dtype
+    if dtype == "bf16":
+        raise Sd3trtError("a bf16 bundle cannot be calibrated yet: calibration records img2img runs, and only the "
+                          "tensorrt backend runs bf16 bundles (no ONNX Runtime or OpenVINO pipeline takes them); "
+                          "re-export with --dtype fp16 (or fp32) to quantize")
     if asked == "auto":
         asked = "cuda" if _gpu_answers() else "openvino" if _openvino_installed() else "onnxruntime"
     if asked == "cuda":
@@ -150,9 +154,6 @@ def choose(asked: str, bundle, threads: int = 0) -> Backend:
             raise Sd3trtError("--calib-backend cuda needs onnxruntime-gpu and an NVIDIA GPU, and this machine has "
                               "neither working; use --calib-backend openvino or onnxruntime")
         return Backend("cuda", dtype, threads)
-    if dtype == "bf16":
-        raise Sd3trtError(f"a bf16 bundle calibrates on a GPU only (--calib-backend cuda): the CPU runtime does not run "
-                          f"bf16 bundles end to end; on this machine re-export with --dtype fp16 or fp32")
     if asked == "openvino":
         if not _openvino_installed():
             raise Sd3trtError("--calib-backend openvino needs OpenVINO: pip install -e '.[openvino]'")

@@ -151,8 +151,8 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--bundle", type=Path, required=True,
-                   help="a bundle written by `sd3trt export`: fp32 or fp16 (bf16 with --calib-backend cuda); the "
-                        "layers left unquantized keep its type (the VAE quantizer takes fp32)")
+                   help="a bundle written by `sd3trt export`, fp32 or fp16: the layers left unquantized keep its "
+                        "type (the VAE quantizer takes fp32)")
     p.add_argument("--precision", required=True, choices=words.QUANTIZED,
                    help="int8: Ampere-class GPUs and CPUs (ONNX Runtime); fp8: Ada/Hopper/Blackwell (SM 8.9+)")
     p.add_argument("--component", default="transformer", choices=("transformer", "vae_decoder", "vae_encoder"),

@@ -3,7 +3,7 @@
     entry = quantize_bundle("bundle", "int8")     # onnx/transformer.int8.onnx + manifest["quantized"]
 
 The steps, in `quantize_bundle`'s order:
-1. `resolve`: every option checked, the bundle (fp32 or fp16; bf16 on a GPU) and the calibration backend
+1. `resolve`: every option checked, the bundle (fp32 or fp16) and the calibration backend
    chosen (engines/calib_backends.py), before any work;
 2. `plan`: the layers each level quantizes (engines/qdq_graph.py, the precision's recipe), and the tensors
    whose ranges that needs;
