@@ -127,8 +127,13 @@ class Backend:
         check_session_providers(session, providers, "calibration")
         return lambda feeds: session.run(outputs, feeds)
 
-    def runner(self, name: str, entry: dict, path: Path):
-        """The runner of one bundle component for the recorded img2img runs."""
+    def runner(self, name: str, entry: dict, path: Path, blocks: bool = False):
+        """The runner of one bundle component for the recorded img2img runs; blocks: the transformer one
+        block at a time (calib_blocks.PartsRunner)."""
+        if blocks and name == "transformer":
+            from sd3trt.engines.calib_blocks import PartsRunner
+
+            return PartsRunner(name, entry, path, self)
         if self.name == "openvino":
             from sd3trt.runtime.ov_runner import OvRunner
 

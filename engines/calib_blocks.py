@@ -154,3 +154,40 @@ class Spill:
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _later_reads(parts: list[Part], index: int) -> set:
+    return set().union(*(q.reads for q in parts[index + 1:])) if index + 1 < len(parts) else set()
+
+
+class PartsRunner:
+    """A transformer runner that runs the graph one part at a time, each part's graph loaded for the call and
+    freed after it: memory holds one block's weights and one call's activations, at the cost of loading
+    every part every call. For recording and gating a transformer too large to hold whole (`blocks`)."""
+
+    def __init__(self, name: str, entry: dict, path: Path, backend):
+        import onnx
+
+        from sd3trt.runtime.runners import Runner
+
+        self._check = Runner(name, entry)  # the manifest's input checks, as every runner does them
+        self.name, self.outputs = name, self._check.outputs
+        self.path, self.backend = Path(path), backend
+        self.model = onnx.load(str(self.path), load_external_data=False)
+        self.parts = cut(self.model)
+        self._needed = [_later_reads(self.parts, p.index) | set(self.outputs) for p in self.parts]
+
+    def run(self, feeds: dict) -> dict:
+        self._check.check(feeds)
+        values = dict(feeds)
+        for part, needed in zip(self.parts, self._needed):
+            dims = {n: list(np.shape(values[n])) for n in part.inputs}
+            run = self.backend.open(part_model(self.model, part, [], [], dims), self.path.parent, part.outputs,
+                                    what="part")
+            values.update(zip(part.outputs, run({n: values[n] for n in part.inputs})))
+            del run
+            values = {n: v for n, v in values.items() if n in needed}
+        return {o: values[o] for o in self.outputs}
+
+    def close(self) -> None:
+        self.model = None

@@ -28,7 +28,7 @@ PROBE = 1024  # the probe matmul: [PROBE, PROBE] x [PROBE, PROBE]
 TEXT_TOKENS_CLIP = 77
 PER_PASS = 32  # tensors per histogram pass on the whole graph (calibrate.activation_ranges)
 BATCH_ROWS = ("norm1.linear", "norm1_context.linear", "norm_out.linear", "time_text_embed.")
-TEXT_ROWS = (".add_", "context")
+TEXT_ROWS = ("add_", "context")
 
 
 @dataclass

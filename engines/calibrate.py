@@ -243,9 +243,11 @@ def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> st
 
 
 def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path | None = None, threads: int = 0,
-            log: Callable[[str], None] = print, backend=None) -> CalibData:
+            log: Callable[[str], None] = print, backend=None, blocks: bool = False) -> CalibData:
     """Record the transformer's inputs over `settings.prompts` img2img runs (cached on disk), every component
-    run by `backend` (a calib_backends.Backend; default: what `--calib-backend auto` picks here)."""
+    run by `backend` (a calib_backends.Backend; default: what `--calib-backend auto` picks here). blocks: the
+    transformer run one block at a time and each component released after use (bounded memory; the same
+    inputs recorded, so the same cache)."""
     from sd3trt.engines.calib_backends import choose
     from sd3trt.runtime.pipeline import Img2Img
 
@@ -264,10 +266,10 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
     sink = {"enc": [], "pooled": [], "hidden": [], "t": [], "context": [], "run": [], "current_run": 0}
 
     def factory(name: str):
-        r = backend.runner(name, bundle.component(name), bundle.onnx_path(name))
+        r = backend.runner(name, bundle.component(name), bundle.onnx_path(name), blocks)
         return _Recorder(r, sink, backend.timer) if name == "transformer" else r
 
-    pipe = Img2Img(bundle, runner_factory=factory, threads=threads)
+    pipe = Img2Img(bundle, runner_factory=factory, threads=threads, low_memory=blocks)
     t0 = time.perf_counter()
     for i in range(settings.prompts):
         sink["current_run"] = i

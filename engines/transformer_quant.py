@@ -174,7 +174,7 @@ def _cache_path(job: Job) -> Path:
 def record(job: Job):
     t0 = time.perf_counter()
     data = collect(job.bundle, job.settings, cache_dir=job.cache_dir, threads=job.threads, log=job.log,
-                   backend=job.backend)
+                   backend=job.backend, blocks=job.blocks)
     job.timings["record"] = data.seconds or round(time.perf_counter() - t0, 1)
     job.timings["record_per_call"] = data.call_seconds
     return data
@@ -238,16 +238,31 @@ def try_level(job: Job, lv: str, level_plan, ranges, data, held, staged_dir: Pat
     job.log(f"quantize: graph written ({sum(p.stat().st_size for p in staged) / 2**20:.1f} MiB); running the "
             "accuracy gate")
     t0 = time.perf_counter()
-    figures = {"transformer": acc.transformer_accuracy(job.src_path, staged[0], data, held, job.threads)}
+    runner = _gate_runner(job)
+    figures = {"transformer": acc.transformer_accuracy(job.src_path, staged[0], data, held, job.threads, runner)}
     job.log(f"accuracy: transformer on {len(held)} held-out calls: cosine min "
             f"{figures['transformer']['cosine']['min']:.5f}, SNR min {figures['transformer']['snr_db']['min']:.2f} dB "
             "(diagnostics)")
     if job.image_gate:
         runs = sorted({int(data.run[i]) for i in held})
-        figures["image"] = acc.image_accuracy(job.bundle, staged[0], job.settings, runs, job.threads, job.log)
+        figures["image"] = acc.image_accuracy(job.bundle, staged[0], job.settings, runs, job.threads, job.log,
+                                              runner)
     job.timings["gate"] = round(job.timings.get("gate", 0.0) + time.perf_counter() - t0, 1)
     passed, failures = acc.gate(job.precision, figures, job.thresholds)
     return staged, figures, passed, failures, opset, report
+
+
+def _gate_runner(job: Job):
+    """The gate's transformer runner: ONNX Runtime on the CPU (what serves the CPU path), the whole graph, or
+    block by block when the job calibrates that way (then every component is released after use)."""
+    if not job.blocks:
+        return None
+    from sd3trt.engines.calib_backends import Backend
+    from sd3trt.engines.calib_blocks import PartsRunner
+
+    gate_backend = Backend("onnxruntime", job.bundle.dtype, job.threads)
+    entry = job.bundle.component("transformer")
+    return lambda path: PartsRunner("transformer", entry, path, gate_backend)
 
 
 def _entry(job: Job, data, fit, held, lv, tried, cov, figures, passed, failures, opset, t_start) -> dict:

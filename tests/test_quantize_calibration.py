@@ -236,3 +236,40 @@ def test_backend_choice_and_the_cuda_path_logic(monkeypatch, bundles):
         choose("tpu", bundle)
     if calib_backends._openvino_installed():
         assert choose("auto", bundle).name == "openvino"
+
+
+def test_the_estimate_counts_the_flops_the_benchmarks_count(tiny_sd3, bundles):
+    """The quantizer counts from the ONNX graph (a bundle keeps no diffusers config), the benchmarks from the
+    config (benchmarks/flops.py): the same matrix products, but for the patch-embedding Conv."""
+    from sd3trt.benchmarks.flops import transformer_call_flops
+
+    bundle = load_bundle(bundles["fp32"])
+    config = json.loads((tiny_sd3[0] / "transformer" / "config.json").read_text())
+    model = onnx.load(str(bundle.onnx_path("transformer")), load_external_data=False)
+    for size in (64, 512):
+        s = CalibSettings(size=size)
+        latent = size // bundle.facts.vae_scale_factor
+        ref = transformer_call_flops(config, latent, latent, 77 + s.max_sequence_length, 2)["total"]
+        assert abs(calib_estimate.flops_per_call(model, bundle.facts, s) / ref - 1) < 0.02
+
+
+def test_block_by_block_quantization_records_and_gates_in_parts(bundles, tmp_path):
+    """blocks=True: the transformer is recorded, measured and gated one block at a time, and a part-wise
+    run of the float and the Q/DQ graph gives the whole graph's output."""
+    from sd3trt.engines.calib_blocks import PartsRunner
+    from sd3trt.runtime.runners import OrtRunner
+
+    root = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], root, ignore=shutil.ignore_patterns("calibration", "*.int8.*", "*.fp8.*"))
+    logs = []
+    entry = quantize_bundle(root, "int8", SETTINGS, calib_backend="onnxruntime", blocks=True, threads=2,
+                            log=logs.append)
+    assert entry["calibration"]["blocks"] and entry["accuracy"]["passed"]
+    assert any("part 2/2 measured" in line for line in logs)
+    bundle = load_bundle(root)
+    data = collect(bundle, SETTINGS, log=_quiet, backend=Backend("onnxruntime", "fp32", 2))
+    spec = bundle.component("transformer")
+    for path in (bundle.onnx_path("transformer"), root / entry["file"]):
+        whole = OrtRunner("transformer", spec, path, threads=2).run(data.feeds(4))["noise_pred"]
+        parts = PartsRunner("transformer", spec, path, Backend("onnxruntime", "fp32", 2)).run(data.feeds(4))
+        assert np.abs(parts["noise_pred"] - whole).max() <= 1e-5 * np.abs(whole).max()
