@@ -107,25 +107,21 @@ def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int],
 
 
 def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int = 0,
-                   log: Callable[[str], None] = print, runner: Callable | None = None) -> dict:
+                   log: Callable[[str], None] = print, runner: Callable | None = None,
+                   others: Callable | None = None) -> dict:
     """End to end: img2img with the quantized transformer graph at `q_path` vs the bundle's own graphs, same
     inputs and noise (`settings`: the calibration settings; `runs`: which calibration runs to replay).
-    runner(path) -> the transformer's runner (default: the pipeline's own); given, every component is
-    released after use (low memory)."""
+    runner(path) -> the transformer's runner, others(name) -> every other component's (both pipelines
+    share them, so the comparison is the transformer's alone); given, each component is released after
+    use (low memory). Default: the pipeline's own ONNX Runtime runners."""
     from sd3trt.engines.calibrate import run_inputs
     from sd3trt.runtime.pipeline import Img2Img
-    from sd3trt.runtime.runners import OrtRunner
 
     def pipeline(path: Path):
         if runner is None:
             return Img2Img(bundle, threads=threads, onnx_files={"transformer": path})
-
-        def make(name: str):
-            if name == "transformer":
-                return runner(path)
-            return OrtRunner(name, bundle.component(name), bundle.onnx_path(name), threads=threads)
-
-        return Img2Img(bundle, threads=threads, low_memory=True, runner_factory=make)
+        return Img2Img(bundle, threads=threads, low_memory=True,
+                       runner_factory=lambda name: runner(path) if name == "transformer" else others(name))
 
     ref_pipe = pipeline(bundle.onnx_path("transformer"))
     q_pipe = pipeline(Path(q_path))

@@ -245,8 +245,10 @@ def try_level(job: Job, lv: str, level_plan, ranges, data, held, staged_dir: Pat
             "(diagnostics)")
     if job.image_gate:
         runs = sorted({int(data.run[i]) for i in held})
+        others = runner and (lambda name: job.backend.runner(name, job.bundle.component(name),
+                                                              job.bundle.onnx_path(name)))
         figures["image"] = acc.image_accuracy(job.bundle, staged[0], job.settings, runs, job.threads, job.log,
-                                              runner)
+                                              runner, others)
     job.timings["gate"] = round(job.timings.get("gate", 0.0) + time.perf_counter() - t0, 1)
     passed, failures = acc.gate(job.precision, figures, job.thresholds)
     return staged, figures, passed, failures, opset, report
@@ -254,7 +256,8 @@ def try_level(job: Job, lv: str, level_plan, ranges, data, held, staged_dir: Pat
 
 def _gate_runner(job: Job):
     """The gate's transformer runner: ONNX Runtime on the CPU (what serves the CPU path), the whole graph, or
-    block by block when the job calibrates that way (then every component is released after use)."""
+    block by block when the job calibrates that way (then every component is released after use, and the
+    other components, the same in both pipelines, run on the calibration backend)."""
     if not job.blocks:
         return None
     from sd3trt.engines.calib_backends import Backend
