@@ -254,6 +254,43 @@ def try_level(job: Job, lv: str, level_plan, ranges, data, held, staged_dir: Pat
     return staged, figures, passed, failures, opset, report
 
 
+@dataclass
+class LevelResult:
+    """The level kept (the first that passed, else the last tried) and what trying it gave."""
+
+    level: str
+    coverage: dict
+    staged: list
+    figures: dict
+    passed: bool
+    failures: list
+    opset: int
+    report: dict
+    tried: list
+
+
+def pick_level(job: Job, plans: dict, ranges, data, held, staged_dir: Path) -> LevelResult:
+    """Try the job's levels in order (a level with nothing to quantize is skipped); stop at the first pass."""
+    tried: list = []
+    result = None
+    for i, lv in enumerate(job.levels):
+        cov = plans[lv].coverage()
+        if lv == "attention" and not cov["attention_quantized"] and len(job.levels) > 1:
+            why = next((l.reason for l in plans[lv].kept if l.kind == "attention"), "no attention matmuls")
+            job.log(f"quantize: level attention has no attention matmul to quantize ({why}); trying the next level")
+            tried.append({"level": lv, "skipped": why})
+            continue
+        staged, figures, passed, failures, opset, report = try_level(job, lv, plans[lv], ranges, data, held, staged_dir)
+        tried.append({"level": lv, "passed": passed, "failures": failures,
+                      "image": figures.get("image"), "transformer": figures["transformer"]})
+        result = LevelResult(lv, cov, staged, figures, passed, failures, opset, report, tried)
+        if passed:
+            break
+        if i + 1 < len(job.levels):
+            job.log(f"quantize: level {lv} fails the gate ({'; '.join(failures)}); trying level {job.levels[i + 1]}")
+    return result
+
+
 def _gate_runner(job: Job):
     """The gate's transformer runner: ONNX Runtime on the CPU (what serves the CPU path), the whole graph, or
     block by block when the job calibrates that way (then every component is released after use, and the
@@ -268,22 +305,22 @@ def _gate_runner(job: Job):
     return lambda path: PartsRunner("transformer", entry, path, gate_backend)
 
 
-def _entry(job: Job, data, fit, held, lv, tried, cov, figures, passed, failures, opset, t_start) -> dict:
-    p = job.precision
+def _entry(job: Job, data, fit, held, r: LevelResult, t_start) -> dict:
+    p, cov = job.precision, r.coverage
     total = round(time.perf_counter() - t_start, 1)
     t = job.timings
     return json.loads(json.dumps({  # as the manifest will hold it (tuples as lists)
         "component": "transformer", "precision": p, "file": f"onnx/transformer.{p}.onnx",
         "source": job.bundle.source_record("transformer"), "source_dtype": job.bundle.dtype,
         "loras": job.bundle.loras,  # fused at export, so quantized with the weights (ModelOpt's advice)
-        "format": "onnx-qdq", "recipe": "nvidia-modelopt-sd3" if p == "fp8" else "sd3trt-int8", "opset": opset,
+        "format": "onnx-qdq", "recipe": "nvidia-modelopt-sd3" if p == "fp8" else "sd3trt-int8", "opset": r.opset,
         "scheme": {"activations": "per-tensor symmetric, static (calibrated)",
                    "attention": "Q, K, softmax output and V quantized" if cov["attention_quantized"] else "16-bit",
                    "weights": f"{'per-output-channel' if job.per_channel else 'per-tensor'} symmetric",
                    "type": {"int8": "int8", "fp8": "float8e4m3fn"}[p],
                    "unquantized": job.bundle.dtype},
         "method": job.method, **({"percentile": job.percentile} if job.method == "percentile" else {}),
-        "level": lv, "levels_tried": tried,
+        "level": r.level, "levels_tried": r.tried,
         "calibration": {"settings": asdict(job.settings), "key": data.key, "calls_fit": len(fit),
                         "calls_held_out": len(held), "backend": job.backend.describe(), "blocks": job.blocks,
                         "size_px": job.settings.size,
@@ -293,7 +330,7 @@ def _entry(job: Job, data, fit, held, lv, tried, cov, figures, passed, failures,
                         "estimated_seconds": t.get("estimate"),
                         "reused": data.reused, "ranges_reused": t.get("ranges_reused", False)},
         "coverage": cov,
-        "accuracy": {**figures, "thresholds": job.thresholds, "passed": passed, "failures": failures},
+        "accuracy": {**r.figures, "thresholds": job.thresholds, "passed": r.passed, "failures": r.failures},
         "sd3trt_version": sd3trt.__version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": total,
@@ -334,30 +371,16 @@ def quantize_bundle(bundle_dir, precision: str, settings: CalibSettings = CalibS
     ranges = measure(job, taps, data, fit)
     log(f"calibration: {job.timings['record_per_call']:.3f} s per transformer call recording, "
         f"{job.timings['ranges_per_call']:.3f} s measuring ({job.backend.describe()}, {job.settings.size} px)")
-    tried: list = []
     with tempfile.TemporaryDirectory(dir=job.src_path.parent, prefix=f".transformer.{precision}.") as tmp:
-        for i, lv in enumerate(job.levels):
-            cov = plans[lv].coverage()
-            if lv == "attention" and not cov["attention_quantized"] and len(job.levels) > 1:
-                why = next((l.reason for l in plans[lv].kept if l.kind == "attention"), "no attention matmuls")
-                log(f"quantize: level attention has no attention matmul to quantize ({why}); trying the next level")
-                tried.append({"level": lv, "skipped": why})
-                continue
-            staged, figures, passed, failures, opset, layer_report = try_level(job, lv, plans[lv], ranges, data, held,
-                                                                               Path(tmp))
-            tried.append({"level": lv, "passed": passed, "failures": failures,
-                          "image": figures.get("image"), "transformer": figures["transformer"]})
-            if passed:
-                break
-            if i + 1 < len(job.levels):
-                log(f"quantize: level {lv} fails the gate ({'; '.join(failures)}); trying level {job.levels[i + 1]}")
-        if not passed and not force:
+        result = pick_level(job, plans, ranges, data, held, Path(tmp))
+        if not result.passed and not force:
             raise Sd3trtError(
-                f"the {precision} transformer fails the accuracy gate ({'; '.join(failures)}); keep more layers in "
-                "higher precision (--keep), try --method percentile or mse, or pass --force to record it anyway"
+                f"the {precision} transformer fails the accuracy gate ({'; '.join(result.failures)}); keep more "
+                "layers in higher precision (--keep), try --method percentile or mse, or pass --force to record it "
+                "anyway"
             )
-        entry = _entry(job, data, fit, held, lv, tried, cov, figures, passed, failures, opset, t_start)
-        entry = commit(job, staged, entry, layer_report, Path(tmp))
-    log(f"quantize: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed in {MANIFEST}; "
-        f"{entry['seconds']:.1f} s in all")
+        entry = _entry(job, data, fit, held, result, t_start)
+        entry = commit(job, result.staged, entry, result.report, Path(tmp))
+    log(f"quantize: {'passed' if result.passed else 'FAILED (recorded with --force)'}; {entry['file']} listed in "
+        f"{MANIFEST}; {entry['seconds']:.1f} s in all")
     return entry
