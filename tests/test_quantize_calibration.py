@@ -116,6 +116,17 @@ def test_quantizing_an_fp16_bundle_keeps_fp16_and_passes_the_gate(bundles, tmp_p
         assert seconds["total"] >= seconds["gate"] > 0 and entry["calibration"]["seconds_per_call"]["record"] > 0
     with pytest.raises(Sd3trtError, match="bf16 bundle cannot be calibrated yet"):
         choose("auto", type("B", (), {"dtype": "bf16"})())
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed")
+    from sd3trt.engines.build import BuildOptions, build_engines
+    from sd3trt.profiles import Range, ShapeRequest
+
+    req = ShapeRequest(images=(Range(64, 64, 64),), image_step=16, batch=Range(1, 1, 1), cfg="on",
+                       t5_seq=Range(8, 16, 32))
+    entry = build_engines(root, BuildOptions("fp8", components=("transformer",), request=req, flavour="tensorrt_rtx",
+                                             compute_capabilities=("8.9",), workspace="256MiB"), log=_quiet)
+    meta = json.loads((root / entry["components"]["transformer"]["metadata"]).read_text())
+    assert meta["precision"] == "fp8" and meta["strongly_typed"] and meta["engine_bytes"] > 0
+    assert [t["dtype"] for t in meta["io"]["inputs"]] == ["float16", "float16", "float16", "float32"]
 
 
 def _linear_chain(path, layers: int, width: int):
