@@ -7,10 +7,13 @@ calls it will make, over the matmul speed the calibration backend measures here 
 FLOPs per call (CFG batch 2 when guidance > 1): 2 x K x N x rows for every linear layer, the rows being the
 image tokens, the text tokens (the text stream's layers: `add_*`, `*context*`) or the batch (adaLN
 modulations and the timestep/text embeddings); plus 2 x S^2 x width for each attention matmul (Q.K^T,
-P.V) over the joint sequence S. Calls: the recorded img2img runs (unless cached), the range passes over
-the fitting calls (one, plus one per 32 tensors for percentile / mse on the whole graph), and per level
-tried the gate's held-out calls (reference and quantized) and its image runs (both pipelines). Real graphs
-add normalizations, softmax and data movement, so the estimate is a floor, measured to be within 2-3x.
+P.V) over the joint sequence S. Calls: the recorded img2img runs (unless cached) and the range passes over
+the fitting calls (one, plus one per 32 tensors for percentile / mse on the whole graph), at the
+calibration backend's speed; per level tried, the gate's held-out calls (reference and quantized) and its
+image runs (both pipelines), at ONNX Runtime CPU's speed in the bundle's type (the gate runs there). Real
+graphs add normalizations, softmax, data movement and the other components, so the estimate is a floor:
+within 0.75-1.2x per call on the medium-width model at 512 px, 5-7x under for a whole small-model run
+(docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -104,21 +107,28 @@ def measure_gflops(backend, dtype: str, workdir) -> float:
     return 2.0 * PROBE**3 / best / 1e9
 
 
-def calls(settings, levels: int, method: str, taps: int, blocks: bool, recorded: bool) -> int:
+def calls(settings, levels: int, method: str, taps: int, blocks: bool, recorded: bool) -> tuple[int, int]:
+    """(transformer calls on the calibration backend, calls of the accuracy gate on ONNX Runtime's CPU)."""
     per_run = steps_run(settings)
     fit_calls = (settings.prompts - settings.holdout) * per_run
     held_calls = settings.holdout * per_run
     passes = 1 if method == "max" else 1 + (1 if blocks else math.ceil(taps / PER_PASS))
     record = 0 if recorded else settings.prompts * per_run
-    return record + fit_calls * passes + levels * (2 * held_calls + 2 * held_calls)
+    return record + fit_calls * passes, levels * (2 * held_calls + 2 * held_calls)
 
 
 def estimate(model, facts, settings, backend, dtype: str, workdir, levels: int, method: str, taps: int,
-             blocks: bool, recorded: bool) -> Estimate:
-    n = calls(settings, levels, method, taps, blocks, recorded)
+             blocks: bool, recorded: bool, gate_gflops: float | None = None) -> Estimate:
+    """gate_gflops: ONNX Runtime CPU's measured speed in the bundle's type (measured when not given)."""
+    from sd3trt.engines.calib_backends import Backend
+
+    calib, gate = calls(settings, levels, method, taps, blocks, recorded)
     f = flops_per_call(model, facts, settings)
     g = measure_gflops(backend, dtype, workdir)
-    return Estimate(n * f / (g * 1e9), n, f, g, backend.describe())
+    if gate_gflops is None:
+        gate_gflops = g if backend.name == "onnxruntime" else measure_gflops(Backend("onnxruntime", dtype), dtype,
+                                                                            workdir)
+    return Estimate(f * (calib / g + gate / gate_gflops) / 1e9, calib + gate, f, g, backend.describe())
 
 
 def refuse_if_long(est: Estimate, alternatives: list[Estimate], settings, limit_s: float = LIMIT_S) -> None:

@@ -144,12 +144,15 @@ def plan(job: Job):
 
 def check_time(job: Job, graph, taps: list[str], allow_long: bool, limit_s: float) -> calib_estimate.Estimate:
     """The estimate, printed; refused past `limit_s` (unless allow_long) with the faster options named."""
-    from sd3trt.engines.calib_backends import NAMES
+    from sd3trt.engines.calib_backends import NAMES, Backend
+
+    dtype, workdir = job.bundle.dtype, job.src_path.parent
+    gate_gflops = calib_estimate.measure_gflops(Backend("onnxruntime", dtype, job.threads), dtype, workdir)
 
     def est(backend):
-        return calib_estimate.estimate(graph, job.bundle.facts, job.settings, backend, job.bundle.dtype,
-                                       job.src_path.parent, len(job.levels), job.method, len(taps), job.blocks,
-                                       _cache_path(job).is_file())
+        return calib_estimate.estimate(graph, job.bundle.facts, job.settings, backend, dtype, workdir,
+                                       len(job.levels), job.method, len(taps), job.blocks, _cache_path(job).is_file(),
+                                       gate_gflops)
 
     mine = est(job.backend)
     job.log(f"estimate: {mine.line()}")
