@@ -43,6 +43,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from sd3trt.benchmarks import models, systems  # light: no torch
+    from sd3trt.spec import T5_DEFAULT_LENGTH
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=models.SHAPES, default="medium-width",
@@ -60,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--num-images", "--batch", type=int, default=1, dest="num_images", help="images per request")
     w.add_argument("--prompt", default=None)
     w.add_argument("--negative-prompt", default=None)
-    w.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
+    w.add_argument("--max-sequence-length", type=int, default=T5_DEFAULT_LENGTH, help="T5 tokens")
     w.add_argument("--seed", type=int, default=0, help="weights, picture and noise seed")
     w.add_argument("--prompt-cache", action="store_true",
                    help="let sd3trt reuse encoded prompts across runs (default: encode every run, like diffusers)")

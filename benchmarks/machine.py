@@ -17,7 +17,8 @@ LIBRARIES = ("sd3trt", "numpy", "torch", "diffusers", "transformers", "onnx", "o
              "tokenizers", "pillow", "tensorrt", "tensorrt-rtx", "matplotlib")
 
 
-def _cpuinfo() -> dict:
+def cpuinfo() -> dict:
+    """Model name, family, model number, MHz and flags of the first CPU in /proc/cpuinfo ({} where there is none)."""
     info: dict = {}
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -89,7 +90,7 @@ def versions() -> dict:
 
 
 def describe() -> dict:
-    cpu = _cpuinfo()
+    cpu = cpuinfo()
     flags = cpu.get("flags", [])
     return {
         "platform": platform.platform(),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sd3trt.benchmarks import models as mdl
 from sd3trt.benchmarks import systems as sysm
+from sd3trt.spec import T5_DEFAULT_LENGTH
 
 DEFAULT_OUT = "sd3trt-bench"  # under the working directory: <machine>/ per machine
 DEFAULT_PROMPT = "a watercolor painting of a lighthouse on a rocky shore at sunset, soft light, detailed"
@@ -52,7 +53,7 @@ class BenchConfig:
     device: str = "auto"  # diffusers' device: auto | cpu | cuda
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = DEFAULT_NEGATIVE
-    max_sequence_length: int = 256
+    max_sequence_length: int = T5_DEFAULT_LENGTH
     seed: int = 0
     cache_dir: str | None = None
     out_dir: str | None = None
@@ -91,7 +92,7 @@ def _threads(cfg: BenchConfig) -> int:
 def _device(cfg: BenchConfig) -> str:
     if cfg.device != "auto":
         return cfg.device
-    return "cuda" if sysm._gpu_present() else "cpu"
+    return "cuda" if sysm.gpu_present() else "cpu"
 
 
 def default_cache_dir() -> Path:
@@ -227,7 +228,7 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     from sd3trt.manifest import load_bundle
 
     data = load_bundle(bundle)
-    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm._openvino_skip(
+    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm.openvino_skip(
             "sd3trt-openvino-fp32", data):
         return
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
@@ -300,9 +301,9 @@ def _digest(path: Path) -> str:
 
 
 def _cpu_flags() -> list[str]:
-    from sd3trt.benchmarks.machine import _cpuinfo
+    from sd3trt.benchmarks.machine import cpuinfo
 
-    return _cpuinfo().get("flags", [])
+    return cpuinfo().get("flags", [])
 
 
 def run_bench(cfg: BenchConfig) -> dict:

@@ -72,7 +72,8 @@ def _has(module: str) -> bool:
         return False
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
+    """Whether `nvidia-smi -L` lists a GPU (no CUDA library is loaded to find out)."""
     if shutil.which("nvidia-smi") is None:
         return False
     import subprocess
@@ -127,11 +128,11 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
         if why:
             return why
     if system in OPENVINO:
-        why = _openvino_skip(system, bundle)
+        why = openvino_skip(system, bundle)
         if why:
             return why
     if system == "sd3trt-trt":
-        if not _gpu_present():
+        if not gpu_present():
             return "TensorRT needs an NVIDIA GPU and none is present on this machine"
         if not (_has("tensorrt") or _has("tensorrt_rtx")):
             return "neither tensorrt nor tensorrt_rtx is installed (pip install -e '.[engines]')"
@@ -143,18 +144,20 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
 def _int8_skip(system: str, bundle) -> str | None:
     """Why an sd3trt int8 system cannot run: a missing or failed INT8 transformer (and VAE decoder, "-vae")."""
     from sd3trt.errors import Sd3trtError
+    from sd3trt.manifest import gate_passed
 
     for component in ("transformer", "vae_decoder") if system.endswith("-vae") else ("transformer",):
         try:
             entry = bundle.quantized_entry("int8", component)
         except Sd3trtError as e:
             return f"{e} (or pass --quantize to let the benchmark do it)"
-        if not entry.get("accuracy", {}).get("passed", False):
+        if not gate_passed(entry):
             return f"the bundle's int8 {component} failed its accuracy gate (recorded with --force); not benchmarked"
     return None
 
 
-def _openvino_skip(system: str, bundle) -> str | None:
+def openvino_skip(system: str, bundle) -> str | None:
+    """Why the sd3trt OpenVINO `system` cannot run on `bundle` here; None when it can."""
     if not _has("openvino"):
         return "OpenVINO is not installed (pip install -e '.[openvino]')"
     if bundle.dtype != "fp32":

@@ -24,35 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sd3trt.memory import peak_rss_mib, proc_status_mib, ru_maxrss_mib
+
 COMPONENTS = ("clip_l", "clip_g", "t5", "vae_encoder", "transformer", "vae_decoder")
-
-
-def _proc_status_mib(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mib() -> float | None:
-    """This program's peak resident set: VmHWM (per address space, so it starts afresh at exec).
-
-    ru_maxrss is not used as the figure: Linux carries it across fork and execve, so a worker would
-    report at least the RSS its parent (the orchestrator, with torch loaded) had when it forked.
-    """
-    hwm = _proc_status_mib("VmHWM")
-    if hwm is not None:
-        return hwm
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 2**20
-
-
-def ru_maxrss_mib() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 2**20
 
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -300,7 +274,7 @@ def run_job(job: dict) -> dict:
     result["load_s"] = t_loaded - t0
     if getattr(system, "precision", None):  # what a peer computes in, decided on this CPU
         result["precision"] = system.precision
-    result["rss_after_load_mib"] = _proc_status_mib("VmRSS")
+    result["rss_after_load_mib"] = proc_status_mib("VmRSS")
     _save(job, result)
     log(f"  {name}: loaded in {t_loaded - t0:.1f} s (process start to loaded {t_loaded - t_spawn:.1f} s); first image ...")
 

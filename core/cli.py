@@ -30,6 +30,19 @@ def _make_tiny(a) -> None:
     print(f"tiny SD3{'.5' if a.sd35 else ''} model written to {a.out}")
 
 
+def _make_random(a) -> None:
+    from sd3trt.export.random_model import make_random
+
+    depth = {}
+    for item in a.depth:
+        name, sep, layers = item.partition("=")
+        if not sep or not layers.isdigit():
+            raise Sd3trtError(f"--depth {item!r}: write COMPONENT=LAYERS, e.g. --depth transformer=2")
+        depth[name] = int(layers)
+    make_random(a.arch, a.out, dtype=a.dtype, seed=a.seed, depth=depth, overwrite=a.overwrite)
+    print(f"random {a.arch} model written to {a.out}")
+
+
 def _export(a) -> None:
     from sd3trt.export.bundle import export_bundle
 
@@ -99,6 +112,21 @@ def add_make_tiny(sub) -> None:
     p.set_defaults(func=_make_tiny)
 
 
+def add_make_random(sub) -> None:
+    from sd3trt.export.architectures import TRANSFORMERS
+
+    p = sub.add_parser("make-random", help="write a real SD3 / SD3.5 architecture with random weights "
+                                           "(diffusers format), one module at a time")
+    p.add_argument("--arch", required=True, choices=tuple(TRANSFORMERS))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="bf16", help="fp32 | fp16 | bf16 (the real SD3.5 checkpoints are bf16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth", action="append", default=[], metavar="COMPONENT=LAYERS",
+                   help="fewer layers for one of transformer, clip_l, clip_g, t5 (repeatable); default: full depth")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_make_random)
+
+
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export a local diffusers SD3 model to an ONNX bundle")
     p.add_argument("--model", type=Path, required=True, help="diffusers-format SD3 / SD3.5 model directory")
@@ -125,21 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sd3trt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_make_tiny(sub)
+    add_make_random(sub)
     add_export(sub)
     add_verify(sub)
-    from sd3trt.engines.cli import add_build_command
-    from sd3trt.engines.cpu_gate import add_gate_command
-    from sd3trt.engines.quantize_cli import add_quantize_command
-    from sd3trt.engines.refit import add_refit_command
+    from sd3trt.engines.cli import add_engine_commands
     from sd3trt.runtime.cli import add_runtime_commands
 
     from sd3trt.benchmarks.cli import add_bench_command
     from sd3trt.server.cli import add_server_commands
 
-    add_build_command(sub)
-    add_quantize_command(sub)
-    add_gate_command(sub)
-    add_refit_command(sub)
+    add_engine_commands(sub)
     add_runtime_commands(sub)
     add_demo(sub)
     add_server_commands(sub)

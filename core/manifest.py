@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from sd3trt import precision as precision_words
+from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_json_atomic
+from sd3trt.lora import LORA_MAP_KEY
 from sd3trt.spec import ModelFacts
 
 FORMAT = "sd3trt-bundle"
@@ -36,6 +37,7 @@ MANIFEST = "manifest.json"
 LOCK = ".manifest.lock"  # not a bundle file: serializes writers of manifest.json (update_manifest, commit_entry)
 ENGINES = "engines"  # manifest section of engine builds, keyed by build name (`sd3trt build`, `sd3trt refit`)
 QUANTIZED = "quantized"  # manifest section of quantized graphs, keyed by quantized_key()
+COMPRESSED = "compressed"  # manifest section of 8-bit-weight graphs (`sd3trt compress-weights`), by component
 CPU_GATES = "cpu_gates"  # manifest section of `sd3trt gate` records (runtime/cpu_precision.py); lists no files
 STAMPS = ".sd3trt-verified.json"  # not a bundle file: stamps of files already checked against the manifest
 RESTORE = "re-run `sd3trt export --overwrite` (or the `sd3trt build` / `sd3trt quantize` that wrote it) to restore it"
@@ -61,9 +63,10 @@ def _read_manifest(path: Path) -> dict:
 
 
 def update_manifest(root: Path, change: Callable[[dict], dict | None]) -> dict:
-    """The one way manifest.json is written: under the bundle's lock, read it ({} when there is none yet),
-    apply `change` (which edits the dict in place or returns a new one), write it back atomically.
-    Concurrent writers (`sd3trt build` beside `sd3trt quantize`) serialize; none loses another's entry."""
+    """Rewrite manifest.json under the bundle's lock: read it ({} when there is none yet), apply `change`
+    (which edits the dict in place or returns a new one), write it back atomically. This and commit_entry (an
+    entry with its files) are the manifest's writers; concurrent ones (`sd3trt build` beside `sd3trt
+    quantize`) serialize, and none loses another's entry."""
     root = Path(root)
     with _manifest_lock(root):
         path = root / MANIFEST
@@ -98,7 +101,12 @@ def commit_entry(root: Path, section: str, key: str, staged_files: Mapping[str, 
 
     Staged files are hashed first, outside the lock. Then, under the lock: when any file moves or goes, the
     old entry is unlisted first (the manifest never names a file in flux), the files move, and the new entry
-    is listed; otherwise one read-modify-write. Concurrent writers serialize; none loses another's entry."""
+    is listed; otherwise one read-modify-write. Concurrent writers serialize; none loses another's entry.
+
+        staged = {"onnx/transformer.int8.onnx": tmp / "transformer.int8.onnx",   # moved into place
+                  "onnx/transformer.int8.onnx.data": None,                        # the old external data goes
+                  "onnx/transformer.int8.json": tmp / "report.json"}
+        commit_entry(root, QUANTIZED, quantized_key("int8"), staged, entry)"""
     root = Path(root)
     digests = {rel: sha256_file(src) for rel, src in staged_files.items() if src is not None}
     moves = {rel: src for rel, src in staged_files.items() if src is None or Path(src) != root / rel}
@@ -145,6 +153,25 @@ def entry_sha256(entry: dict) -> str | None:
     return entry.get("files", {}).get(entry_file(entry))
 
 
+def tensor_specs(entry: dict, kind: str) -> list[dict]:
+    """A component entry's "inputs" or "outputs": [{"name", "dtype", "shape" (ints and symbolic axes)}]."""
+    if kind not in ("inputs", "outputs"):
+        raise ValueError(f"kind must be 'inputs' or 'outputs', got {kind!r}")
+    return entry[kind]
+
+
+def gate_passed(entry: dict) -> bool:
+    """Whether a quantized graph passed its accuracy gate (False when it was recorded with --force)."""
+    return bool(entry.get("accuracy", {}).get("passed", False))
+
+
+def quantized_summary(entry: dict) -> dict:
+    """What an engine built from a quantized graph records of that graph's entry."""
+    return {**{k: entry.get(k) for k in ("precision", "method", "file", "scheme")},
+            "coverage": {k: v for k, v in entry["coverage"].items() if not isinstance(v, (list, dict))},
+            "accuracy_passed": entry["accuracy"]["passed"]}
+
+
 def build_precisions(entry: dict) -> tuple[str, str]:
     """(transformer precision, precision of the other engines, the VAE's among them) of an engine build's entry."""
     return entry.get("transformer_precision") or entry.get("precision"), entry.get("precision")
@@ -153,6 +180,21 @@ def build_precisions(entry: dict) -> tuple[str, str]:
 def build_option(entry: dict, option: str):
     """One of the build options an engine build (or an engine's metadata) records; None when absent."""
     return entry.get("options", {}).get(option)
+
+
+def engine_digests(components: dict[str, dict]) -> dict[str, str]:
+    """engine path -> sha256 of an engine build's components (hashed when each engine was written)."""
+    return {v["engine"]: v["engine_sha256"] for v in components.values()}
+
+
+def build_flavour(entry: dict) -> str:
+    """The TensorRT flavour (its module name: tensorrt or tensorrt_rtx) an engine build was made with."""
+    return entry.get("flavour", "")
+
+
+def newest_build(builds: dict[str, dict], names) -> str:
+    """The most recently built of `names` (keys of `builds`, Bundle.engine_builds())."""
+    return max(names, key=lambda n: builds[n].get("built_at", ""))
 
 
 def build_components(entry: dict) -> dict[str, dict]:
@@ -192,9 +234,10 @@ class Bundle:
     def component_names(self) -> list[str]:
         return list(self.data["components"])
 
-    def components(self) -> dict[str, dict]:
-        """name -> manifest entry of every exported component."""
-        return dict(self.data["components"])
+    def lora_map_path(self, component: str) -> Path | None:
+        """The component's module -> initializer map for LoRAs (written by export), None when it has none."""
+        rel = self.component(component).get(LORA_MAP_KEY)
+        return self.path(rel) if rel else None
 
     def tokenizer_names(self) -> list[str]:
         return list(self.data["tokenizers"])
@@ -208,6 +251,14 @@ class Bundle:
         if name not in self.data["components"]:
             raise Sd3trtError(f"bundle {self.root} has no {name} component; re-export the model with it")
         return self.data["components"][name]
+
+    def fp32_scopes(self, name: str, precision: str) -> tuple[str, ...]:
+        """ONNX node-name prefixes of the modules `name` keeps in float32 in `precision` graphs and engines
+        (spec.Fp32Rule, recorded by export; a 16-bit bundle's graph has them in fp32 already)."""
+        from sd3trt.spec import node_scope
+
+        kept = self.component(name).get("export", {}).get("fp32_modules", [])
+        return tuple(node_scope(name, m) for rule in kept if precision in rule["dtypes"] for m in rule["modules"])
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -227,7 +278,7 @@ class Bundle:
         builds = self.engine_builds()
         if name not in builds:
             have = ", ".join(sorted(builds)) or "none"
-            raise Sd3trtError(f"bundle {self.root} has no engine build {name!r} (it has: {have}); create it with "
+            raise Sd3trtError(f"bundle {self.root} has no engine build {name!r}; it has {have}; create it with "
                               f"`sd3trt build --bundle {self.root} --name {name}`")
         return builds[name]
 
@@ -239,8 +290,8 @@ class Bundle:
     def quantized_entry(self, precision: str, component: str = "transformer") -> dict:
         """The entry of the bundle's `precision` `component` graph (written by `sd3trt quantize`); an
         Sd3trtError naming the fix when it is missing or was made from an earlier export."""
-        allowed = precision_words.QUANTIZED if component == "transformer" else precision_words.VAE_QUANTIZED
-        precision_words.check(precision, allowed, f"{component} precision")
+        allowed = words.QUANTIZED if component == "transformer" else words.VAE_QUANTIZED
+        words.check(precision, allowed, f"{component} precision")
         fix = f"`sd3trt quantize --bundle {self.root} --precision {precision}{_quantize_flag(component)}`"
         entry = self.data.get(QUANTIZED, {}).get(quantized_key(precision, component))
         if entry is None:
@@ -259,6 +310,18 @@ class Bundle:
             )
         return parts
 
+    def compressed_graphs(self) -> dict[str, Path]:
+        """{component: its 8-bit-weight graph} for the graphs of `sd3trt compress-weights` made from the present
+        export whose image gate did not fail; an Sd3trtError naming the fix when there is none."""
+        fix = f"`sd3trt compress-weights --bundle {self.root}`"
+        current = {c: e for c, e in self.data.get(COMPRESSED, {}).items()
+                   if self.has(c) and e["source"]["sha256"] == entry_sha256(self.component(c))}
+        usable = {c: self.path(e["file"]) for c, e in current.items() if (e.get("gate") or {}).get("passed", True)}
+        if not usable:
+            state = "all failed their image gate" if current else "none made from the present export"
+            raise Sd3trtError(f"bundle {self.root} has no usable 8-bit-weight graphs ({state}); create them with {fix}")
+        return usable
+
     def quantized_path(self, precision: str, component: str = "transformer") -> Path:
         return self.path(self.quantized_entry(precision, component)["file"])
 
@@ -275,13 +338,20 @@ class Bundle:
         """The record `sd3trt gate` wrote under manifest[CPU_GATES][key]; {} when none."""
         return self.data.get(CPU_GATES, {}).get(key) or {}
 
-    def all_files(self) -> dict[str, str]:
-        """Every file the manifest lists, relative path -> sha256."""
+    def _files_of(self, sections: tuple[str, ...]) -> dict[str, str]:
         files = {}
-        for section in ("components", "tokenizers", ENGINES, QUANTIZED):
+        for section in sections:
             for entry in self.data.get(section, {}).values():
                 files.update(entry.get("files", {}))
         return files
+
+    def export_files(self) -> dict[str, str]:
+        """The files `sd3trt export` wrote (graphs and tokenizers), relative path -> sha256."""
+        return self._files_of(("components", "tokenizers"))
+
+    def all_files(self) -> dict[str, str]:
+        """Every file the manifest lists, relative path -> sha256."""
+        return self._files_of(("components", "tokenizers", ENGINES, QUANTIZED, COMPRESSED))
 
     def check_files(self, verify_checksums: bool = False,
                     report: Callable[[str, str], None] | None = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from sd3trt.errors import Sd3trtError
-from sd3trt.spec import ModelFacts, T5_DEFAULT_LENGTH, concrete_shape, request_dims
+from sd3trt.spec import SD3_PIXEL_MULTIPLE, T5_DEFAULT_LENGTH, ModelFacts, concrete_shape, request_dims
 
 CFG_MODES = ("on", "off", "both")
 DEFAULT_IMAGES = (512, 1024, 1536)  # min, opt, max px when no --image-size is named
@@ -66,7 +66,7 @@ class ShapeRequest:
     """What engines must accept. `images`: one Range per profile group (applies to height and width)."""
 
     images: tuple[Range, ...] = ()  # empty: DEFAULT_IMAGES, capped by the model's largest side
-    image_step: int = 16
+    image_step: int = SD3_PIXEL_MULTIPLE
     batch: Range = Range(1, 1, 1)  # images per request (num_images)
     cfg: str = "both"  # on: guidance > 1 only; off: guidance <= 1 only; both: a profile for each
     t5_seq: Range = Range(T5_DEFAULT_LENGTH, T5_DEFAULT_LENGTH, T5_DEFAULT_LENGTH)

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
 
+# The released SD3 / SD3.5 models' VAE downsampling and transformer patch (a model's own: ModelFacts).
+SD3_VAE_SCALE_FACTOR = 8
+SD3_PATCH_SIZE = 2
+SD3_PIXEL_MULTIPLE = SD3_VAE_SCALE_FACTOR * SD3_PATCH_SIZE
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 T5_DEFAULT_LENGTH = 256
@@ -28,7 +32,6 @@ COMPONENT_SOURCES = {
 COMPONENTS = tuple(COMPONENT_SOURCES)
 TOKENIZER_SOURCES = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 FLOAT = "float"  # placeholder dtype: the bundle's float dtype (fp32, fp16 or bf16)
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -125,9 +128,9 @@ def read_model_facts(model_dir: Path, skip_t5: bool = False) -> ModelFacts:
     facts = ModelFacts(
         vae_scaling_factor=float(vae.get("scaling_factor", 1.5305)),
         vae_shift_factor=float(vae.get("shift_factor") or 0.0),
-        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else SD3_VAE_SCALE_FACTOR,
         latent_channels=int(vae.get("latent_channels", 16)),
-        patch_size=int(tr.get("patch_size", 2)),
+        patch_size=int(tr.get("patch_size", SD3_PATCH_SIZE)),
         joint_attention_dim=int(tr.get("joint_attention_dim", 4096)),
         pooled_projection_dim=int(tr.get("pooled_projection_dim", 2048)),
         pos_embed_max_size=int(tr.get("pos_embed_max_size", 96)),
@@ -150,6 +153,57 @@ def read_model_facts(model_dir: Path, skip_t5: bool = False) -> ModelFacts:
     if facts.clip_l_hidden + facts.clip_g_hidden > facts.joint_attention_dim:
         raise Sd3trtError("CLIP hidden sizes exceed the transformer's joint_attention_dim")
     return facts
+
+
+@dataclass(frozen=True)
+class Fp32Rule:
+    """Modules of a real checkpoint that overflow or lose too much in 16 bits: they stay float32 inside
+    fp16/bf16 graphs and engines. Random weights cannot show this; the rules come from the field."""
+
+    component: str
+    modules: tuple[str, ...]  # module paths in the source model (fnmatch patterns)
+    dtypes: tuple[str, ...]  # bundle dtypes it applies to
+    config: dict  # source config entries that identify the checkpoint (empty: every model)
+    upcast_by: str  # "sd3trt": export casts the module's inputs, weights and outputs; "library": the model code does
+    source: str
+
+
+FP32_RULES = (
+    Fp32Rule("transformer", ("transformer_blocks.35",), ("fp16", "bf16"),
+             {"num_layers": 38, "num_attention_heads": 38, "attention_head_dim": 64, "qk_norm": "rms_norm"}, "sd3trt",
+             "NVIDIA's TensorRT demoDiffusion runs SD3.5-Large's transformer_blocks[35] in fp32 (its UpcastLayer)"),
+    Fp32Rule("t5", ("encoder.block.*.layer.*.DenseReluDense.wo",), ("fp16",), {}, "library",
+             "T5's feed-forward output overflows fp16: transformers keeps `wo` in fp32 (T5's _keep_in_fp32_modules) "
+             "and carries the residual stream in fp32 from there"),
+)
+
+
+# The attribute under which each exported wrapper holds its diffusers / transformers module: the first part
+# of the graph's weight names ("transformer.pos_embed...") and node scopes ("/transformer/pos_embed/...").
+WRAPPED_AS = {"transformer": "transformer", "clip_l": "model", "clip_g": "model", "t5": "model",
+              "vae_encoder": "vae", "vae_decoder": "vae"}
+
+
+def node_scope(component: str, module: str) -> str:
+    """The ONNX node-name prefix of a source module path (an fnmatch pattern stays one):
+    "transformer_blocks.35" -> "/transformer/transformer_blocks.35/" (list indices stay joined by a dot)."""
+    parts: list[str] = [WRAPPED_AS[component]]
+    for seg in module.split("."):
+        if (seg.isdigit() or seg == "*") and len(parts) > 1:
+            parts[-1] += "." + seg
+        else:
+            parts.append(seg)
+    return "/" + "/".join(parts) + "/"
+
+
+def fp32_rules(model_dir: Path, component: str, dtype: str | None = None) -> tuple[Fp32Rule, ...]:
+    """The rules for `component` of the model at `model_dir`: those for graphs and engines in `dtype`, or
+    with dtype None, those for any dtype (an fp32 bundle records them for the 16-bit engines built from it)."""
+    rules = [r for r in FP32_RULES if r.component == component and (dtype is None or dtype in r.dtypes)]
+    if not any(r.config for r in rules):
+        return tuple(rules)
+    config = _read_json(Path(model_dir) / COMPONENT_SOURCES[component] / "config.json", f"{component} config")
+    return tuple(r for r in rules if all(config.get(k) == v for k, v in r.config.items()))
 
 
 @dataclass(frozen=True)

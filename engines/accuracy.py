@@ -26,8 +26,6 @@ from sd3trt.runtime.ort_session import ort_session
 GATE = {"psnr_db": 30.0, "ssim": 0.97}
 # Kept for callers that index by precision: the same thresholds for every precision.
 THRESHOLDS = {"int8": dict(GATE), "fp8": dict(GATE)}
-# Figures a run may add to the gate (diagnostics by default), and which part of the figures holds them.
-OPTIONAL = {"cosine": ("transformer", "cosine"), "snr_db": ("transformer", "snr_db")}
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -33,7 +33,8 @@ from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, l
 from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
-from sd3trt.manifest import ENGINES, build_components, commit_entry, entry_file, entry_files, load_bundle
+from sd3trt.manifest import (ENGINES, build_components, commit_entry, engine_digests, entry_file, entry_files,
+                             load_bundle, quantized_summary, tensor_specs)
 from sd3trt.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.runtime.flavour import Flavour, load_flavour
 from sd3trt.sizes import parse_size
@@ -102,19 +103,17 @@ class Source:
     quantized: dict | None = None  # the manifest's quantized entry, for the int8/fp8 transformer
     low: str | None = None
 
-    def graph(self, bundle_dtype: str, keep_fp32) -> tuple:
+    def graph(self, bundle_dtype: str, keep_fp32, keep_scopes: tuple[str, ...] = ()) -> tuple:
         """(the ONNX graph TensorRT parses, the precision pass's report)."""
         if self.quantized is not None:
             return lower_qdq(load_graph(self.onnx_path), self.low, keep_fp32)
-        return apply_precision(load_graph(self.onnx_path), bundle_dtype, self.precision, keep_fp32, inplace=True)
+        return apply_precision(load_graph(self.onnx_path), bundle_dtype, self.precision, keep_fp32, inplace=True,
+                               keep_scopes=keep_scopes)
 
     def metadata(self) -> dict:
         if self.quantized is None:
             return {}
-        q = self.quantized
-        return {"quantized": {**{k: q.get(k) for k in ("precision", "method", "file", "scheme")},
-                              "coverage": {k: v for k, v in q["coverage"].items() if not isinstance(v, (list, dict))},
-                              "accuracy_passed": q["accuracy"]["passed"], "low_precision": self.low}}
+        return {"quantized": {**quantized_summary(self.quantized), "low_precision": self.low}}
 
 
 def low_type(bundle, low: str | None = None) -> str:
@@ -201,7 +200,7 @@ def check_bindings(component: str, entry: dict, io: dict, host_dtype_override: s
     """Network I/O must be the manifest's: names, dtypes, ranks and fixed dims. Returns the metadata "io"."""
     result = {}
     for kind in ("inputs", "outputs"):
-        want = {t["name"]: t for t in entry[kind]}
+        want = {t["name"]: t for t in tensor_specs(entry, kind)}
         got = {t["name"]: t for t in io[kind]}
         if set(want) != set(got):
             raise Sd3trtError(
@@ -243,33 +242,10 @@ def _reusable(bundle, meta_rel: str, fingerprint: str) -> dict | None:
     return meta
 
 
-def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, name: str, targets, target: dict,
-                    timing_cache=None, log: Callable[[str], None] = print) -> dict:
-    """Build one engine; returns its metadata (already written beside the engine)."""
+def _parse(fl: Flavour, source: Source, graph_bytes: bytes):
+    """(builder, network, parser, logger) with `graph_bytes` parsed into a strongly typed network; an
+    Sd3trtError naming the unsupported nodes (or the parser's errors) and the fix otherwise."""
     trt = fl.trt
-    root = bundle.root
-    component = source.component
-    entry = bundle.component(component)
-    req = opts.request
-    profiles: list[Profile] = component_profiles(bundle.facts, component, entry, req)
-    rel_dir = f"engines/{name}"
-    engine_rel, meta_rel = f"{rel_dir}/{component}.engine", f"{rel_dir}/{component}.json"
-    fp = _fingerprint({
-        "src": source.files, "precision": source.precision, "precision_source": source.how,
-        "bundle_dtype": bundle.dtype, "flavour": fl.name, "version": fl.version, "target": target,
-        "options": opts.to_dict(), "request": req.to_dict(), "profiles": [p.to_dict() for p in profiles],
-        "sd3trt": sd3trt.__version__, "meta": META_VERSION,
-    })
-    if not opts.force:
-        meta = _reusable(bundle, meta_rel, fp)
-        if meta is not None:
-            log(f"{component}: unchanged, kept {engine_rel}")
-            return meta
-
-    t0 = time.perf_counter()
-    graph, prec_report = source.graph(bundle.dtype, opts.keep_fp32)
-    graph_bytes = graph.SerializeToString()
-    del graph
     onnx_path = source.onnx_path
     logger = make_logger(trt)
     builder = trt.Builder(logger)
@@ -281,9 +257,13 @@ def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, nam
         detail = f"unsupported nodes: {', '.join(bad[:5])}" if bad else "; ".join(errors[:3])
         fix = "re-run `sd3trt quantize`" if source.quantized else "re-export with another --opset or file an issue"
         raise Sd3trtError(f"{fl.name} {fl.version} cannot parse {onnx_path} ({detail}); {fix}")
-    parse_s = time.perf_counter() - t0
-    io = check_bindings(component, entry, _io(network))
+    return builder, network, parser, logger
 
+
+def _builder_config(fl: Flavour, builder, logger, component: str, profiles: list[Profile], opts: BuildOptions,
+                    targets, target: dict, timing_cache):
+    """The builder config of one engine: its optimization profiles, options, targets and timing cache."""
+    trt = fl.trt
     config = builder.create_builder_config()
     for p in profiles:
         prof = builder.create_optimization_profile()
@@ -308,6 +288,39 @@ def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, nam
                 raise Sd3trtError(f"{fl.name} refused compute capability {target['compute_capabilities'][i]}")
     if timing_cache is not None:
         config.set_timing_cache(timing_cache, False)
+    return config
+
+
+def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, name: str, targets, target: dict,
+                    timing_cache=None, log: Callable[[str], None] = print) -> dict:
+    """Build one engine (or keep the one whose fingerprint matches); returns its metadata, written beside it."""
+    trt = fl.trt
+    component = source.component
+    entry = bundle.component(component)
+    req = opts.request
+    profiles: list[Profile] = component_profiles(bundle.facts, component, entry, req)
+    engine_rel, meta_rel = f"engines/{name}/{component}.engine", f"engines/{name}/{component}.json"
+    fp = _fingerprint({
+        "src": source.files, "precision": source.precision, "precision_source": source.how,
+        "bundle_dtype": bundle.dtype, "flavour": fl.name, "version": fl.version, "target": target,
+        "options": opts.to_dict(), "request": req.to_dict(), "profiles": [p.to_dict() for p in profiles],
+        "sd3trt": sd3trt.__version__, "meta": META_VERSION,
+    })
+    if not opts.force:
+        meta = _reusable(bundle, meta_rel, fp)
+        if meta is not None:
+            log(f"{component}: unchanged, kept {engine_rel}")
+            return meta
+
+    t0 = time.perf_counter()
+    scopes = bundle.fp32_scopes(source.component, source.precision)
+    graph, prec_report = source.graph(bundle.dtype, opts.keep_fp32, scopes)
+    graph_bytes = graph.SerializeToString()
+    del graph
+    builder, network, parser, logger = _parse(fl, source, graph_bytes)
+    parse_s = time.perf_counter() - t0
+    io = check_bindings(component, entry, _io(network))
+    config = _builder_config(fl, builder, logger, component, profiles, opts, targets, target, timing_cache)
 
     t1 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -318,7 +331,7 @@ def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, nam
         raise Sd3trtError(f"{component}: {fl.name} failed to build the {source.precision} engine ({why[:400]}); {fix}")
     data = bytes(memoryview(plan))
     del plan, network, parser, builder
-    write_bytes_atomic(root / engine_rel, data)
+    write_bytes_atomic(bundle.root / engine_rel, data)
 
     meta = {
         "format": META_FORMAT, "format_version": META_VERSION, "sd3trt_version": sd3trt.__version__,
@@ -341,7 +354,7 @@ def build_component(fl: Flavour, bundle, source: Source, opts: BuildOptions, nam
         "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fp,
     }
-    write_json_atomic(root / meta_rel, meta)
+    write_json_atomic(bundle.root / meta_rel, meta)
     log(f"{component}: built {engine_rel} ({source.precision}) in {build_s:.1f} s ({len(data) / 2**20:.1f} MiB, "
         f"{len(profiles)} profile(s))")
     return meta
@@ -358,6 +371,43 @@ def _timing_cache(fl: Flavour, path: Path):
     return cache if cache is not None else cfg.create_timing_cache(b"")  # damaged, or another version: a new one
 
 
+def _check_strippable(precision: str, sources: dict[str, Source]) -> None:
+    """Weight-stripped engines are refit from the bundle's ONNX at load: only from graphs used as exported."""
+    derived = [s for s in sources.values() if s.how != "as-exported"]
+    if any(s.quantized for s in derived):
+        raise Sd3trtError(f"weight-stripped {precision} engines cannot be refit from the bundle's ONNX (it "
+                          "holds the float transformer); drop --strip-weights")
+    if derived:
+        raise Sd3trtError(
+            f"weight-stripped {derived[0].precision} engines need a {derived[0].precision} bundle (they are refit "
+            f"from the bundle's ONNX); drop --strip-weights or export with --dtype {derived[0].precision}"
+        )
+
+
+def _list_build(bundle, name: str, opts: BuildOptions, fl: Flavour, target: dict, metas: dict[str, dict]) -> dict:
+    """List the build's engines in manifest[engines][name], merged with the components of that build already
+    listed (another build may have landed meanwhile); returns the entry."""
+    built = {c: {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json", "engine_sha256": m["engine_sha256"],
+                 "precision": m["precision"], "precision_source": m["precision_source"]} for c, m in metas.items()}
+
+    options = next(iter(metas.values()))["options"] if metas else {}
+
+    def merge(previous: dict | None) -> dict:
+        kept = {c: v for c, v in build_components(previous or {}).items() if c not in metas and bundle.has(c)}
+        components = {**kept, **built}
+        files = engine_digests(components)
+        files.update({v["metadata"]: sha256_file(bundle.root / v["metadata"]) for v in kept.values()})
+        return {
+            "precision": opts.precision, "flavour": fl.name, "tensorrt_version": fl.version, "target": target,
+            "request": opts.request.to_dict(bundle.facts), "options": options,
+            "components": dict(sorted(components.items())), "files": files,
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    in_place = {v["metadata"]: bundle.root / v["metadata"] for v in built.values()}
+    return commit_entry(bundle.root, ENGINES, name, in_place, merge)
+
+
 def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     """Build every (selected) component; returns the manifest's new engines[<build>] entry.
     `opts` is left as it is (the resolved options are a copy)."""
@@ -370,15 +420,7 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
             raise Sd3trtError(f"bundle {bundle.root} has no component {c!r}; choose from {', '.join(present)}")
     sources = {c: component_source(bundle, c, opts.precision, opts.low) for c in wanted}
     if opts.strip_weights:
-        derived = [s for s in sources.values() if s.how != "as-exported"]
-        if any(s.quantized for s in derived):
-            raise Sd3trtError(f"weight-stripped {opts.precision} engines cannot be refit from the bundle's ONNX (it "
-                              "holds the float transformer); drop --strip-weights")
-        if derived:
-            raise Sd3trtError(
-                f"weight-stripped {derived[0].precision} engines need a {derived[0].precision} bundle (they are refit "
-                f"from the bundle's ONNX); drop --strip-weights or export with --dtype {derived[0].precision}"
-            )
+        _check_strippable(opts.precision, sources)
     if opts.opt_level is not None and not 0 <= opts.opt_level <= 5:
         raise Sd3trtError(f"--opt-level {opts.opt_level} must be in 0..5")
     opts = replace(opts, request=opts.request.validated(bundle.facts), workspace=parse_size(opts.workspace),
@@ -413,22 +455,6 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
     if timing_cache is not None:
         write_bytes_atomic(opts.timing_cache, bytes(memoryview(timing_cache.serialize())))
 
-    built = {c: {"engine": m["engine"], "metadata": f"engines/{name}/{c}.json", "engine_sha256": m["engine_sha256"],
-                 "precision": m["precision"], "precision_source": m["precision_source"]} for c, m in metas.items()}
-
-    def merge(previous: dict | None) -> dict:  # with the entry as it is now: another build may have landed meanwhile
-        kept = {c: v for c, v in build_components(previous or {}).items() if c not in metas and bundle.has(c)}
-        components = {**kept, **built}
-        files = {v["engine"]: v["engine_sha256"] for v in components.values()}
-        files.update({v["metadata"]: sha256_file(bundle.root / v["metadata"]) for v in kept.values()})
-        return {
-            "precision": opts.precision, "flavour": fl.name, "tensorrt_version": fl.version, "target": target,
-            "request": opts.request.to_dict(bundle.facts), "options": metas[wanted[0]]["options"] if wanted else {},
-            "components": dict(sorted(components.items())), "files": files,
-            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-
-    in_place = {v["metadata"]: bundle.root / v["metadata"] for v in built.values()}
-    entry = commit_entry(bundle.root, ENGINES, name, in_place, merge)
+    entry = _list_build(bundle, name, opts, fl, target, metas)
     log(f"build {name!r} done in {time.perf_counter() - t0:.1f} s; manifest updated")
     return entry

@@ -149,9 +149,9 @@ def choose(asked: str, bundle, threads: int = 0) -> Backend:
         raise Sd3trtError(f"unknown calibration backend {asked!r}; use {', '.join(NAMES)}")
     dtype = bundle.dtype
     if dtype == "bf16":
-        raise Sd3trtError("a bf16 bundle cannot be calibrated yet: calibration records img2img runs, and only the "
-                          "tensorrt backend runs bf16 bundles (no ONNX Runtime or OpenVINO pipeline takes them); "
-                          "re-export with --dtype fp16 (or fp32) to quantize")
+        raise Sd3trtError("a bf16 bundle cannot be calibrated yet: the tapped graphs and the accuracy gate run on "
+                          "ONNX Runtime, which has no bf16 kernels on the CPU; re-export with --dtype fp16 (or fp32) "
+                          "to quantize")
     if asked == "auto":
         asked = "cuda" if _gpu_answers() else "openvino" if _openvino_installed() else "onnxruntime"
     if asked == "cuda":

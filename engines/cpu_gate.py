@@ -13,7 +13,6 @@ transformer graph in bf16. The verdicts go to the manifest
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,12 +64,12 @@ def _pipeline(bundle, threads: int, bf16: dict[str, Path]):
                    prompt_cache=0, runner_factory=make)
 
 
-def _images(pipe, requests: list[dict]) -> list[np.ndarray]:
+def images(pipe, requests: list[dict]) -> list[np.ndarray]:
     with pipe:
         return [np.clip(pipe(**r).decoded / 2 + 0.5, 0, 1) for r in requests]
 
 
-def _compare(ref: list[np.ndarray], test: list[np.ndarray]) -> dict:
+def compare(ref: list[np.ndarray], test: list[np.ndarray]) -> dict:
     return {"image": {"psnr_db": summary([psnr_db(a, b) for a, b in zip(ref, test)]),
                       "ssim": summary([ssim(a, b) for a, b in zip(ref, test)])}}
 
@@ -87,10 +86,10 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
     graphs = graphs_of(bundle)
     requests = settings.requests(bundle.facts)
     t0 = time.perf_counter()
-    ref = _images(_pipeline(bundle, threads, {}), requests)
+    ref = images(_pipeline(bundle, threads, {}), requests)
     verdicts = {}
     for key, (component, path) in graphs.items():
-        figures = _compare(ref, _images(_pipeline(bundle, threads, {component: path}), requests))
+        figures = compare(ref, images(_pipeline(bundle, threads, {component: path}), requests))
         ok, why = gate("bf16", figures)
         verdicts[key] = {"passed": ok, "sha256": graph_key(bundle, component, path)[1], **figures,
                          **({"failures": why} if why else {})}
@@ -109,7 +108,7 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
         keys = [k for k in keys if verdicts[k]["passed"]]
         if len(keys) < 2:
             continue
-        figures = _compare(ref, _images(_pipeline(bundle, threads, {graphs[k][0]: graphs[k][1] for k in keys}),
+        figures = compare(ref, images(_pipeline(bundle, threads, {graphs[k][0]: graphs[k][1] for k in keys}),
                                         requests))
         ok, why = gate("bf16", figures)
         together[label] = {"graphs": keys, "passed": ok, **figures}
@@ -125,31 +124,3 @@ def gate_bf16(root: Path, settings: GateSettings = GateSettings(), threads: int 
               "seconds": round(time.perf_counter() - t0, 1)}
     set_entry(Path(root), CPU_GATES, GATE_KEY, record)
     return record
-
-
-def _run(a) -> None:
-    settings = GateSettings(runs=a.runs, steps=a.steps, strength=a.strength, size=a.size)
-    for what, value in (("--runs", a.runs), ("--steps", a.steps), ("--size", a.size)):
-        if value < 1:
-            raise Sd3trtError(f"{what} must be at least 1, got {value}")
-    if not 0 < a.strength <= 1:
-        raise Sd3trtError(f"--strength {a.strength} must be in (0, 1]")
-    record = gate_bf16(a.bundle, settings, a.threads)
-    bf16 = sorted(k for k, g in record["graphs"].items() if g["passed"])
-    print(f"bf16 on OpenVINO: {', '.join(bf16) or 'no graph'} (recorded in {a.bundle / 'manifest.json'}; "
-          f"{record['seconds']:.0f} s)")
-
-
-def add_gate_command(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("gate", help="measure which graphs may run in bf16 on OpenVINO (image vs fp32) and record it",
-                       description="Run img2img on OpenVINO with each graph of the bundle in bf16 and compare the image "
-                                   f"with the fp32 pipeline's (worst PSNR >= {GATE['psnr_db']:g} dB and SSIM >= "
-                                   f"{GATE['ssim']:g}); `--backend openvino` then runs the graphs that passed in bf16.")
-    p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
-    p.add_argument("--runs", type=int, default=GateSettings.runs, help="img2img requests compared (default %(default)s)")
-    p.add_argument("--steps", type=int, default=GateSettings.steps, help="denoising steps (default %(default)s)")
-    p.add_argument("--strength", type=float, default=GateSettings.strength)
-    p.add_argument("--size", type=int, default=GateSettings.size, help="image side in px (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
-    p.set_defaults(func=_run)
-    return p

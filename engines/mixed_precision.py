@@ -158,9 +158,12 @@ def keep_fp32_islands(model: onnx.ModelProto, low: str, ops=DEFAULT_KEEP_FP32,
 
 
 def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32,
-             inplace: bool = False) -> tuple[onnx.ModelProto, dict]:
+             inplace: bool = False, keep_scopes: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
     """fp32 graph -> mixed graph: GEMM-like ops and what follows them in `low`, the rest fp32; fp32 I/O.
-    `keep_fp32` op types stay fp32 even where they would follow a low input."""
+    `keep_fp32` op types stay fp32 even where they would follow a low input, and so does every node whose
+    name starts with one of `keep_scopes` (fnmatch patterns: the bundle's fp32 modules, spec.Fp32Rule)."""
+    import fnmatch
+
     low_t = LOW_TYPES[low]
     model = _copy(model, inplace)
     _check_no_subgraphs(model)
@@ -178,7 +181,9 @@ def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32,
         op = node.op_type
         idx = T_INPUTS.get(op, range(len(node.input)))
         t_inputs = [i for i in idx if i < len(node.input) and is_float(node.input[i])]
-        if op in keep_fp32:
+        scoped = any(fnmatch.fnmatchcase(node.name, scope + "*") for scope in keep_scopes)
+        counts["scoped"] += scoped
+        if op in keep_fp32 or scoped:
             go_low = False
         elif op in LOW_START:
             go_low = bool(t_inputs)
@@ -225,15 +230,18 @@ def autocast(model: onnx.ModelProto, low: str, keep_fp32=DEFAULT_KEEP_FP32,
         "fp32_ops": {k[5:]: v for k, v in counts.items() if k.startswith("fp32:")},
         "casts_added": rw.n_casts,
     }
+    if keep_scopes:
+        report["fp32_scopes"] = {"scopes": list(keep_scopes), "nodes": counts["scoped"]}
     return rw.finish(), report
 
 
 def apply_precision(model: onnx.ModelProto, bundle_dtype: str, precision: str, keep_fp32=DEFAULT_KEEP_FP32,
-                    inplace: bool = False):
+                    inplace: bool = False, keep_scopes: tuple[str, ...] = ()):
     """The graph TensorRT should parse for `precision`, and a report for the engine metadata.
 
     Callers have already refused the combinations export must provide (see build.check_precision).
-    `inplace` edits `model` itself (the builder's fresh copy) instead of a copy.
+    `inplace` edits `model` itself (the builder's fresh copy) instead of a copy. `keep_scopes`: node-name
+    prefixes kept fp32 by autocast (a 16-bit bundle's graph has them in fp32 already, from export).
     """
     keep_fp32 = tuple(keep_fp32)
     if precision == "fp32":
@@ -243,5 +251,5 @@ def apply_precision(model: onnx.ModelProto, bundle_dtype: str, precision: str, k
             return model, {"pass": "none", "note": f"{precision} graph as exported, no fp32 islands requested"}
         return keep_fp32_islands(model, precision, keep_fp32, inplace)
     if bundle_dtype == "fp32":
-        return autocast(model, precision, keep_fp32, inplace)
+        return autocast(model, precision, keep_fp32, inplace, keep_scopes)
     raise Sd3trtError(f"no precision pass from a {bundle_dtype} graph to {precision}")

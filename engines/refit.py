@@ -22,7 +22,8 @@ import numpy as np
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import write_bytes_atomic, write_json_atomic
 from sd3trt.lora import read_loras
-from sd3trt.manifest import ENGINES, build_components, build_option, commit_entry, entry_file, entry_sha256, load_bundle
+from sd3trt.manifest import (ENGINES, build_components, build_flavour, build_option, commit_entry, engine_digests,
+                             entry_file, entry_sha256, load_bundle, newest_build)
 from sd3trt.runtime import lora as lora_runtime
 
 
@@ -44,7 +45,7 @@ def _pick_build(bundle, build: str | None) -> tuple[str, dict]:
         if not refittable:
             raise Sd3trtError(f"bundle {bundle.root} has no engine build made with --refit; build one with "
                               f"`sd3trt build --bundle {bundle.root} --precision fp16 --refit` (on a GPU machine)")
-        build = max(refittable, key=lambda n: builds[n].get("built_at", ""))
+        build = newest_build(builds, refittable)
     entry = bundle.engine_build(build)
     if not build_option(entry, "refit"):
         raise Sd3trtError(f"engine build {build!r} was not built with --refit; rebuild it with `sd3trt build ... "
@@ -66,7 +67,8 @@ def refit_plan(bundle_dir: Path, loras, build: str | None = None) -> RefitPlan:
             raise Sd3trtError(f"engine build {build!r} has no {c} engine, which the LoRA changes")
         meta = json.loads(files[1].read_text())
         own = bundle.component(c) if bundle.has(c) else None
-        if meta.get("precision_source") != "as-exported" or own is None or meta["source_onnx"]["file"] != entry_file(own):
+        from_export = own is not None and meta["source_onnx"]["file"] == entry_file(own)
+        if meta.get("precision_source") != "as-exported" or not from_export:
             raise Sd3trtError(f"the {c} engine of build {build!r} was made from a {meta.get('precision_source')} graph "
                               "whose weights are not the bundle's; fuse the LoRA before quantizing or converting: "
                               "`sd3trt export --lora PATH[:SCALE]`, then quantize/build again")
@@ -98,7 +100,7 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
     bundle = load_bundle(Path(bundle_dir))
     src = bundle.engine_build(plan.build)
     name = name or f"{plan.build}-lora"
-    fl = load_flavour(src["flavour"])
+    fl = load_flavour(build_flavour(src))
     trt, logger = fl.trt, make_logger(fl.trt)
     out_dir = bundle.root / "engines" / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,30 +130,8 @@ def apply_refit(bundle_dir: Path, plan: RefitPlan, name: str | None = None,
         write_json_atomic(bundle.root / meta_rel, meta)
         components[c] = {**v, "engine": engine_rel, "metadata": meta_rel, "engine_sha256": meta["engine_sha256"]}
 
-    entry = {**src, "components": components, "files": {v["engine"]: v["engine_sha256"] for v in components.values()},
+    entry = {**src, "components": components, "files": engine_digests(components),
              "refit_from": plan.build, "loras": [lora.record() for lora in plan.loras],
              "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     in_place = {v["metadata"]: bundle.root / v["metadata"] for v in components.values()}
     return commit_entry(bundle.root, ENGINES, name, in_place, entry)
-
-
-def _refit_command(a) -> None:
-    plan = refit_plan(a.bundle, a.lora, a.engines)
-    for c, weights in plan.describe().items():
-        print(f"{c}: {len(weights)} weight(s) to refit in build {plan.build!r}")
-    if a.plan_only:
-        return
-    from sd3trt.runtime.cuda import find_gpu
-
-    find_gpu()  # refitting needs the GPU the engines run on: a clear error without one
-    apply_refit(a.bundle, plan, a.name)
-
-
-def add_refit_command(sub) -> None:
-    p = sub.add_parser("refit", help="apply a LoRA to TensorRT engines built with --refit (no rebuild)")
-    p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--lora", action="append", required=True, metavar="PATH[:SCALE]", help="repeatable")
-    p.add_argument("--engines", default=None, help="the --refit build to start from (default: the newest)")
-    p.add_argument("--name", default=None, help="name of the new build (default <build>-lora)")
-    p.add_argument("--plan-only", action="store_true", help="check and print the plan; touch no GPU")
-    p.set_defaults(func=_refit_command)

@@ -17,21 +17,27 @@ from typing import Callable
 
 import sd3trt
 from sd3trt.errors import Sd3trtError
+from sd3trt.memory import peak_rss_mib, reset_peak_rss
 from sd3trt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, update_manifest, write_json_atomic
 from sd3trt import lora as lora_files
 from sd3trt import precision as words
 from sd3trt.spec import COMPONENT_SOURCES, COMPONENTS, TOKENIZER_SOURCES, component_specs, read_model_facts
+from sd3trt.spec import fp32_rules as spec_rules
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _fingerprint(model_dir: Path, component: str, dtype: str, opset: int, loras: list | None = None) -> str:
-    """Hash of everything the component's export depends on: source files, options, LoRAs fused, exporter version."""
+def _fingerprint(model_dir: Path, component: str, dtype: str, opset: int, loras: list | None = None,
+                 fp32: list | None = None) -> str:
+    """Hash of everything the component's export depends on: source files, options, LoRAs fused, fp32 rules,
+    exporter version."""
     import torch
 
     h = hashlib.sha256(f"{component}|{dtype}|{opset}|{sd3trt.__version__}|{torch.__version__}|lora-map-1".encode())
     if loras:
         h.update(json.dumps(loras, sort_keys=True).encode())
+    if fp32:
+        h.update(json.dumps(fp32, sort_keys=True).encode())
     src = model_dir / COMPONENT_SOURCES[component]
     for p in sorted(src.rglob("*")):
         if p.is_file():
@@ -96,10 +102,14 @@ def export_bundle(
     components: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
     loras: list | None = None,
+    fp32_rules: dict | None = None,
+    stream_bytes: int | None = None,
 ) -> Path:
     """loras: LoRAs to fuse into the exported weights ('PATH[:SCALE]' strings, paths, (path, scale) pairs or
-    sd3trt.lora.LoraSpec), as diffusers' load_lora_weights + fuse_lora(lora_scale=SCALE) would."""
-    from sd3trt.export.onnx_export import export_component
+    sd3trt.lora.LoraSpec), as diffusers' load_lora_weights + fuse_lora(lora_scale=SCALE) would.
+    fp32_rules: {component: spec.Fp32Rule tuple} in place of the spec's rules for the model (spec.fp32_rules).
+    stream_bytes: weights past this size go to external data, tensor by tensor (default: onnx_export's)."""
+    from sd3trt.export.onnx_export import STREAM_BYTES, export_component
 
     model_dir, out = Path(model_dir), Path(out)
     words.check(dtype, words.FLOATS, "--dtype")
@@ -121,14 +131,21 @@ def export_bundle(
     for i, name in enumerate(wanted, 1):
         fused = [lora for lora in loras if name in lora.modules]
         records = [lora.record() for lora in fused]
-        fp = _fingerprint(model_dir, name, dtype, opset, records)
+        rules = fp32_rules[name] if fp32_rules is not None and name in fp32_rules else spec_rules(model_dir, name)
+        kept = [{"modules": list(r.modules), "dtypes": list(r.dtypes), "upcast_by": r.upcast_by, "source": r.source}
+                for r in rules]
+        fp = _fingerprint(model_dir, name, dtype, opset, records, kept)
         entry = _reusable(out, name, fp)
         if entry is not None:
             log(f"[{i}/{len(wanted)}] {name}: unchanged, kept")
         else:
             log(f"[{i}/{len(wanted)}] {name}: exporting ...")
             t0 = time.perf_counter()
-            files = export_component(model_dir, facts, name, out / "onnx" / f"{name}.onnx", dtype, opset, fused)
+            exact_peak = reset_peak_rss()
+            files = export_component(model_dir, facts, name, out / "onnx" / f"{name}.onnx", dtype, opset, fused,
+                                     stream_bytes=STREAM_BYTES if stream_bytes is None else stream_bytes,
+                                     fp32_rules=tuple(r for r in rules if dtype in r.dtypes))
+            seconds, peak = time.perf_counter() - t0, peak_rss_mib()
             spec = specs[name]
             entry = {
                 "file": f"onnx/{name}.onnx",
@@ -136,15 +153,19 @@ def export_bundle(
                 "outputs": [t.to_dict(words.NUMPY[dtype]) for t in spec.outputs],
                 "files": {f"onnx/{p.name}": sha256_file(p) for p in files},
                 "fingerprint": fp,
-                "export": {"dtype": dtype, "opset": opset, "torch_onnx": "torchscript"},
+                "export": {"dtype": dtype, "opset": opset, "torch_onnx": "torchscript", "seconds": round(seconds, 1),
+                           # this component's own peak where the kernel can reset it, else the process's so far
+                           "peak_rss_mib": round(peak) if peak else None, "peak_rss_own": exact_peak},
             }
             if records:
                 entry["export"]["loras"] = records
+            if kept:
+                entry["export"]["fp32_modules"] = kept
             if f"onnx/{name}.lora.json" in entry["files"]:
                 entry[lora_files.LORA_MAP_KEY] = f"onnx/{name}.lora.json"
             write_json_atomic(out / "onnx" / f"{name}.json", entry)
             size = sum(p.stat().st_size for p in files) / 2**20
-            log(f"[{i}/{len(wanted)}] {name}: done in {time.perf_counter() - t0:.1f} s ({size:.1f} MiB)")
+            log(f"[{i}/{len(wanted)}] {name}: done in {seconds:.1f} s ({size:.1f} MiB, peak RSS {peak / 1024:.1f} GiB)")
         entries[name] = entry
 
     tokenizers = {

@@ -76,9 +76,11 @@ def load_source(model_dir: Path, component: str, dtype: str = "fp32"):
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()  # "Loading checkpoint shards" of a sharded model
     sub = Path(model_dir) / COMPONENT_SOURCES[component]
     tdtype = TORCH_DTYPES[dtype]
     try:
@@ -94,6 +96,42 @@ def load_source(model_dir: Path, component: str, dtype: str = "fp32"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise Sd3trtError(f"cannot load {component} from {sub}: {first}") from None
     return m.eval()
+
+
+def apply_fp32_rules(component: str, source: torch.nn.Module, rules, dtype: str) -> tuple[str, ...]:
+    """Keep the modules the rules name in float32 inside a 16-bit `source` (see spec.Fp32Rule); returns the
+    module paths kept. "sd3trt" rules cast each module's float inputs up and its float outputs back, as
+    NVIDIA's UpcastLayer does; "library" rules are checked (the model code upcasts them itself)."""
+    import fnmatch
+
+    kept = []
+    low = TORCH_DTYPES[dtype]
+    for rule in rules:
+        matched = [(n, m) for n, m in source.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in rule.modules)]
+        if not matched:
+            raise Sd3trtError(f"{component}: no module matches the fp32 rule {list(rule.modules)}; "
+                              "the model's structure differs from the checkpoint the rule is for")
+        for name, m in matched:
+            if rule.upcast_by == "sd3trt":
+                _upcast(m, low)
+            elif any(p.dtype != torch.float32 for p in m.parameters()):
+                raise Sd3trtError(f"{component}: the model library did not keep {name} in float32 ({rule.source}); "
+                                  "install a transformers release that does (>= 4.45)")
+            kept.append(name)
+    return tuple(kept)
+
+
+def _upcast(module: torch.nn.Module, low: torch.dtype) -> None:
+    def up(x):
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def down(x):
+        return x.to(low) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    module.float()
+    module.register_forward_pre_hook(lambda _m, args, kwargs: (tuple(map(up, args)), {k: up(v) for k, v in kwargs.items()}),
+                                     with_kwargs=True)
+    module.register_forward_hook(lambda _m, _a, out: tuple(map(down, out)) if isinstance(out, tuple) else down(out))
 
 
 def wrap(component: str, module) -> torch.nn.Module:

@@ -53,15 +53,22 @@ def weight_map(wrapped: torch.nn.Module, component: str, onnx_path: Path) -> dic
     prefix = WRAPPER_PREFIX[component]
     if any(p.dtype == torch.bfloat16 for p in wrapped.parameters()):
         return {}  # numpy has no bf16; bf16 bundles run on TensorRT, which refits instead
-    graph = onnx.load(str(onnx_path), load_external_data=True).graph
-    by_name, by_bytes = {}, {}
-    for init in graph.initializer:
-        arr = numpy_helper.to_array(init)
-        if arr.ndim != 2:
-            continue
-        by_name[init.name] = arr
-        key = (arr.shape, arr.dtype.str, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest())
-        by_bytes.setdefault(key, []).append(init.name)
+    # Names and shapes come from the graph alone; the weights' bytes are read (one tensor at a time) only
+    # when a weight is not found by name, so a multi-GB graph is never loaded whole.
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    by_name = {init.name: tuple(init.dims) for init in graph.initializer if len(init.dims) == 2}
+    by_bytes: dict = {}
+
+    def content_index() -> dict:
+        if not by_bytes:
+            for init in graph.initializer:
+                if len(init.dims) == 2:
+                    arr = numpy_helper.to_array(init, base_dir=str(Path(onnx_path).parent))
+                    key = (arr.shape, arr.dtype.str, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest())
+                    by_bytes.setdefault(key, []).append(init.name)
+            by_bytes.setdefault(None, [])
+        return by_bytes
+
     found, used = {}, {}
     for name, layer in wrapped.named_modules():
         if not isinstance(layer, torch.nn.Linear) or not name.startswith(prefix):
@@ -69,12 +76,12 @@ def weight_map(wrapped: torch.nn.Module, component: str, onnx_path: Path) -> dic
         module = name[len(prefix):]
         w = layer.weight.detach().cpu().numpy()
         hit = None
-        if name + ".weight" in by_name and by_name[name + ".weight"].shape == w.shape:
+        if by_name.get(name + ".weight") == w.shape:
             hit = (name + ".weight", False)
         else:
             for arr, transposed in ((w, False), (w.T, True)):
                 key = (arr.shape, arr.dtype.str, hashlib.sha256(np.ascontiguousarray(arr).tobytes()).digest())
-                names = by_bytes.get(key, [])
+                names = content_index().get(key, [])
                 if len(names) == 1:
                     hit = (names[0], transposed)
                     break

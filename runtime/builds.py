@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from sd3trt import precision
+from sd3trt import precision as words
 from sd3trt.errors import Sd3trtError
-from sd3trt.manifest import build_precisions
+from sd3trt.manifest import build_flavour, build_precisions, newest_build
 from sd3trt.profiles import SINGLE_BATCH, EngineProfiles, request_shapes
 from sd3trt.spec import COMPONENTS, T5_DEFAULT_LENGTH, request_dims
 
@@ -36,9 +36,9 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
     """(name, manifest entry) of the engine build to use: `build`, $SD3TRT_ENGINE_BUILD, or the newest
     build whose TensorRT flavour is installed; a given precision must be the build's (or picks the build)."""
     if transformer_precision is not None:
-        precision.check(transformer_precision, precision.ENGINE, "transformer precision")
+        words.check(transformer_precision, words.ENGINE, "transformer precision")
     if vae_precision is not None:
-        precision.check(vae_precision, precision.FLOATS, "VAE engine precision")
+        words.check(vae_precision, words.FLOATS, "VAE engine precision")
     engines = bundle.engine_builds()
     if not engines:
         raise Sd3trtError(
@@ -53,17 +53,16 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
 
     build = build or os.environ.get(ENV_BUILD)
     if build:
-        if build not in engines:
-            raise Sd3trtError(f"bundle {bundle.root} has no engine build {build!r}; it has {', '.join(sorted(engines))}")
-        if not fits(engines[build]):
-            tp, vp = build_precisions(engines[build])
+        entry = bundle.engine_build(build)  # refuses a name that is not one of the builds, naming them
+        if not fits(entry):
+            tp, vp = build_precisions(entry)
             raise Sd3trtError(
                 f"engine build {build!r} runs the transformer in {tp} and the VAE in {vp}, not the "
                 f"{transformer_precision or tp} / {vae_precision or vp} asked for; build that with "
                 f"`sd3trt build --bundle {bundle.root} --precision {transformer_precision or vae_precision}` or pick "
                 "another build"
             )
-        return build, engines[build]
+        return build, entry
     candidates = [n for n, e in engines.items() if fits(e)]
     if not candidates:
         have = ", ".join(f"{n} ({'/'.join(build_precisions(e))})" for n, e in sorted(engines.items()))
@@ -73,8 +72,8 @@ def select_build(bundle, build: str | None = None, transformer_precision: str | 
             f"{'transformer' if transformer_precision else 'VAE'} (it has {have}); build one with "
             f"`sd3trt build --bundle {bundle.root} --precision {want}`"
         )
-    usable = [n for n in candidates if _flavour_installed(engines[n].get("flavour", ""))] or candidates
-    name = max(usable, key=lambda n: engines[n].get("built_at", ""))
+    usable = [n for n in candidates if _flavour_installed(build_flavour(engines[n]))] or candidates
+    name = newest_build(engines, usable)
     return name, engines[name]
 
 
@@ -119,10 +118,10 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
     None precisions take the bundle's float graphs / the newest build; on onnxruntime "int8"/"fp8" take the
     graphs of `sd3trt quantize`; on tensorrt a precision takes the build that has it. `files` overrides."""
     if transformer is not None:
-        precision.check(transformer, precision.ENGINE, "transformer precision")
+        words.check(transformer, words.ENGINE, "transformer precision")
     if vae is not None:
-        precision.check(vae, precision.FLOATS + precision.VAE_QUANTIZED, "VAE precision")
-    if vae in precision.VAE_QUANTIZED and backend not in ("onnxruntime", "openvino"):
+        words.check(vae, words.FLOATS + words.VAE_QUANTIZED, "VAE precision")
+    if vae in words.VAE_QUANTIZED and backend not in ("onnxruntime", "openvino"):
         raise Sd3trtError(f"the int8 VAE is a CPU graph, not for the {backend} backend; use --backend onnxruntime "
                           "or openvino, or the fp16/bf16 VAE of a GPU engine build")
     if backend == "tensorrt":
@@ -130,7 +129,7 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
             raise Sd3trtError("onnx_files picks ONNX Runtime graphs; the tensorrt backend runs an engine build "
                               "(engine_build)")
         return {}, select_build(bundle, build, transformer, vae)[0]
-    for word, allowed, what in ((transformer, precision.TRANSFORMER, "transformer"), (vae, precision.VAE, "VAE")):
+    for word, allowed, what in ((transformer, words.TRANSFORMER, "transformer"), (vae, words.VAE, "VAE")):
         if word is not None and word not in allowed:
             raise Sd3trtError(f"the {backend} backend runs the {what} in {' or '.join(allowed)}; {word} is a "
                               f"TensorRT engine precision: use --backend tensorrt and `sd3trt build --precision {word}`")
@@ -144,3 +143,19 @@ def choose_graphs(bundle, backend: str, build: str | None, transformer: str | No
     if unknown:
         raise Sd3trtError(f"onnx_files names {unknown}, which this bundle does not have; use {sorted(chosen)}")
     return {**chosen, **{name: Path(p) for name, p in files.items()}}, build
+
+
+def check_weights(backend: str, weights: str | None) -> None:
+    """Refuse a `weights` choice the backend cannot run (before any graph is chosen)."""
+    if weights is None:
+        return
+    words.check(weights, words.WEIGHTS, "weights")
+    if backend not in ("onnxruntime", "openvino"):
+        raise Sd3trtError(f"8-bit weights are graphs for the CPU backends, not {backend}; use --backend openvino "
+                          "or onnxruntime (TensorRT builds its own precisions)")
+
+
+def compressed_graphs(bundle, chosen: Mapping) -> dict[str, Path]:
+    """The 8-bit-weight graphs (`sd3trt compress-weights`) to run in place of `chosen` bundle graphs."""
+    return {name: path for name, path in bundle.compressed_graphs().items()
+            if Path(chosen.get(name, "")) == bundle.onnx_path(name)}

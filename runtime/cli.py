@@ -63,7 +63,7 @@ def run_img2img(a) -> None:
     with warnings_on_stderr(), Img2Img.from_bundle(
             a.bundle, backend=a.backend, low_memory=a.low_memory, engine_build=a.engines,
             transformer_precision=a.precision, vae_precision=a.vae_precision, loras=a.lora,
-            cpu_precision=a.cpu_precision) as pipe:
+            cpu_precision=a.cpu_precision, weights=a.weights) as pipe:
         res = pipe(
             a.image, a.prompt, negative_prompt=a.negative_prompt, strength=a.strength, steps=a.steps,
             guidance_scale=a.guidance, seed=a.seed, num_images=a.num_images, noise=noise,
@@ -79,13 +79,13 @@ def run_img2img(a) -> None:
 
 def add_precisions(p) -> None:
     """--precision, --vae-precision and --cpu-precision: what img2img and serve run each graph in."""
-    from sd3trt import precision as prec
+    from sd3trt import precision as words
     from sd3trt.runtime.ov_runner import CPU_PRECISIONS
 
-    p.add_argument("--precision", default=None, choices=prec.ENGINE,
+    p.add_argument("--precision", default=None, choices=words.ENGINE,
                    help="transformer precision: onnxruntime/openvino run fp32 graphs or int8/fp8 ones from `sd3trt "
                         "quantize`; tensorrt uses the engine build of this precision (`sd3trt build --precision`)")
-    p.add_argument("--vae-precision", default=None, choices=prec.FLOATS + prec.VAE_QUANTIZED,
+    p.add_argument("--vae-precision", default=None, choices=words.FLOATS + words.VAE_QUANTIZED,
                    help="int8: the VAE's int8 convolutions on the CPU backends (`sd3trt quantize --component "
                         "vae_decoder`); fp16/bf16/fp32 with tensorrt: the engine build whose VAE has it")
     p.add_argument("--cpu-precision", default=None, choices=CPU_PRECISIONS,
@@ -94,9 +94,11 @@ def add_precisions(p) -> None:
 
 
 def add_runtime_commands(sub) -> None:
+    from sd3trt.precision import WEIGHTS
     from sd3trt.runtime.images import DEFAULT_MAX_PIXELS
     from sd3trt.runtime.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_STRENGTH
     from sd3trt.runtime.runners import BACKENDS
+    from sd3trt.spec import T5_DEFAULT_LENGTH
 
     p = sub.add_parser("img2img", help="run SD3 img2img on a bundle")
     p.add_argument("--bundle", type=Path, required=True)
@@ -109,11 +111,14 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=Path, help=".npz with 'latents' [num_images,C,h,w] and optional 'posterior' [1,C,h,w]")
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--max-sequence-length", type=int, default=T5_DEFAULT_LENGTH)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit on input pixels")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     add_precisions(p)
+    p.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="w8: the 8-bit-weight graphs of `sd3trt compress-weights` (CPU backends; half the memory of "
+                        "16-bit weights, for models that would not fit otherwise)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a LoRA (diffusers/PEFT safetensors) into the weights at load time, at SCALE (default 1); "
                         "repeatable; ONNX Runtime backends (TensorRT: `sd3trt refit`)")

@@ -47,6 +47,8 @@ def graph_precisions(bundle, asked: str | None, files: Mapping[str, Path]) -> di
     from sd3trt.runtime.ov_runner import resolve_cpu_precision
 
     resolved = resolve_cpu_precision(asked or "auto")
+    if bundle.dtype == "bf16":  # the graphs are bf16 already: computing in bf16 rounds nothing more
+        return {name: resolved for name in files}
     out = {name: "fp32" for name in files}
     if resolved == "fp32":
         return out

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from sd3trt.errors import Sd3trtError
 from sd3trt.files import write_bytes_atomic
+from sd3trt.spec import SD3_PIXEL_MULTIPLE, SD3_VAE_SCALE_FACTOR
 
 #: Decompression-bomb guard: the most pixels (width * height, read from the file header before any pixel
 #: data is decoded) that :func:`load_image` accepts.  4096 * 4096 = 16,777,216 (16.8 MP): enough for any
@@ -40,11 +41,11 @@ from sd3trt.files import write_bytes_atomic
 #: under ~70 MB.  ``None`` disables this check (Pillow's own ``Image.MAX_IMAGE_PIXELS`` still applies).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
-#: SD3 sizes must be a multiple of vae_scale_factor (8) * transformer patch_size (2).
-DEFAULT_MULTIPLE = 16
+#: target_size's default: ModelFacts.pixel_multiple of the released SD3 / SD3.5 models.
+DEFAULT_MULTIPLE = SD3_PIXEL_MULTIPLE
 
-#: diffusers' VaeImageProcessor floors a requested size to this (SD3's vae_scale_factor).
-VAE_SCALE_FACTOR = 8
+#: preprocess's default, as diffusers' VaeImageProcessor's: the released models' vae_scale_factor.
+VAE_SCALE_FACTOR = SD3_VAE_SCALE_FACTOR
 
 #: Output formats, canonical names (lower case).  "jpg" is accepted as an alias of "jpeg".
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -259,10 +260,12 @@ def target_size(width: int, height: int, multiple: int = DEFAULT_MULTIPLE,
 
 
 def preprocess(image: Image.Image | Sequence[Image.Image], width: int | None = None,
-               height: int | None = None) -> np.ndarray:
-    """PIL image(s) -> float32 [B, 3, H, W] in [-1, 1], as ``VaeImageProcessor.preprocess(image, height, width)``.
+               height: int | None = None, vae_scale_factor: int = VAE_SCALE_FACTOR) -> np.ndarray:
+    """PIL image(s) -> float32 [B, 3, H, W] in [-1, 1], as
+    ``VaeImageProcessor(vae_scale_factor=vae_scale_factor).preprocess(image, height, width)``.
 
-    Like diffusers, ``width``/``height`` default to the first image's size and are floored to a multiple of 8;
+    Like diffusers, ``width``/``height`` default to the first image's size and are floored to a multiple of
+    ``vae_scale_factor`` (the model's: ModelFacts.vae_scale_factor);
     each image is resized with Pillow's Lanczos filter (a no-op copy when the size already matches).
     Non-RGB images are first converted with :func:`to_rgb` (diffusers would pass the extra channels on).
     """
@@ -274,9 +277,9 @@ def preprocess(image: Image.Image | Sequence[Image.Image], width: int | None = N
             raise TypeError(f"preprocess takes PIL images, got {type(im).__name__}")
     width = images[0].width if width is None else int(width)
     height = images[0].height if height is None else int(height)
-    width, height = width - width % VAE_SCALE_FACTOR, height - height % VAE_SCALE_FACTOR
+    width, height = width - width % vae_scale_factor, height - height % vae_scale_factor
     if width < 1 or height < 1:
-        raise Sd3trtError(f"the target size must be at least {VAE_SCALE_FACTOR}x{VAE_SCALE_FACTOR} pixels; "
+        raise Sd3trtError(f"the target size must be at least {vae_scale_factor}x{vae_scale_factor} pixels; "
                           "use a larger width and height")
     out = np.empty((len(images), 3, height, width), dtype=np.float32)
     for i, im in enumerate(images):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
-from sd3trt.lora import LORA_MAP_KEY, LoraFile, Tensor, check_against, read_loras
+from sd3trt.lora import LoraFile, Tensor, check_against, read_loras
 from sd3trt.runtime.bf16 import bf16_bits_to_f32
 
 QUANTIZED_FIX = ("a LoRA cannot be applied to a quantized transformer at load time; fuse it before quantizing: "
@@ -39,9 +39,9 @@ def delta(lora: LoraFile, component: str, module: str) -> np.ndarray:
 def weight_maps(bundle) -> dict[str, dict | None]:
     """component -> its recorded weight map (None when the export recorded none), for the bundle's components."""
     maps = {}
-    for comp, entry in bundle.components().items():
-        rel = entry.get(LORA_MAP_KEY)
-        maps[comp] = json.loads(bundle.path(rel).read_text()) if rel else None
+    for comp in bundle.component_names():
+        path = bundle.lora_map_path(comp)
+        maps[comp] = json.loads(path.read_text()) if path else None
     return maps
 
 

@@ -26,6 +26,8 @@ from sd3trt.runtime.caches import cache_base
 from sd3trt.runtime.runners import Runner, error_line, onnx_file, release_heap
 
 CPU_PRECISIONS = ("auto", "fp32", "bf16")
+# Larger graphs are compiled at every start instead: a full-size transformer's blob would be another 16 GB on disk.
+CACHE_MAX_BYTES = 4 << 30
 HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
@@ -97,6 +99,29 @@ def float_outside_int8(model) -> int:
     return rewired
 
 
+def _float32_io(model, names: set[str]):
+    """The model with float32 tensors at its bf16 inputs and outputs `names` (OpenVINO converts at the edge)."""
+    if not names:
+        return model
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    for i, port in enumerate(model.inputs):
+        if port.get_any_name() in names:
+            ppp.input(i).tensor().set_element_type(ov.Type.f32)
+    for i, port in enumerate(model.outputs):
+        if port.get_any_name() in names:
+            ppp.output(i).tensor().set_element_type(ov.Type.f32)
+    return ppp.build()
+
+
+def graph_bytes(path: Path) -> int:
+    """The graph file and its external data file, if any."""
+    data = Path(f"{path}.data")
+    return Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def model_cache_dir(path: Path) -> Path:
     st = Path(path).stat()
     key = hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -117,21 +142,28 @@ class OvRunner(Runner):
             config["INFERENCE_NUM_THREADS"] = threads
         cache = model_cache_dir(path)
         try:
-            cache.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(cache)
+            if graph_bytes(path) <= CACHE_MAX_BYTES:
+                cache.mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache)
         except OSError:
             pass  # no cache: each start compiles (slower start, same results)
         ov_core = core()
+        bf16_io = [t for t in entry["inputs"] + entry["outputs"] if t["dtype"] == "bfloat16"]
         try:
             model = str(path)
             if name.startswith("vae_") and path.name.endswith(".int8.onnx"):
                 model = ov_core.read_model(model)
                 float_outside_int8(model)
+            if bf16_io:
+                model = _float32_io(ov_core.read_model(model), {t["name"] for t in bf16_io})
             self.compiled = ov_core.compile_model(model, "CPU", config)
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line report
             raise Sd3trtError(f"{name}: OpenVINO cannot compile {path} ({error_line(e)}); re-export it, or use "
                               "--backend onnxruntime") from None
         self.request = self.compiled.create_infer_request()
+        for t in bf16_io:  # numpy has no bf16: the caller feeds and reads float32 (see _float32_io)
+            if t["name"] in self.inputs:
+                self.inputs[t["name"]] = dict(t, dtype="float32")
         release_heap()
 
     def _run(self, feeds):

@@ -37,13 +37,14 @@ from sd3trt.runtime import images as imgs
 from sd3trt.runtime import lora as lora_runtime
 from sd3trt.runtime import plan as plans
 from sd3trt.runtime import scheduler as sch
-from sd3trt.runtime.builds import check_request, choose_graphs
+from sd3trt.runtime.builds import check_request, check_weights, choose_graphs, compressed_graphs
 from sd3trt.runtime.cancel import check_token, stop_if_cancelled
 from sd3trt.runtime.plan import Noise, Plan, RequestError
 from sd3trt.runtime.prompts import PromptEncoder
 from sd3trt.runtime.result import Result
 from sd3trt.runtime.runners import BACKENDS, OrtRunner, Runner, RunnerPool
 from sd3trt.spec import T5_DEFAULT_LENGTH
+from sd3trt import precision as words
 
 __all__ = ["Img2Img", "Noise", "Plan", "Result", "RequestError"]
 
@@ -75,17 +76,21 @@ class Img2Img:
     (path, scale) pairs or sd3trt.lora.LoraSpec); ONNX Runtime backends, float graphs (runtime/lora.py).
     cpu_precision: openvino backend: "auto" (the default: bf16 where the CPU has it natively), "fp32" or "bf16";
     bf16 runs only the graphs whose bf16 image passed `sd3trt gate` on this bundle (runtime/cpu_precision.py).
+    weights: "w8" runs the 8-bit-weight graphs of `sd3trt compress-weights` (CPU backends) for the components
+    that still run their bundle graph; a quantized transformer (transformer_precision) keeps its own graph.
     """
 
     def __init__(self, bundle: Bundle, backend: str = "onnxruntime", *, low_memory: bool = False,
                  runner_factory: Callable[[str], Runner] | None = None, threads: int = 0,
                  engine_build: str | None = None, transformer_precision: str | None = None,
                  vae_precision: str | None = None, onnx_files: Mapping[str, str | Path] | None = None,
-                 prompt_cache: int = 16, loras=None, cpu_precision: str | None = None):
+                 prompt_cache: int = 16, loras=None, cpu_precision: str | None = None, weights: str | None = None):
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if bundle.dtype == "bf16" and backend != "tensorrt":
-            raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; export with --dtype fp32 (or fp16)")
+        if bundle.dtype == "bf16" and backend not in ("tensorrt", "openvino"):
+            raise Sd3trtError(f"the {backend} backend cannot run a bf16 bundle; use --backend openvino, or export "
+                              "with --dtype fp32 (or fp16)")
+        check_weights(backend, weights)
         if cpu_precision is not None and backend != "openvino":
             raise Sd3trtError(f"cpu_precision is for the openvino backend, not {backend}; use --backend openvino "
                               "(ONNX Runtime runs the bundle's float graphs, or --precision int8)")
@@ -96,13 +101,15 @@ class Img2Img:
         loras = lora_runtime.read_for(bundle, backend, loras, transformer_precision, onnx_files or {})
         self._onnx_files, self.engine_build = choose_graphs(bundle, backend, engine_build, transformer_precision,
                                                            vae_precision, onnx_files or {})
+        if weights is not None:
+            self._onnx_files.update(compressed_graphs(bundle, self._onnx_files))
         self.loras, self._initializers = lora_runtime.overrides(bundle, loras, self._onnx_files)
         self.graph_precisions: Mapping[str, str] = MappingProxyType({})  # openvino: fp32/bf16 per component
         if backend == "openvino":
             from sd3trt.runtime.cpu_precision import graph_precisions
 
             self.graph_precisions = MappingProxyType(graph_precisions(bundle, cpu_precision, self._onnx_files))
-        self.float_dtype = np.dtype({"fp32": "float32", "fp16": "float16", "bf16": "float32"}[bundle.dtype])
+        self.float_dtype = np.dtype(words.HOST_NUMPY[bundle.dtype])
         self._pool = RunnerPool(runner_factory or self.default_runner, low_memory)
         self.scheduler_config = sch.SchedulerConfig.from_dict(bundle.scheduler_config)
         dirs = {n: bundle.tokenizer_dir(n) for n in bundle.tokenizer_names()}
@@ -142,6 +149,11 @@ class Img2Img:
     def runner(self, name: str) -> Runner:
         """The loaded runner of component `name` (loaded now if it is not)."""
         return self._pool.get(name)
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        """The components whose weights the load-time LoRAs change (their graphs run with merged weights)."""
+        return tuple(sorted(self._initializers))
 
     @property
     def loaded_components(self) -> tuple[str, ...]:

@@ -129,7 +129,8 @@ def read_image(image, facts, max_pixels: int | None, stream=None) -> tuple[np.nd
             pil = None if arr.dtype in arrays.FLOATS else imgs.to_rgb(arrays.to_pil(arr))
         size = pil.size if pil is not None else arrays.size_of(arr)
         w, h = imgs.target_size(*size, multiple=facts.pixel_multiple, max_side=facts.max_image_side)
-        pixels = imgs.preprocess(pil, w, h) if pil is not None else arrays.preprocess_float(arr, w, h)
+        pixels = (imgs.preprocess(pil, w, h, facts.vae_scale_factor) if pil is not None
+                  else arrays.preprocess_float(arr, w, h))
     return pixels, size, (w, h)
 
 
@@ -159,7 +160,7 @@ def make_noise(noise: Noise | None, seed: int | None, latent_shape: tuple[int, .
     lat = np.array(noise.latents, dtype=np.float32)
     if lat.shape != tuple(latent_shape):
         raise RequestError(f"noise 'latents' has shape {lat.shape}, this request needs {tuple(latent_shape)} "
-                           "(num_images, latent channels, height/8, width/8)", "noise")
+                           "(num_images, latent channels, height and width divided by the VAE factor)", "noise")
     if noise.posterior is None:
         post = np.random.default_rng(seed).standard_normal(post_shape, dtype=np.float32)
     else:

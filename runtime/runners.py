@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.manifest import tensor_specs
 from sd3trt.runtime.ort_gpu import check_session_providers, provider_name
 from sd3trt.runtime.ort_session import ort_session
 
@@ -68,8 +69,8 @@ class Runner:
 
     def __init__(self, name: str, entry: dict):
         self.name = name
-        self.inputs = {t["name"]: t for t in entry["inputs"]}
-        self.outputs = [t["name"] for t in entry["outputs"]]
+        self.inputs = {t["name"]: t for t in tensor_specs(entry, "inputs")}
+        self.outputs = [t["name"] for t in tensor_specs(entry, "outputs")]
         self._lock = threading.Lock()
 
     def check(self, feeds: dict[str, np.ndarray]) -> None:

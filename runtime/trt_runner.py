@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.manifest import build_option, tensor_specs
 from sd3trt.profiles import EngineProfiles
 from sd3trt.runtime.bf16 import bf16_bits_to_f32, f32_to_bf16_bits
 from sd3trt.runtime.builds import read_metadata, select_build
@@ -49,9 +50,6 @@ DIAGNOSTICS = {
     "MALFORMED_ENGINE": "the file is damaged",
     "CUDA_ERROR": "CUDA reported an error",
 }
-
-
-# --------------------------------------------------------------------------- bf16 on the host
 
 
 # --------------------------------------------------------------------------- the runner
@@ -130,7 +128,7 @@ class TrtRunner(Runner):
                 f"{fl.name} {fl.version} cannot load engine {engine_path} ({why[:300]}); it was built for another "
                 f"GPU or TensorRT, rebuild it here with {fl.rebuild_hint(cuda.cc)}"
             )
-        if meta.get("options", {}).get("strip_weights"):
+        if build_option(meta, "strip_weights"):
             self._refit_from_onnx(onnx_path)
         if weight_streaming_budget is not None and hasattr(self.engine, "weight_streaming_budget_v2"):
             self.engine.weight_streaming_budget_v2 = int(weight_streaming_budget)
@@ -354,7 +352,7 @@ def env_options(component: str, meta: dict) -> dict:
     if os.environ.get(ENV_CUDA_GRAPH, "") not in ("", "0"):
         opts["cuda_graph"] = component == "transformer"
     budget = parse_size(os.environ.get(ENV_WS_BUDGET) or None, ENV_WS_BUDGET)
-    if budget is not None and meta.get("options", {}).get("weight_streaming"):
+    if budget is not None and build_option(meta, "weight_streaming"):
         opts["weight_streaming_budget"] = budget
     return opts
 
@@ -362,7 +360,7 @@ def env_options(component: str, meta: dict) -> dict:
 def _check_entry_matches(name: str, entry: dict, meta: dict) -> None:
     if meta.get("component") != name:
         raise Sd3trtError(f"engine metadata is for {meta.get('component')!r}, not {name!r}; re-run `sd3trt build`")
-    want = {t["name"]: t["shape"] for t in entry["inputs"] + entry["outputs"]}
+    want = {t["name"]: t["shape"] for t in tensor_specs(entry, "inputs") + tensor_specs(entry, "outputs")}
     got = {t["name"]: t["shape"] for t in meta["io"]["inputs"] + meta["io"]["outputs"]}
     if want != got:
         raise Sd3trtError(f"{name}: the engine was built from another export of this component; re-run `sd3trt build --force`")

@@ -1,12 +1,8 @@
 """One inference worker (a thread owning one pipeline) per accelerator, fed by a bounded queue.
 
-Requests are not batched. Measured on the project's 2-core CPU machine with ONNX Runtime
-(``python -m sd3trt.benchmarks.batching``, best of 7, several runs): 4 requests' transformer step
-as one call instead of 4 was 1.02-1.16x faster on the tiny model, whose layers are too small to
-keep the cores busy, and a matrix product of SD3's width at 512 px was 1.02x faster batched, i.e.
-nothing at real model sizes; meanwhile a batch makes the first request wait for the last, and
-batching different prompts and images would need a per-item API in the pipeline. Jobs run one at
-a time, in arrival order.
+Jobs run one at a time, in arrival order, never batched: batching gained nothing measurable at real
+model sizes while making each request wait for the whole batch (figures and how to re-measure them:
+"No batching" in server/README.md).
 
 The worker never touches credits: it hands each result (or exception) back to the request's event
 loop, and the request handler commits or refunds its own debit. A job whose request was cancelled is

@@ -15,6 +15,7 @@ VARIANTS = {
     "sd35": dict(sd35=True),
     "no_t5": dict(with_t5=False),
     "p1c8": dict(patch_size=1, latent_channels=8, num_layers=1),
+    "vae2": dict(vae_levels=2, num_layers=1),  # a VAE that downsamples by 2, not 8
 }
 
 

@@ -28,15 +28,16 @@ def injected_noise(latents: np.ndarray, posterior: np.ndarray):
 
 
 def run_reference(model_dir, image, prompt, negative_prompt=None, strength=0.6, steps=4, guidance_scale=7.0,
-                  num_images=1, latents=None, posterior=None, max_sequence_length=256, loras=()):
+                  num_images=1, latents=None, posterior=None, max_sequence_length=256, loras=(), dtype=None):
     """Images as uint8 arrays [N, H, W, 3] from diffusers on the same weights and noise.
-    loras: (path, scale) pairs, each loaded with load_lora_weights and fused with fuse_lora(lora_scale=scale)."""
+    loras: (path, scale) pairs, each loaded with load_lora_weights and fused with fuse_lora(lora_scale=scale).
+    dtype: the pipeline's torch dtype (default float32)."""
     from diffusers import StableDiffusion3Img2ImgPipeline
 
     extra = {}
     if not (Path(model_dir) / "text_encoder_3").is_dir():  # the documented way to run SD3 without T5
         extra = dict(text_encoder_3=None, tokenizer_3=None)
-    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(model_dir, dtype=torch.float32, **extra)
+    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(model_dir, dtype=dtype or torch.float32, **extra)
     pipe.set_progress_bar_config(disable=True)
     for path, scale in loras:  # one at a time: load, fuse at its scale, drop the (now fused) LoRA layers
         pipe.load_lora_weights(str(path))
@@ -48,4 +49,5 @@ def run_reference(model_dir, image, prompt, negative_prompt=None, strength=0.6, 
             num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
             height=image.height, width=image.width, max_sequence_length=max_sequence_length, output_type="np",
         ).images
+    out = out.astype(np.float32)
     return (out * 255).round().clip(0, 255).astype(np.uint8), out

@@ -33,15 +33,12 @@ from sd3trt.export.bundle import export_bundle  # noqa: E402
 from sd3trt.manifest import load_bundle, sha256_file  # noqa: E402
 from sd3trt.runtime.builds import check_request  # noqa: E402
 from sd3trt.spec import concrete_shape, request_dims  # noqa: E402
+from helpers import quiet  # noqa: E402
 
 ALL = ("clip_l", "clip_g", "t5", "vae_encoder", "vae_decoder", "transformer")
 # Small ranges keep every build around a second; two image ranges would double the profiles.
 REQUEST = ShapeRequest(images=(Range(64, 128, 256),), image_step=16, batch=Range(1, 1, 2), cfg="both",
                        t5_seq=Range(8, 16, 32))
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _copy_bundle(src, dst):
@@ -58,7 +55,7 @@ def fp32_bundle(tiny_sd3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp16_bundle(tiny_sd3, tmp_path_factory):
     out = tmp_path_factory.mktemp("b16") / "bundle"
-    export_bundle(tiny_sd3[0], out, dtype="fp16", log=_quiet)
+    export_bundle(tiny_sd3[0], out, dtype="fp16", log=quiet)
     return out
 
 
@@ -68,12 +65,12 @@ def bf16_text_bundle(tiny_sd3, tmp_path_factory):
     (ONNX's type check rejects bf16 Conv below opset 22), which is why bf16 engines for the VAE and the
     transformer are derived from the fp32 bundle (autocast) - see fp32_bf16_build."""
     out = tmp_path_factory.mktemp("bbf16") / "bundle"
-    export_bundle(tiny_sd3[0], out, dtype="bf16", components=("clip_l", "clip_g", "t5"), log=_quiet)
+    export_bundle(tiny_sd3[0], out, dtype="bf16", components=("clip_l", "clip_g", "t5"), log=quiet)
     return out
 
 
 def _build(bundle, **kw):
-    return build_engines(bundle, BuildOptions(request=REQUEST, **kw), log=_quiet)
+    return build_engines(bundle, BuildOptions(request=REQUEST, **kw), log=quiet)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +226,7 @@ def test_static_build(fp16_bundle):
     entry = build_engines(fp16_bundle, BuildOptions(
         "fp16", name="static", components=("transformer",), compute_capabilities=("8.9",),
         request=ShapeRequest(images=(Range(64, 96, 128),), batch=Range(1, 1, 2), cfg="on", t5_seq=Range(8, 16, 32),
-                             static=True)), log=_quiet)
+                             static=True)), log=quiet)
     meta = _meta(fp16_bundle, entry, "transformer")
     (p,) = meta["profiles"]
     assert all(s["min"] == s["opt"] == s["max"] for s in p["shapes"].values())
@@ -249,7 +246,7 @@ def test_weight_stripped_build(fp16_bundle, capfd):
     opts = BuildOptions("fp16", name="stripped", components=("clip_l",), compute_capabilities=("8.9",),
                         strip_weights=True, request=REQUEST)
     try:
-        entry = build_engines(fp16_bundle, opts, log=_quiet)
+        entry = build_engines(fp16_bundle, opts, log=quiet)
     except Sd3trtError as e:
         msg = str(e)
         assert "cannot build refittable or weight-stripped engines without a GPU" in msg, msg
@@ -281,7 +278,7 @@ def test_precision_must_match_the_bundle():
 def test_bad_build_options_are_refused(fp16_bundle, fp32_bundle):
     def build(bundle, **kw):
         kw.setdefault("request", REQUEST)
-        return build_engines(bundle, BuildOptions(**kw), log=_quiet)
+        return build_engines(bundle, BuildOptions(**kw), log=quiet)
 
     with pytest.raises(Sd3trtError, match="--dtype fp16"):
         build(fp32_bundle, precision="fp16")
@@ -463,7 +460,7 @@ def test_sd35_transformer_bf16(tiny_factory, tmp_path):
     (ref,), (got,) = _session(src).run(None, feeds), _session(mixed).run(None, feeds)
     assert float(np.abs(ref - got).max() / np.abs(ref).max()) < 1e-2
     entry = build_engines(bundle_dir, BuildOptions("bf16", components=("transformer",), compute_capabilities=("8.9",),
-                                                   request=REQUEST), log=_quiet)
+                                                   request=REQUEST), log=quiet)
     meta = _meta(bundle_dir, entry, "transformer")
     assert meta["precision_source"] == "autocast" and meta["engine_bytes"] > 100_000
     load_bundle(bundle_dir, verify_checksums=True)

@@ -141,32 +141,6 @@ def test_cli_bad_inputs(tiny_sd3, tmp_path):
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o1" / "manifest.json").exists()
 
 
-def test_external_data_path_is_consolidated(tiny_sd3, tmp_path):
-    """The >2 GB path (weights in one external file) on a small graph: same outputs, one data file."""
-    import onnx
-
-    from sd3trt.export.onnx_export import _consolidate
-
-    _, bundle_dir = tiny_sd3
-    b = load_bundle(bundle_dir)
-    raw = tmp_path / "raw" / "model.onnx"
-    raw.parent.mkdir()
-    model = onnx.load(str(b.onnx_path("transformer")))
-    onnx.save_model(model, str(raw), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
-    assert len(list(raw.parent.iterdir())) > 10  # the exporter's many-files layout
-    staged = tmp_path / "out" / "transformer.onnx"
-    staged.parent.mkdir()
-    assert _consolidate(raw, staged, "transformer.onnx.data")
-    assert sorted(p.name for p in staged.parent.iterdir()) == ["transformer.onnx", "transformer.onnx.data"]
-    onnx.checker.check_model(str(staged))
-    facts = b.facts
-    args = example_inputs(facts, "transformer", "fp32", request_dims(facts, 1, 64, 48, 5))
-    feeds = {t.name: a.numpy() for t, a in zip(component_specs(facts)["transformer"].inputs, args)}
-    ref = ort.InferenceSession(str(b.onnx_path("transformer"))).run(None, feeds)[0]
-    out = ort.InferenceSession(str(staged)).run(None, feeds)[0]
-    assert np.array_equal(ref, out)
-
-
 def test_commands_print_no_third_party_noise(tmp_path):
     """make-tiny / export print their own progress only: no transformers advice on torchvision, no diffusers
     note on the T5 a --no-t5 model leaves out."""

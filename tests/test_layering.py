@@ -146,10 +146,23 @@ def test_runtime_runs_with_heavy_and_sibling_packages_blocked(tiny_sd3):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-@pytest.mark.parametrize("module", ["sd3trt", "sd3trt.runtime", "sd3trt.runtime.images"])
-def test_light_imports_stay_light(module):
-    code = (f"import sys, {module}\n"
-            "heavy = [m for m in ('sd3trt.runtime.pipeline', 'onnxruntime', 'tokenizers') if m in sys.modules]\n"
+NO_BACKEND = ("sd3trt.runtime.pipeline", "onnxruntime", "tokenizers")  # `import sd3trt` loads no backend
+NO_EXPORT = ("torch", "diffusers", "transformers", "onnx")  # the runtime runs without the export stack
+LIGHT = [  # (modules imported, modules they must not load)
+    ("sd3trt", NO_BACKEND),
+    ("sd3trt.runtime", NO_BACKEND),
+    ("sd3trt.runtime.images", NO_BACKEND + NO_EXPORT),
+    ("sd3trt.runtime.pipeline, sd3trt.runtime.cli, sd3trt.cli", NO_EXPORT),
+    ("sd3trt.runtime.scheduler", NO_EXPORT + ("scipy",)),
+    ("sd3trt.runtime.tokenization", NO_EXPORT),
+    ("sd3trt.runtime.trt_runner", NO_EXPORT),
+]
+
+
+@pytest.mark.parametrize("modules, heavy", LIGHT, ids=[m for m, _ in LIGHT])
+def test_light_imports_stay_light(modules, heavy):
+    code = (f"import sys, {modules}\n"
+            f"heavy = [m for m in {heavy!r} if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

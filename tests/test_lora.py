@@ -105,7 +105,7 @@ def test_export_and_load_time_match_diffusers(tiny_factory, lora_files, tmp_path
         export_figures = _compare(pipe(image, "a fox", negative_prompt="blurry", noise=Noise(latents, posterior),
                                        **args), ref_u8, ref_float)
     with Img2Img.from_bundle(bundle, loras=loras) as pipe:
-        assert sorted(pipe._initializers) == ["clip_l", "transformer"]
+        assert sorted(pipe.lora_components) == ["clip_l", "transformer"]
         load_figures = _compare(pipe(image, "a fox", negative_prompt="blurry", noise=Noise(latents, posterior),
                                      **args), ref_u8, ref_float)
     print(f"LoRA parity {variant} scales {scales}: export {export_figures}, load time {load_figures}")

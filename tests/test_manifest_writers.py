@@ -20,16 +20,21 @@ def _writer(root: str, tag: str, start) -> None:
         set_entry(Path(root), "engines", f"{tag}-{i}", {"i": i})
 
 
-def test_two_processes_writing_at_once_both_land(tmp_path):
-    update_manifest(tmp_path, lambda _: {"format": "sd3trt-bundle", "engines": {}})
+def _at_once(target, root: Path, tags: tuple[str, str]) -> None:
+    """Run target(root, tag, barrier) in two spawned processes that start together; both must succeed."""
     ctx = mp.get_context("spawn")
     start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), tag, start)) for tag in ("build", "quantize")]
+    procs = [ctx.Process(target=target, args=(str(root), tag, start)) for tag in tags]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
+
+
+def test_two_processes_writing_at_once_both_land(tmp_path):
+    update_manifest(tmp_path, lambda _: {"format": "sd3trt-bundle", "engines": {}})
+    _at_once(_writer, tmp_path, ("build", "quantize"))
     engines = json.loads((tmp_path / MANIFEST).read_text())["engines"]
     assert sorted(engines) == sorted(f"{t}-{i}" for t in ("build", "quantize") for i in range(N))
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # no temp file left
@@ -53,14 +58,7 @@ def _committer(root: str, tag: str, start) -> None:
 
 def test_two_processes_committing_at_once_both_land(tmp_path):
     update_manifest(tmp_path, lambda _: {"format": "sd3trt-bundle"})
-    ctx = mp.get_context("spawn")
-    start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_committer, args=(str(tmp_path), tag, start)) for tag in ("vae", "transformer")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    _at_once(_committer, tmp_path, ("vae", "transformer"))
     quantized = json.loads((tmp_path / MANIFEST).read_text())["quantized"]
     assert sorted(quantized) == sorted(f"{t}-{i}" for t in ("vae", "transformer") for i in range(N))
     rel = "onnx/vae-3.onnx"

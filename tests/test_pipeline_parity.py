@@ -11,8 +11,8 @@ from sd3trt.runtime.pipeline import Img2Img, Noise
 
 # Measured (fp32, ONNX Runtime CPU vs diffusers eager, the cases below): the float images before
 # quantization differ by at most 3.4e-6 (of a [0, 1] range); the uint8 images are identical in 4 cases and
-# differ in exactly 1 pixel by 1 level in 2 (a value sitting on a rounding boundary). Tolerances: 1 level,
-# the bound, and 1e-5 on the float image, 3x the worst measured case.
+# differ in exactly 1 pixel by 1 level in 2 (a value sitting on a rounding boundary). Tolerances: 1 level
+# on the uint8 image, and 1e-5 on the float image, 3x the worst measured case.
 MAX_LEVELS = 1
 MAX_FLOAT = 1e-5
 

@@ -23,14 +23,11 @@ from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
 from sd3trt.runtime.ort_session import ort_session
 from sd3trt.runtime.pipeline import Img2Img
+from helpers import quiet
 
 # Small calibration: 3 runs (2 fit, 1 held out) x 3 steps at 64 px, CFG batch 2.
 SETTINGS = CalibSettings(prompts=3, holdout=1, steps=3, strength=0.9, size=64)
 QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +35,7 @@ def qbundle(tiny_sd3, tmp_path_factory):
     """A private copy of the tiny fp32 bundle with both quantized transformers (gate enforced)."""
     root = tmp_path_factory.mktemp("quant") / "bundle"
     shutil.copytree(tiny_sd3[1], root)
-    entries = {p: quantize_bundle(root, p, SETTINGS, threads=2, log=_quiet) for p in ("int8", "fp8")}
+    entries = {p: quantize_bundle(root, p, SETTINGS, threads=2, log=quiet) for p in ("int8", "fp8")}
     return root, entries
 
 
@@ -158,11 +155,11 @@ def test_keep_list_is_configurable(qbundle):
 
     # Everything quantized (Gemms rewritten to MatMul + Add, attention matmuls with two activation Q/DQ)
     # still runs on ONNX Runtime and stays close to fp32 - the keep-list is about margin, not validity.
-    data = collect(load_bundle(root), SETTINGS, log=_quiet)
+    data = collect(load_bundle(root), SETTINGS, log=quiet)
     fit, held = data.split()
     nodes = {n.name: n for n in src.graph.node}
     taps = everything.taps() + [nodes[l.node].input[1] for l in everything.layers if l.kind == "attention"]
-    ranges = activation_ranges(root / "onnx" / "transformer.onnx", list(dict.fromkeys(taps)), data, fit, log=_quiet)
+    ranges = activation_ranges(root / "onnx" / "transformer.onnx", list(dict.fromkeys(taps)), data, fit, log=quiet)
     qm, _ = quantize_model(src, "int8", everything, ranges)
     onnx.checker.check_model(qm, full_check=True)
     assert not any(n.op_type == "Gemm" for n in qm.graph.node)
@@ -199,18 +196,18 @@ def test_calibration_records_every_step_and_is_cached(qbundle):
 
 def test_range_methods_order(qbundle):
     root, _ = qbundle
-    data = collect(load_bundle(root), SETTINGS, log=_quiet)
+    data = collect(load_bundle(root), SETTINGS, log=quiet)
     fit, _ = data.split()
     plan = plan_layers(onnx.load(str(root / "onnx" / "transformer.onnx"), load_external_data=False))
     taps = plan.taps()[:6]
     path = root / "onnx" / "transformer.onnx"
-    mx = activation_ranges(path, taps, data, fit, "max", log=_quiet)
-    pc = activation_ranges(path, taps, data, fit, "percentile", percentile=99.0, log=_quiet)
-    ms = activation_ranges(path, taps, data, fit, "mse", precision="int8", log=_quiet)
+    mx = activation_ranges(path, taps, data, fit, "max", log=quiet)
+    pc = activation_ranges(path, taps, data, fit, "percentile", percentile=99.0, log=quiet)
+    ms = activation_ranges(path, taps, data, fit, "mse", precision="int8", log=quiet)
     for t in taps:
         assert 0 < pc[t] <= mx[t] * (1 + 1e-6) and 0 < ms[t] <= mx[t] * (1 + 1e-6)
     with pytest.raises(Sd3trtError, match="method"):
-        activation_ranges(path, taps, data, fit, "entropy", log=_quiet)
+        activation_ranges(path, taps, data, fit, "entropy", log=quiet)
 
 
 # --------------------------------------------------------------------------- the accuracy gate
@@ -239,7 +236,7 @@ def test_a_failed_gate_leaves_the_bundle_alone(qbundle, tmp_path):
     th = {**acc.THRESHOLDS["int8"], "snr_db": float("inf")}
     why = r"fails the accuracy gate \(transformer SNR dB [\d.]+ < inf\); keep .*--keep"
     with pytest.raises(Sd3trtError, match=why):
-        quantize_bundle(root, "int8", SETTINGS, keep=(), image_gate=False, thresholds=th, threads=2, log=_quiet)
+        quantize_bundle(root, "int8", SETTINGS, keep=(), image_gate=False, thresholds=th, threads=2, log=quiet)
     assert (root / "manifest.json").read_bytes() == before
     assert not list((root / "onnx").glob(".transformer.*"))  # no staging left behind
     assert load_bundle(root).quantized_entry("int8") == qbundle[1]["int8"]
@@ -306,7 +303,7 @@ def test_lowering_keeps_qdq_next_to_the_gemms(qbundle):
     from sd3trt.engines.mixed_precision import elem_types
 
     root, entries = qbundle
-    data = collect(load_bundle(root), SETTINGS, log=_quiet)
+    data = collect(load_bundle(root), SETTINGS, log=quiet)
     feeds = data.feeds(data.split()[1][0])
     for precision in ("int8", "fp8"):
         qpath = root / entries[precision]["file"]
@@ -349,7 +346,7 @@ def test_quantized_engine_builds(qbundle, tmp_path, precision, cc):
     low = "fp16" if precision == "int8" else "bf16"  # an fp32 bundle: bf16 unless named
     opts = BuildOptions(precision, components=("transformer",), request=req, flavour="tensorrt_rtx",
                         compute_capabilities=(cc,), workspace="256MiB", low="fp16" if low == "fp16" else None)
-    entry = build_engines(root, opts, log=_quiet)
+    entry = build_engines(root, opts, log=quiet)
     assert opts.workspace == "256MiB" and opts.request is req  # the caller's options are left alone
     name = f"{precision}-rtx-sm{cc.replace('.', '')}"
     bundle = load_bundle(root, verify_checksums=True)
@@ -377,9 +374,9 @@ def test_quantized_engine_builds(qbundle, tmp_path, precision, cc):
     if precision == "fp8":
         for ccs in (("8.6",), ()):  # a named Ampere target, and the portable default (which has 8.6)
             with pytest.raises(Sd3trtError, match="FP8 needs compute capability 8.9"):
-                build_engines(root, BuildOptions("fp8", compute_capabilities=ccs, flavour="tensorrt_rtx"), log=_quiet)
+                build_engines(root, BuildOptions("fp8", compute_capabilities=ccs, flavour="tensorrt_rtx"), log=quiet)
         with pytest.raises(Sd3trtError, match="weight-stripped fp8 engines cannot be refit"):
-            build_engines(root, BuildOptions("fp8", compute_capabilities=("8.9",), strip_weights=True), log=_quiet)
+            build_engines(root, BuildOptions("fp8", compute_capabilities=("8.9",), strip_weights=True), log=quiet)
 
 
 # --------------------------------------------------------------------------- command line

@@ -2,7 +2,7 @@
 gate for both precisions, FP8 attention (NVIDIA's recipe), TensorRT-RTX engines from the result.
 
 The models have head_dim 16 (TensorRT's fused FP8 attention needs head_dim % 16 == 0; the other tiny
-variants have 8). The SD3.5 style is the issue-14 model: qk RMS-norm, a dual-attention block, a 3-level VAE
+variants have 8). The SD3.5 style has qk RMS-norm, a dual-attention block, a 3-level VAE
 and CLIP-G padded with "!".
 
 Everything is the CLI default except `--calib-scale 0.25` (and --threads 2): the default calibration is 12
@@ -25,16 +25,13 @@ from sd3trt.engines.calibrate import picture
 from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.manifest import load_bundle
 from sd3trt.runtime.pipeline import Img2Img
+from helpers import quiet
 
 STYLES = {
     "sd3": dict(head_dim=16),
     "sd35": dict(sd35=True, head_dim=16, vae_levels=3),
 }
 ARGS = ["--calib-scale", "0.25", "--threads", "2"]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def quantized(tmp_path_factory):
     for style, kw in STYLES.items():
         base = tmp_path_factory.mktemp(f"qdefaults-{style}")
         model = make_tiny(base / "model", TinyOptions(**kw))
-        root = export_bundle(model, base / "bundle", log=_quiet)
+        root = export_bundle(model, base / "bundle", log=quiet)
         res = {}
         for p in ("int8", "fp8"):
             buf = io.StringIO()
@@ -63,7 +60,7 @@ def quantized(tmp_path_factory):
     return out
 
 
-def test_the_sd35_style_model_is_the_issue_model(quantized):
+def test_the_sd35_style_model_has_the_sd35_features(quantized):
     root, _ = quantized["sd35"]
     model_dir = root.parent / "model"
     t = json.loads((model_dir / "transformer" / "config.json").read_text())
@@ -137,10 +134,10 @@ def test_a_broken_scale_fails_the_gate(quantized, tmp_path):
     path = tmp_path / "broken.onnx"
     onnx.save(model, str(path))
     settings = CalibSettings(**entry["calibration"]["settings"])
-    data = collect(bundle, settings, log=_quiet)
+    data = collect(bundle, settings, log=quiet)
     held = data.split()[1]
     figures = {"transformer": acc.transformer_accuracy(bundle.onnx_path("transformer"), path, data, held, 2),
-               "image": acc.image_accuracy(bundle, path, settings, [int(data.run[held[0]])], 2, _quiet)}
+               "image": acc.image_accuracy(bundle, path, settings, [int(data.run[held[0]])], 2, quiet)}
     ok, why = acc.gate("fp8", figures)
     assert not ok and why[0].startswith("image PSNR dB"), figures
 
@@ -162,7 +159,7 @@ def test_engines_build_with_8bit_layers(quantized, tmp_path, style, precision, c
                        t5_seq=Range(8, 16, 32))
     opts = BuildOptions(precision, components=("transformer",), request=req, flavour="tensorrt_rtx",
                         compute_capabilities=(cc,), workspace="256MiB", low="fp16")
-    built = build_engines(root, opts, log=_quiet)
+    built = build_engines(root, opts, log=quiet)
     meta = json.loads((root / built["components"]["transformer"]["metadata"]).read_text())
     assert meta["precision"] == precision and meta["strongly_typed"] and meta["engine_bytes"] > 0
 

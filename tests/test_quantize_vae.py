@@ -15,12 +15,9 @@ from sd3trt.engines.vae_quant import THRESHOLDS, quantize_vae
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import load_bundle, sha256_file
 from sd3trt.runtime.pipeline import Img2Img
+from helpers import quiet
 
 SETTINGS = CalibSettings(prompts=4, holdout=1, size=64)
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +95,7 @@ def test_a_failed_gate_leaves_the_bundle_alone(vbundle, tmp_path):
     before = (root / "manifest.json").read_bytes()
     # Failure forced by a threshold no graph reaches, not by this CPU's integer numerics.
     with pytest.raises(Sd3trtError, match=r"int8 vae_encoder fails the accuracy gate \(.*latent SNR dB [\d.]+ < inf"):
-        quantize_vae(root, "vae_encoder", SETTINGS, thresholds={"latent_snr_db": float("inf")}, threads=2, log=_quiet)
+        quantize_vae(root, "vae_encoder", SETTINGS, thresholds={"latent_snr_db": float("inf")}, threads=2, log=quiet)
     assert (root / "manifest.json").read_bytes() == before
     assert not (root / "onnx" / "vae_encoder.int8.onnx").exists()
     assert not [p for p in (root / "onnx").iterdir() if p.name.startswith(".")]  # no staging left

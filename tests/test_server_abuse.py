@@ -1,4 +1,4 @@
-"""The server under abuse, as a real process on loopback (issue 15): idle and slow connections, slow image
+"""The server under abuse, as a real process on loopback: idle and slow connections, slow image
 hosts, junk methods, a locked key database, large bodies, clients that leave, then SIGTERM.
 
 Every client here is on 127.0.0.0/8 (several source addresses, to exercise the per-address cap); every

@@ -1,4 +1,4 @@
-"""Two server processes on one key database (issue 15, item 3): images delivered == credits spent.
+"""Two server processes on one key database: images delivered == credits spent.
 
 1. A busy instance keeps its lease: its heartbeat runs in a thread of its own, so a generation longer
    than the lease plus a full fetch pool on A do not let B refund A's pending debits.

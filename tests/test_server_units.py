@@ -298,7 +298,7 @@ def test_engines_loaded_waits_for_the_load_and_names_a_failure(tmp_path):
         srv.pools.close()
 
 
-# -- IPv6 spellings of internal addresses (issue 15, item 4) -----------------------------------------------
+# -- IPv6 spellings of internal addresses ------------------------------------------------------------------
 
 IPV6_REFUSED = [
     "::169.254.169.254",  # IPv4-compatible metadata
@@ -370,7 +370,7 @@ def test_the_server_refuses_the_ipv6_list_before_any_connect(tmp_path):
     assert calls == []
 
 
-# -- one deadline for the whole fetch, enforced on the socket (issue 15, item 2) ---------------------------
+# -- one deadline for the whole fetch, enforced on the socket ----------------------------------------------
 
 class Dripper:
     """127.0.0.1: answers one connection by dripping its response header, or its body, a byte per 0.2 s."""
@@ -448,7 +448,7 @@ def test_fetch_deadline_counts_time_spent_waiting():
     assert e.value.code == "url_timeout"
 
 
-# -- the ASGI gate: generic 500, 499, 503 at shutdown (issue 15, items 9 and 11) ---------------------------
+# -- the ASGI gate: generic 500, 499, 503 at shutdown ------------------------------------------------------
 
 class _Hooks:
     def __init__(self, draining=False):
