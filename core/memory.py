@@ -41,3 +41,12 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def available_mib() -> float | None:
+    """Memory a new allocation can have now: MemAvailable (plus free swap) from /proc/meminfo; None elsewhere."""
+    try:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    except (OSError, ValueError, IndexError):
+        return None
+    return (info.get("MemAvailable", 0) + info.get("SwapFree", 0)) / 1024

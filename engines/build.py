@@ -35,6 +35,7 @@ from sd3trt.errors import Sd3trtError
 from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
 from sd3trt.manifest import (ENGINES, build_components, commit_entry, engine_digests, entry_file, entry_files,
                              load_bundle, quantized_summary, tensor_specs)
+from sd3trt.memory import available_mib
 from sd3trt.profiles import Profile, ShapeRequest, component_profiles
 from sd3trt.runtime.flavour import Flavour, load_flavour
 from sd3trt.sizes import parse_size
@@ -408,6 +409,33 @@ def _list_build(bundle, name: str, opts: BuildOptions, fl: Flavour, target: dict
     return commit_entry(bundle.root, ENGINES, name, in_place, merge)
 
 
+# A build holds about this many times its graph's weights at its peak (TensorRT-RTX 1.7 on the CPU, measured:
+# SD3.5-Large's T5-XXL in bf16, 9.5 GB of weights, peaked at 18.2 GiB RSS), plus a base for the process.
+BUILD_MEMORY_FACTOR = 2.0
+BUILD_MEMORY_BASE_MIB = 1024
+
+
+def check_memory(sources: dict, wanted: list[str]) -> None:
+    """Refuse, before any work, the engines whose build would not fit this machine's available memory."""
+    available = available_mib()
+    if available is None:
+        return
+    need = {}
+    for c in wanted:
+        path = Path(sources[c].onnx_path)
+        data = Path(f"{path}.data")
+        weights = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        need[c] = BUILD_MEMORY_FACTOR * weights / 2**20 + BUILD_MEMORY_BASE_MIB
+    too_big = [c for c in wanted if need[c] > available]
+    if too_big:
+        c = max(too_big, key=need.get)
+        rest = [x for x in wanted if x not in too_big]
+        hint = f", or build the rest here with --components {','.join(rest)}" if rest else ""
+        raise Sd3trtError(f"building the {c} engine needs about {need[c] / 1024:.0f} GiB of memory (twice its graph's "
+                          f"weights) and this machine has {available / 1024:.0f} GiB available; build it on a machine "
+                          f"with more memory (TensorRT-RTX builds ahead of time, without a GPU){hint}")
+
+
 def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None] = print) -> dict:
     """Build every (selected) component; returns the manifest's new engines[<build>] entry.
     `opts` is left as it is (the resolved options are a copy)."""
@@ -419,6 +447,7 @@ def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], Non
         if c not in present:
             raise Sd3trtError(f"bundle {bundle.root} has no component {c!r}; choose from {', '.join(present)}")
     sources = {c: component_source(bundle, c, opts.precision, opts.low) for c in wanted}
+    check_memory(sources, wanted)
     if opts.strip_weights:
         _check_strippable(opts.precision, sources)
     if opts.opt_level is not None and not 0 <= opts.opt_level <= 5:

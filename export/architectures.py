@@ -1,12 +1,10 @@
 """Real SD3 / SD3.5 architectures: the one table of their configs (weights are random here, no hub).
 
-The full-size export test writes random transformers from it, and the benchmark builds its model shapes
-from it (full depth, or the same widths with fewer layers).
+`sd3trt make-random` (export/random_model.py) writes random-weight models from it, at full depth or the same
+widths with fewer layers, for the full-size tests and the benchmark's model shapes.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 TRANSFORMERS = {
     # stabilityai/stable-diffusion-3-medium-diffusers: 2.0 B parameters
@@ -36,26 +34,3 @@ SD3_VAE = dict(
 TEXT_ENCODER_DEPTH = {"clip_l": 12, "clip_g": 32, "t5": 24}
 # Layers of each depth-scaled component of the real checkpoints.
 FULL_DEPTH = {arch: {"transformer": cfg["num_layers"], **TEXT_ENCODER_DEPTH} for arch, cfg in TRANSFORMERS.items()}
-
-
-def transformer_widths(arch: str) -> dict:
-    """The transformer config of `arch` without its depth (num_layers)."""
-    return {k: v for k, v in TRANSFORMERS[arch].items() if k != "num_layers"}
-
-
-def write_random_transformer(arch: str, model_dir: Path, dtype: str = "fp32", seed: int = 0) -> Path:
-    """A diffusers model directory holding only `transformer/` with random weights of a real architecture."""
-    import torch
-    from diffusers import SD3Transformer2DModel
-
-    from sd3trt.export.components import TORCH_DTYPES
-
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(TORCH_DTYPES[dtype])  # initialise in the target dtype: 8 B params in fp32 is 32 GB
-    try:
-        model = SD3Transformer2DModel(**TRANSFORMERS[arch]).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(Path(model_dir) / "transformer", safe_serialization=True)
-    return Path(model_dir)

@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sd3trt.runtime import images as imgs
 from sd3trt.server.config import ServerConfig
+from sd3trt.server.credits import db_unavailable
 from sd3trt.server.middleware import Gate
+from sd3trt.server.outage import StoreUnavailable
 from sd3trt.server.protocol import protocol_class
 from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response
 from sd3trt.server.service import Server
@@ -53,6 +55,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         return error_response(e.status, e.code, e.message, e.field, e.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, e: StoreUnavailable):
+        # Not a bug: the store logged the outage once; the request gets its one log line (503) from the Gate.
+        err = db_unavailable(e)
+        return error_response(err.status, err.code, err.message, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):

@@ -8,7 +8,15 @@ from pathlib import Path
 
 from sd3trt.server import inputs
 from sd3trt.server.fetch import FetchPolicy
-from sd3trt.server.protocol import ConnLimits
+
+
+@dataclass(frozen=True)
+class ConnLimits:
+    """Per-connection limits, enforced by the connection handler (protocol.py)."""
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 1024
+    max_per_client: int = 64  # 0: no per-address cap (e.g. behind a reverse proxy, every client is the proxy)
 
 
 @dataclass
@@ -37,6 +45,7 @@ class ServerConfig:
     fetch_workers: int = 8  # URL fetches at once; as many more may wait (their deadline runs while they wait)
     graceful_timeout_s: float = 60.0  # after SIGTERM: how long the queue keeps being worked through
     inflight_grace_s: float = 30.0  # then: how long the request being generated may still finish
+    charge_retry_s: float = 10.0  # a finished image's charge retried this long while the key database is unavailable
     heartbeat_s: float = 10.0  # lease renewal interval
     stale_after_s: float = 120.0  # a peer refunds the pending debits of an instance silent this long
     limit_concurrency: int = 256  # requests handled at once (probes excluded); more get 503

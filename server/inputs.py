@@ -35,7 +35,7 @@ class InputError(Exception):
         self.code = code
 
 
-def is_url(value: str) -> bool:
+def is_image_url(value: str) -> bool:
     head = value[:16].lower()
     return "://" in value[:32] or head.startswith(("http:", "https:"))
 

@@ -1,7 +1,7 @@
 """API keys and credits with a debit journal so no credit is lost or spent twice.
 
-``CreditStore`` is the one interface and holds the logic; ``KeyStore`` stores it in SQLite (WAL mode,
-one host, the default) and ``pgstore.PgKeyStore`` in PostgreSQL (many hosts), with the same semantics.
+``CreditStore`` is the one interface and holds the logic; ``SqliteCreditStore`` stores it in SQLite (WAL mode,
+one host, the default) and ``pgstore.PostgresCreditStore`` in PostgreSQL (many hosts), with the same semantics.
 ``open_store(--db)`` picks by the value: a ``postgresql://`` URL or a file path.
 
 Keys look like ``sd3_<id>_<secret>``. Only ``sha256(secret)`` is stored; ``<id>`` is not secret
@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.server.outage import OUTAGES, StoreUnavailable
+
+__all__ = ["CreditStore", "InsufficientCredits", "SqliteCreditStore", "StoreUnavailable", "open_store"]
 
 KEY_PREFIX = "sd3"
 SCHEMA_VERSION = 1
@@ -156,23 +159,23 @@ def _journal_wal(db: sqlite3.Connection, wait_s: float = 10.0) -> str:
             time.sleep(0.02)
 
 
-def is_url(target) -> bool:
+def is_database_url(target) -> bool:
     """A PostgreSQL URL (``postgresql://...`` or ``postgres://...``) rather than a SQLite file path."""
     return isinstance(target, str) and target.split("://", 1)[0] in ("postgresql", "postgres")
 
 
 def open_store(target, stale_after_s: float = 120.0) -> "CreditStore":
     """The credit store for ``--db``: PostgreSQL for a ``postgresql://`` URL, else a SQLite file."""
-    if is_url(target):
-        from sd3trt.server.pgstore import PgKeyStore
+    if is_database_url(target):
+        from sd3trt.server.pgstore import PostgresCreditStore
 
-        return PgKeyStore(target, stale_after_s=stale_after_s)
-    return KeyStore(target, stale_after_s=stale_after_s)
+        return PostgresCreditStore(target, stale_after_s=stale_after_s)
+    return SqliteCreditStore(target, stale_after_s=stale_after_s)
 
 
 def db_target(value: str):
     """``--db`` as given: a URL stays a string, anything else is a path."""
-    return value if is_url(value) else Path(value)
+    return value if is_database_url(value) else Path(value)
 
 
 class CreditStore:
@@ -194,6 +197,10 @@ class CreditStore:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    def ping(self) -> None:
+        """Raises StoreUnavailable when the database cannot be read now (the readiness check)."""
+        self._read("SELECT value FROM meta WHERE name = 'schema_version'")
 
     def schema_version(self) -> int:
         rows = self._read("SELECT value FROM meta WHERE name = 'schema_version'")
@@ -288,7 +295,8 @@ class CreditStore:
     def charge(self, debit_id: int) -> int | None:
         """Make the debit final before its image is handed out: pending -> committed, or, when recovery
         refunded it meanwhile, take the amount again as a new committed debit. Returns the id of the
-        committed debit, or None when the key can no longer pay (the image must not be handed out)."""
+        committed debit, or None when the key can no longer pay (the image must not be handed out).
+        Idempotent: called again (its answer lost to an outage), it returns the same committed debit."""
         now = time.time()
         with self._tx() as db:
             row = db.execute("UPDATE debits SET state = 'committed', settled_at = ? WHERE id = ? AND state = 'pending' "
@@ -299,13 +307,17 @@ class CreditStore:
                                                       (debit_id,)).fetchone()
             if state == "committed":
                 return debit_id
+            note = f"charged again: debit {debit_id} was refunded by recovery"
+            again = db.execute("SELECT id FROM debits WHERE key_id = ? AND note = ? AND state = 'committed'",
+                               (key_id, note)).fetchone()
+            if again is not None:  # an earlier call charged it again and its answer was lost (an outage)
+                return again[0]
             if db.execute("UPDATE keys SET credits = credits - ? WHERE id = ? AND credits >= ? AND disabled = 0 "
                           "RETURNING credits", (amount, key_id, amount)).fetchone() is None:
                 return None
             (new_id,) = db.execute("INSERT INTO debits (key_id, amount, state, owner, note, created_at, settled_at) "
                                    "VALUES (?, ?, 'committed', ?, ?, ?, ?) RETURNING id",
-                                   (key_id, amount, owner, f"charged again: debit {debit_id} was refunded by recovery",
-                                    now, now)).fetchone()
+                                   (key_id, amount, owner, note, now, now)).fetchone()
             return new_id
 
     def refund_delivered(self, debit_id: int, note: str = "") -> bool:
@@ -331,6 +343,11 @@ class CreditStore:
 
     def pending(self) -> list[tuple[int, str, int, str]]:
         return self._read("SELECT id, key_id, amount, owner FROM debits WHERE state = 'pending' ORDER BY id")
+
+    def own_pending(self) -> list[tuple[int, int, str]]:
+        """(debit id, amount, note) of this instance's pending debits; a server's note is the request id."""
+        return self._read("SELECT id, amount, note FROM debits WHERE state = 'pending' AND owner = ? ORDER BY id",
+                          (self.instance_id or "",))
 
     # -- server instances and recovery ----------------------------------------------------------
     def register_instance(self) -> str:
@@ -395,10 +412,15 @@ class CreditStore:
         return n
 
 
-class KeyStore(CreditStore):
+# sqlite3.OperationalError messages that mean the file cannot be used now, not that the SQL is wrong.
+_SQLITE_UNAVAILABLE = ("database is locked", "readonly database", "database or disk is full", "disk I/O error",
+                       "unable to open database file")
+
+
+class SqliteCreditStore(CreditStore):
     """SQLite (WAL mode), one host. Thread-safe: one connection guarded by a lock."""
 
-    def __init__(self, path: str | Path, stale_after_s: float = 120.0):
+    def __init__(self, path: str | Path, stale_after_s: float = 120.0, busy_timeout_s: float = 30.0):
         self.path = Path(path)
         self.where = str(self.path)
         try:
@@ -409,8 +431,9 @@ class KeyStore(CreditStore):
         self.stale_after_s = stale_after_s
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 30000")
+            self._db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             mode = _journal_wal(self._db)
             self._db.execute("PRAGMA synchronous = FULL")  # money: a committed debit survives power loss
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -420,7 +443,7 @@ class KeyStore(CreditStore):
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 found = self._db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             self._check_version(found[0] if found else None)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, StoreUnavailable) as e:
             raise Sd3trtError(f"cannot open the key database {self.path} ({e}); pass a writable --db path") from None
         if mode.lower() != "wal":
             raise Sd3trtError(f"the key database {self.path} cannot use WAL mode (got {mode}); put it on a local disk")
@@ -428,19 +451,32 @@ class KeyStore(CreditStore):
 
     # -- plumbing -------------------------------------------------------------------------------
     @contextmanager
+    def _available(self):
+        """SQLite's errors about the file (locked past the busy timeout, read-only, full, I/O) as
+        StoreUnavailable; errors about the SQL stay what they are."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if not any(w in str(e) for w in _SQLITE_UNAVAILABLE):
+                raise
+            raise OUTAGES.failed(self.where, str(e)) from None
+        OUTAGES.succeeded(self.where)
+
+    @contextmanager
     def _tx(self):
         """A write transaction; BEGIN IMMEDIATE takes SQLite's write lock at once (no upgrade deadlocks)."""
-        with self._lock:
+        with self._lock, self._available():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # also after a COMMIT that failed (a full disk)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._available():
             return self._db.execute(sql, args).fetchall()
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""A few Prometheus metrics in the text exposition format (no client library needed).
+"""The server's Prometheus metrics (prometheus_client, one registry per server).
 
 Every label value comes from a fixed set, so no request can grow the output: methods outside
 ``METHODS`` are counted as ``other`` (routes are mapped the same way by the caller).
@@ -6,19 +6,12 @@ Every label value comes from a fixed set, so no request can grow the output: met
 
 from __future__ import annotations
 
-import threading
 from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-def _labels(d: dict[str, str]) -> str:
-    if not d:
-        return ""
-    esc = (lambda v: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in sorted(d.items())) + "}"
-
 
 HELPS = {
     "images_generated": "Images generated and returned.",
@@ -31,77 +24,43 @@ HELPS = {
 }
 
 
-class _Histogram:
-    def __init__(self, buckets: tuple):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-        self.sum += v
-        self.count += 1
-
-
 class Metrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple, int] = {}
-        self.latency: dict[tuple, _Histogram] = {}
-        self.counters = {name: 0 for name in HELPS}
-        self.inference = _Histogram(LATENCY_BUCKETS)
-        self.gauges: dict[str, Callable[[], float]] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter("sd3trt_http_requests", "HTTP requests by method, route and status.",
+                                 ("method", "route", "status"), registry=r)
+        self._latency = Histogram("sd3trt_http_request_duration_seconds", "HTTP request latency.",
+                                  ("method", "route"), buckets=LATENCY_BUCKETS, registry=r)
+        self._counters = {name: Counter(f"sd3trt_{name}", help_, registry=r) for name, help_ in HELPS.items()}
+        self._inference = Histogram("sd3trt_inference_seconds", "Time per generation in the worker (encode included).",
+                                    buckets=LATENCY_BUCKETS, registry=r)
 
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
         method = method if method in METHODS else "other"
         status = status if 100 <= status <= 599 else 500
-        with self._lock:
-            k = (method, route, str(status))
-            self.requests[k] = self.requests.get(k, 0) + 1
-            h = self.latency.setdefault((method, route), _Histogram(LATENCY_BUCKETS))
-            h.observe(seconds)
+        self._requests.labels(method, route, str(status)).inc()
+        self._latency.labels(method, route).observe(seconds)
 
     def inc(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[name] += n
+        self._counters[name].inc(n)
 
     def observe_inference(self, seconds: float) -> None:
-        with self._lock:
-            self.inference.observe(seconds)
-
-    def render(self) -> str:
-        out: list[str] = []
-        with self._lock:
-            out += ["# HELP sd3trt_http_requests_total HTTP requests by method, route and status.",
-                    "# TYPE sd3trt_http_requests_total counter"]
-            for (m, r, s), n in sorted(self.requests.items()):
-                out.append(f"sd3trt_http_requests_total{_labels({'method': m, 'route': r, 'status': s})} {n}")
-            out += ["# HELP sd3trt_http_request_duration_seconds HTTP request latency.",
-                    "# TYPE sd3trt_http_request_duration_seconds histogram"]
-            for (m, r), h in sorted(self.latency.items()):
-                out += self._hist("sd3trt_http_request_duration_seconds", h, {"method": m, "route": r})
-            for name, v in self.counters.items():
-                out += [f"# HELP sd3trt_{name}_total {HELPS[name]}", f"# TYPE sd3trt_{name}_total counter",
-                        f"sd3trt_{name}_total {v}"]
-            out += ["# HELP sd3trt_inference_seconds Time per generation in the worker (encode included).",
-                    "# TYPE sd3trt_inference_seconds histogram"]
-            out += self._hist("sd3trt_inference_seconds", self.inference, {})
-        for name, (help_, fn) in sorted(self.gauges.items()):
-            out += [f"# HELP sd3trt_{name} {help_}", f"# TYPE sd3trt_{name} gauge", f"sd3trt_{name} {fn()}"]
-        return "\n".join(out) + "\n"
+        self._inference.observe(seconds)
 
     def gauge(self, name: str, help_: str, fn: Callable[[], float]) -> None:
-        self.gauges[name] = (help_, fn)
+        Gauge(f"sd3trt_{name}", help_, registry=self.registry).set_function(fn)
 
-    @staticmethod
-    def _hist(name: str, h: _Histogram, labels: dict) -> list[str]:
-        lines = []
-        for b, c in zip(h.buckets, h.counts):
-            lines.append(f"{name}_bucket{_labels({**labels, 'le': repr(float(b))})} {c}")
-        lines.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {h.count}")
-        lines.append(f"{name}_sum{_labels(labels)} {h.sum}")
-        lines.append(f"{name}_count{_labels(labels)} {h.count}")
-        return lines
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+    def counter(self, name: str) -> float:
+        (family,) = self._counters[name].collect()
+        return next(s.value for s in family.samples if s.name.endswith("_total"))
+
+    @property
+    def requests(self) -> dict[tuple[str, str, str], int]:
+        """Requests answered so far, by (method, route, status)."""
+        (family,) = self._requests.collect()
+        return {(s.labels["method"], s.labels["route"], s.labels["status"]): int(s.value)
+                for s in family.samples if s.name.endswith("_total")}

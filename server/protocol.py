@@ -12,27 +12,25 @@ This protocol adds, per connection:
     at once (503 / 429) and closed, before it can hold anything.
 
 Request concurrency is limited by the app (probes excluded), not here.
+
+The hooks (``connection_made``, ``handle_events``, ``on_response_complete``, ``connection_lost``) and
+the state they read (``cycle``, ``conn``, ``server_state``) are uvicorn's private API: pyproject.toml
+pins uvicorn to the releases tested, and a unit test runs a real uvicorn protocol and fails when any
+hook is not called.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sd3trt.server.config import ConnLimits
+
 log = logging.getLogger("sd3trt.server")
-
-
-@dataclass(frozen=True)
-class ConnLimits:
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 60.0
-    max_connections: int = 1024
-    max_per_client: int = 64  # 0: no per-address cap (e.g. behind a reverse proxy, every client is the proxy)
 
 
 def raw_response(status: int, reason: str, text: str) -> bytes:

@@ -21,44 +21,18 @@ SD3TRT_GPUS_PER_REPLICA. Importing this module without Ray installed gives ``bui
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from sd3trt.server import settings
 from sd3trt.server.app import ServerConfig, create_app
-from sd3trt.server.fetch import FetchPolicy
-from sd3trt.server.keystore import db_target
 
 DEPLOYMENT = "Sd3trtReplica"
 LOAD_WAIT_S = 3600.0  # how long a new replica may take to load its engines (a first TensorRT build included)
 
 
 def config_from_env(env=os.environ) -> ServerConfig:
-    """SD3TRT_BUNDLE (required), SD3TRT_DB (a SQLite file or a postgresql:// URL), SD3TRT_BACKEND,
-    SD3TRT_ENGINES, SD3TRT_PRECISION, SD3TRT_VAE_PRECISION, SD3TRT_CPU_PRECISION (as the serve flags), SD3TRT_QUEUE_SIZE, SD3TRT_CREDITS_PER_IMAGE, SD3TRT_MAX_PIXELS, SD3TRT_MAX_IMAGE_BYTES,
-    SD3TRT_ALLOW_FETCH_HOSTS (comma-separated), SD3TRT_NO_URL_FETCH=1, SD3TRT_MAX_STEPS, SD3TRT_MAX_INFLIGHT_PER_KEY,
-    SD3TRT_LIMIT_CONCURRENCY, SD3TRT_HEARTBEAT, SD3TRT_LEASE (seconds), SD3TRT_THREADS, SD3TRT_LOW_MEMORY=1."""
-    d = ServerConfig(bundle=None, db=Path("sd3trt-keys.db"))
-    allow = tuple(h.strip() for h in env.get("SD3TRT_ALLOW_FETCH_HOSTS", "").split(",") if h.strip())
-    return ServerConfig(
-        bundle=Path(env["SD3TRT_BUNDLE"]),
-        db=db_target(env.get("SD3TRT_DB", str(d.db))),
-        backend=env.get("SD3TRT_BACKEND", d.backend),
-        engine_build=env.get("SD3TRT_ENGINES") or None,
-        precision=env.get("SD3TRT_PRECISION") or None,
-        vae_precision=env.get("SD3TRT_VAE_PRECISION") or None,
-        cpu_precision=env.get("SD3TRT_CPU_PRECISION") or None,
-        queue_size=int(env.get("SD3TRT_QUEUE_SIZE", d.queue_size)),
-        credits_per_image=int(env.get("SD3TRT_CREDITS_PER_IMAGE", d.credits_per_image)),
-        max_pixels=int(env.get("SD3TRT_MAX_PIXELS", d.max_pixels)),
-        max_image_bytes=int(env.get("SD3TRT_MAX_IMAGE_BYTES", d.max_image_bytes)),
-        max_steps=int(env.get("SD3TRT_MAX_STEPS", d.max_steps)),
-        max_inflight_per_key=int(env.get("SD3TRT_MAX_INFLIGHT_PER_KEY", d.max_inflight_per_key)),
-        limit_concurrency=int(env.get("SD3TRT_LIMIT_CONCURRENCY", d.limit_concurrency)),
-        heartbeat_s=float(env.get("SD3TRT_HEARTBEAT", d.heartbeat_s)),
-        stale_after_s=float(env.get("SD3TRT_LEASE", d.stale_after_s)),
-        threads=int(env.get("SD3TRT_THREADS", d.threads)),
-        low_memory=env.get("SD3TRT_LOW_MEMORY", "") == "1",
-        fetch=FetchPolicy(enabled=env.get("SD3TRT_NO_URL_FETCH", "") != "1", allow_hosts=allow),
-    )
+    """Every setting from its SD3TRT_* variable (server/settings.py; the table in server/README.md), as the
+    flags of `sd3trt serve` give them: SD3TRT_BUNDLE is required."""
+    return settings.from_env(env)
 
 
 def build_app():

@@ -8,6 +8,11 @@ event loop (key-store calls, parsing, decoding and fetches run in the bounded po
     format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
     -> charge (the fence, see keystore.py) -> image handed to the connection.
 
+The credit database may go away at any step (a PostgreSQL restart, a locked or full SQLite file): the
+request is answered 503 ``db_unavailable`` with ``Retry-After`` (outage.py), the image of a request
+whose charge could not be made is withheld, and every debit such a request leaves pending is settled
+by this server itself once the database is back (credits.py: ``Credits.settle``, run by the lease thread).
+
 A client that leaves is noticed as soon as its connection closes (a watcher task): a fetch not yet
 started is dropped, queued work is cancelled, a generation stops at its next step, and the debit is
 refunded. An image is charged when its bytes are handed to the connection; a client gone before that
@@ -32,18 +37,21 @@ from sd3trt.runtime.plan import Plan, RequestError
 from sd3trt.server import fetch as fetching
 from sd3trt.server import inputs
 from sd3trt.server.config import ServerConfig
-from sd3trt.server.keystore import CreditStore, InsufficientCredits, open_store
+from sd3trt.server.credits import Credits, ImageResponse, insufficient
+from sd3trt.server.keystore import CreditStore, open_store
 from sd3trt.server.lease import Lease
 from sd3trt.server.metrics import Metrics
 from sd3trt.server.middleware import BodyTooLarge
+from sd3trt.server.outage import OUTAGES, StoreUnavailable
 from sd3trt.runtime.runners import release_heap
 from sd3trt.server.pools import Pools, in_thread, run
-from sd3trt.server.schema import ApiError, Img2ImgRequest, error_response, parse
+from sd3trt.server.schema import ApiError, Img2ImgRequest, parse
 from sd3trt.server.worker import Draining, Job, JobCancelled, Output, QueueFull, Worker
 
 log = logging.getLogger("sd3trt.server")
 
 BIG_BODY = 1 << 20  # after a body this large, freed heap pages are handed back to the OS
+STORE_CHECK_S = 1.5  # how long /readyz reuses its last check of the credit database
 
 
 def queue_full() -> ApiError:
@@ -61,13 +69,15 @@ class Server:
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
         self.metrics = Metrics()
-        self.store: CreditStore | None = None
         self.lease: Lease | None = None
         self.draining = False
-        self.bundle = None  # set by the worker once the pipeline is built
         self.pools = Pools(cfg.fetch_workers, cpu_workers=max(1, min(4, os.cpu_count() or 1)))
+        self.credits = Credits(cfg, self.pools, self.metrics)
+        self.credits.stopping = self.stopping
         self.per_key: dict[str, int] = {}
-        self.uploads = 0
+        self._store_check = (-STORE_CHECK_S, None)  # (when, why not) of the last readiness check of the database
+        self.uploads = 0  # bodies being read and decoded now
+        self.upload_slots = asyncio.Semaphore(cfg.max_uploads)
         self.fetches = 0
         self.deadlines: set[fetching.Deadline] = set()
         self.fetch_resolve, self.fetch_connect = fetching.default_resolve, fetching.default_connect  # test hooks
@@ -77,6 +87,10 @@ class Server:
         self.metrics.gauge("ready", "1 when the engines are loaded and requests are accepted.",
                            lambda: int(self.ready()))
 
+    @property
+    def store(self) -> CreditStore | None:
+        return self.credits.store
+
     # -- pipeline -------------------------------------------------------------------------------
     def _load(self) -> Img2Img:
         """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
@@ -85,7 +99,6 @@ class Server:
                                    transformer_precision=self.cfg.precision, vae_precision=self.cfg.vae_precision,
                                    cpu_precision=self.cfg.cpu_precision, loras=list(self.cfg.loras) or None)
         pipe.load_all()
-        self.bundle = pipe.bundle
         return pipe
 
     def _render(self, pipe, job: Job) -> Output:
@@ -113,15 +126,40 @@ class Server:
         return "the engines are still loading"
 
     async def readiness(self) -> str | None:
-        """None when ready, else why not: also when the database or decode threads are all stuck (wedged)."""
+        """None when ready, else why not: also when the credit database cannot be used, or the database or
+        decode threads are all stuck (wedged)."""
         if not self.ready():
             return self.not_ready_reason()
-        for name, pool in (("key database", self.pools.db), ("decode", self.pools.cpu)):
-            try:
-                await asyncio.wait_for(run(pool, int), 2.0)
-            except asyncio.TimeoutError:
-                return f"every {name} thread has been busy for over 2 s (the server is wedged); see the log"
+        if self.lease.error is not None:
+            return f"the key database failed this server's last heartbeat ({self.lease.error})"
+        why = await self._check_store()
+        if why is not None:
+            return why
+        try:
+            await asyncio.wait_for(run(self.pools.cpu, int), 2.0)
+        except asyncio.TimeoutError:
+            return "every decode thread has been busy for over 2 s (the server is wedged); see the log"
         return None
+
+    async def _check_store(self) -> str | None:
+        """A read of the credit database in the db pool (so a wedged pool shows too), reused for STORE_CHECK_S:
+        probes polled by a load balancer cost one query per interval, not one each. A failure any store of
+        this process met meanwhile (a request, the heartbeat) counts at once."""
+        at, why = self._store_check
+        if time.monotonic() - at < STORE_CHECK_S:
+            if why is None and OUTAGES.down(self.store.where):
+                return f"the key database {self.store.where} is unavailable (see the log)"
+            return why
+        self._store_check = (time.monotonic(), why)  # probes arriving meanwhile reuse the last answer
+        try:
+            await asyncio.wait_for(run(self.pools.db, self.store.ping), 2.0)
+            why = None
+        except asyncio.TimeoutError:
+            why = "every key database thread has been busy for over 2 s (the server is wedged); see the log"
+        except StoreUnavailable as e:
+            why = str(e)
+        self._store_check = (time.monotonic(), why)
+        return why
 
     async def engines_loaded(self, wait_s: float) -> str | None:
         """Wait up to ``wait_s`` for the engines to finish loading: None when they loaded, else why not."""
@@ -134,12 +172,12 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------------------
     async def startup(self) -> None:
         cfg = self.cfg
-        self.store = await in_thread(open_store, cfg.db, cfg.stale_after_s)
+        self.credits.store = await in_thread(open_store, cfg.db, cfg.stale_after_s)
         instance = await in_thread(self.store.register_instance)
         n = await in_thread(self.store.recover)
         if n:
             log.warning("refunded %d pending debit(s) left by a server that stopped mid-request", n)
-        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s)
+        self.lease = Lease(cfg.db, instance, cfg.heartbeat_s, cfg.stale_after_s, settle=self.credits.settle)
         self.lease.start()
         self.worker.start()
 
@@ -163,35 +201,33 @@ class Server:
         if self.lease is not None:
             await in_thread(self.lease.stop)
         if self.store is not None:
-            n = await in_thread(self._refund_own_pending)
-            if n:
-                self.metrics.inc("credits_refunded", n)
-            await in_thread(self.store.unregister_instance)
+            try:
+                n = await in_thread(self.credits.refund_own_pending)
+                if n:
+                    self.metrics.inc("credits_refunded", n)
+                await in_thread(self.store.unregister_instance)
+            except StoreUnavailable as e:  # a peer's recovery (or the next start) refunds what is left pending
+                log.warning("shutdown: %s; this server's pending debits are refunded by the next server to run", e)
             await in_thread(self.store.close)
         self.pools.close()
 
-    def _refund_own_pending(self) -> int:
-        total = 0
-        for debit_id, _key, amount, owner in self.store.pending():
-            if owner == self.store.instance_id and self.store.refund(debit_id, "server shut down"):
-                total += amount
-        return total
-
     # -- the hooks the middleware calls ---------------------------------------------------------
     async def credit_headers(self, state: dict) -> dict[str, str]:
-        out = {"x-request-id": state["request_id"]} if "request_id" in state else {}
-        if "key_id" in state:
-            out["x-remaining-credits"] = str(await run(self.pools.db, self.store.balance, state["key_id"]))
-        return out
+        return await self.credits.headers(state)
 
     async def key_headers(self, key: str | None) -> dict[str, str]:
         """x-remaining-credits for a request no route took (404, 405), when its key is valid."""
         if not key or self.store is None:
             return {}
-        key_id = await run(self.pools.db, self.store.authenticate, key)
+        try:
+            key_id = await run(self.pools.db, self.store.authenticate, key)
+        except StoreUnavailable:
+            return {}
         return await self.credit_headers({"key_id": key_id}) if key_id else {}
 
     def finished(self, state: dict) -> None:
+        if "request_id" in state:
+            self.credits.end(state["request_id"])
         watcher = state.pop("watcher", None)
         if watcher is not None:
             watcher.cancel()
@@ -207,6 +243,7 @@ class Server:
     async def img2img(self, request: Request, x_api_key: str | None) -> Response:
         state = request.scope.setdefault("state", {})
         state["request_id"] = secrets.token_hex(6)
+        self.credits.begin(state["request_id"])  # before any debit: settle() spares it until finished()
         key_id = await run(self.pools.db, self.store.authenticate, x_api_key)
         if key_id is None:
             raise ApiError(401, "unauthorized", "missing or unknown API key; send it in the x-api-key header")
@@ -221,7 +258,7 @@ class Server:
         cfg, cost = self.cfg, self.cfg.credits_per_image
         if not self.ready():
             raise ApiError(503, "not_ready", f"{self.not_ready_reason()}; retry later", headers={"Retry-After": "5"})
-        balance = await run(self.pools.db, self.store.balance, key_id)
+        balance = await self.credits.balance(key_id)
         if balance < cost:  # before the body is read or any URL fetched
             raise insufficient(cost, balance)
         if self.per_key.get(key_id, 0) >= cfg.max_inflight_per_key:
@@ -236,19 +273,18 @@ class Server:
         plan = await run(self.pools.cpu, self._plan, req, image, seed)
         if self.worker.full():
             raise queue_full()
-        debit_id = await self._debit(key_id, cost, state["request_id"])
+        debit_id = await self.credits.debit(key_id, cost, state["request_id"])
         return await self._generate(req, plan, state, debit_id, cost)
 
     async def _read_input(self, request: Request, state: dict) -> tuple[Img2ImgRequest, object | None]:
         """Body -> (request, decoded image or None for a URL), at most ``max_uploads`` bodies at a time."""
         cfg = self.cfg
         # A waiting body is not read, so the wait stays well inside the body timeout.
-        deadline = time.monotonic() + min(cfg.upload_wait_s, cfg.conn.body_timeout_s / 2)
-        while self.uploads >= cfg.max_uploads:  # bounded: at most upload_wait_s / 0.05 rounds
-            if time.monotonic() > deadline:
-                raise ApiError(429, "busy", f"the server is reading {cfg.max_uploads} other uploads; retry shortly",
-                               headers={"Retry-After": "2"})
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self.upload_slots.acquire(), min(cfg.upload_wait_s, cfg.conn.body_timeout_s / 2))
+        except asyncio.TimeoutError:
+            raise ApiError(429, "busy", f"the server is reading {cfg.max_uploads} other uploads; retry shortly",
+                           headers={"Retry-After": "2"}) from None
         self.uploads += 1
         size = 0
         try:
@@ -264,6 +300,7 @@ class Server:
             return await run(self.pools.cpu, self._prepare, body)
         finally:
             self.uploads -= 1
+            self.upload_slots.release()
             if size > BIG_BODY and self.uploads == 0:
                 self.pools.cpu.submit(release_heap)
 
@@ -272,7 +309,7 @@ class Server:
         cfg = self.cfg
         req = parse(body, cfg.max_prompt_chars, cfg.max_steps)
         body.clear()
-        if inputs.is_url(req.image):
+        if inputs.is_image_url(req.image):
             return req, None
         try:
             data = inputs.decode_base64(req.image, cfg.max_image_bytes)
@@ -321,31 +358,6 @@ class Server:
         except RequestError as e:
             raise ApiError(422, "invalid_field", str(e), field=self.API_FIELDS.get(e.field, e.field)) from None
 
-    # -- credits --------------------------------------------------------------------------------
-    async def _debit(self, key_id: str, cost: int, note: str) -> int:
-        fut = self.pools.db.submit(self.store.debit, key_id, cost, note)
-        try:
-            debit_id, _ = await asyncio.wrap_future(fut)
-        except InsufficientCredits as e:
-            raise insufficient(cost, e.remaining) from None
-        except asyncio.CancelledError:
-            if not fut.cancel():  # running: undo it once it lands
-                fut.add_done_callback(lambda f: f.exception() or self._refund_now(f.result()[0], cost))
-            raise
-        return debit_id
-
-    def _refund_now(self, debit_id: int, cost: int, why: str = "request failed") -> None:
-        if self.store.refund(debit_id, why):
-            self.metrics.inc("credits_refunded", cost)
-
-    async def _refund(self, debit_id: int, cost: int, why: str) -> None:
-        """Refund in the db pool; a cancelled wait still lets the refund finish there."""
-        fut = self.pools.db.submit(self._refund_now, debit_id, cost, why)
-        try:
-            await asyncio.shield(asyncio.wrap_future(fut))
-        except asyncio.CancelledError:
-            pass
-
     # -- generation and delivery ----------------------------------------------------------------
     async def _generate(self, req: Img2ImgRequest, plan: Plan, state: dict, debit_id: int, cost: int) -> Response:
         rid = state["request_id"]
@@ -374,15 +386,15 @@ class Server:
                 raise ApiError(500, "generation_failed",
                                f"the server failed while generating (request {rid}); no credits were taken") from None
         except BaseException:
-            await self._refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
+            await self.credits.refund(debit_id, cost, "client gone" if state.get("client_gone") else "request failed")
             raise
         headers = {"x-request-id": rid, "x-seed": str(seed), "x-inference-time": f"{out.seconds:.3f}"}
         if out.warnings:
             headers["x-warnings"] = "; ".join(out.warnings)[:500].encode("ascii", "replace").decode()
         if req.base64:
-            return ImageResponse(self, state, debit_id, cost, b64.b64encode(out.data), "text/plain; charset=utf-8",
-                                 headers)
-        return ImageResponse(self, state, debit_id, cost, out.data, out.media_type, headers)
+            return ImageResponse(self.credits, state, debit_id, cost, b64.b64encode(out.data),
+                                 "text/plain; charset=utf-8", headers)
+        return ImageResponse(self.credits, state, debit_id, cost, out.data, out.media_type, headers)
 
     def _watch(self, request: Request, state: dict, task: asyncio.Task) -> asyncio.Task:
         """A task that notices the client leaving (its connection closed) once the body is read: the
@@ -397,54 +409,3 @@ class Server:
             if not state.get("delivering"):
                 task.cancel()
         return asyncio.create_task(watch())
-
-
-class ImageResponse(Response):
-    """The image, handed out only once it is paid for: ``KeyStore.charge`` (the fence) right before the
-    bytes go to the connection, and no charge at all when the client has left."""
-
-    def __init__(self, srv: Server, state: dict, debit_id: int, cost: int, content: bytes, media_type: str,
-                 headers: dict[str, str]):
-        super().__init__(content, media_type=media_type, headers=headers)
-        self.srv, self.state, self.debit_id, self.cost = srv, state, debit_id, cost
-
-    async def __call__(self, scope, receive, send):
-        srv, state, rid = self.srv, self.state, self.state["request_id"]
-        state["delivering"] = True  # from here a leaving client is seen through the flag, not by cancelling
-        if state.get("client_gone"):
-            return await srv._refund(self.debit_id, self.cost, "client gone before the image was sent")
-        charged = await _charge(srv, self.debit_id)
-        if charged is None:
-            log.warning("rid=%s: debit %s was refunded by a peer that judged this server gone, and the key cannot "
-                        "pay again: image withheld", rid, self.debit_id)
-            resp = error_response(503, "payment_lost", "this server was presumed stopped and its charge for the "
-                                  "request refunded, and the key has too few credits to charge it again; the image "
-                                  "is withheld, retry later", headers={"Retry-After": "5",
-                                                                       **await srv.credit_headers(state)})
-            return await resp(scope, receive, send)
-        left = await run(srv.pools.db, srv.store.balance, state["key_id"])
-        if state.get("client_gone"):  # left while the charge was made: the image never leaves the server
-            if await run(srv.pools.db, srv.store.refund_delivered, charged, "client left before the charged image "
-                         "was sent"):
-                srv.metrics.inc("credits_refunded", self.cost)
-            return
-        self.raw_headers.append((b"x-remaining-credits", str(left).encode()))
-        srv.metrics.inc("credits_debited", self.cost)
-        srv.metrics.inc("images_generated")
-        await super().__call__(scope, receive, send)
-
-
-async def _charge(srv: Server, debit_id: int) -> int | None:
-    fut = srv.pools.db.submit(srv.store.charge, debit_id)
-    try:
-        return await asyncio.wrap_future(fut)
-    except asyncio.CancelledError:  # shutdown: a charge that lands anyway is undone (no image went out)
-        if not fut.cancel():
-            fut.add_done_callback(lambda f: f.exception() or f.result() is None
-                                  or srv.store.refund_delivered(f.result(), "server shut down"))
-        raise
-
-
-def insufficient(cost: int, balance: int) -> ApiError:
-    return ApiError(406, "insufficient_credits", f"not enough credits: this request costs {cost}, the key has "
-                    f"{balance}; top the key up")

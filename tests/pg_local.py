@@ -26,7 +26,11 @@ def pg_bin() -> Path | None:
 
 
 class LocalPostgres:
-    def __init__(self):
+    """``durable=False`` (the default, fast for tests): fsync and synchronous commit off, so a crash may lose
+    commits. ``durable=True``: PostgreSQL's own defaults, what the credit accounting relies on in production."""
+
+    def __init__(self, durable: bool = False):
+        self.durable = durable
         self.bin = pg_bin()
         if self.bin is None:
             raise RuntimeError("PostgreSQL is not installed (no initdb); .ci/run installs Debian's postgresql package")
@@ -59,11 +63,20 @@ class LocalPostgres:
     def start(self) -> "LocalPostgres":
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "sd3trt", "-A", "trust", "--no-sync",
                   "-E", "UTF8")
-        opts = (f"-k {self.sock} -c listen_addresses='' -c fsync=off -c synchronous_commit=off "
-                "-c full_page_writes=off -c max_connections=100 -c shared_buffers=32MB")
+        return self.resume()
+
+    def resume(self) -> "LocalPostgres":
+        """Start the server on its existing data directory (after ``pause``)."""
+        fast = "" if self.durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        opts = f"-k {self.sock} -c listen_addresses='' {fast}-c max_connections=100 -c shared_buffers=32MB"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "pg.log"),
                   "-w", "-t", "60", "start", timeout=90)
         return self
+
+    def pause(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data: ``fast`` disconnects every client and shuts down cleanly,
+        ``immediate`` is a crash (recovery from the WAL at the next start)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
 
     def stop(self) -> None:
         try:

@@ -4,6 +4,7 @@ the fp32 precision rules, and the low-memory pipeline, each against the plain pa
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -217,3 +218,21 @@ def test_bf16_engines_from_an_fp32_bundle_keep_the_ruled_modules_in_fp32(tiny_fa
     outside = {k: v for k, v in matmuls.items() if k.startswith("/transformer/transformer_blocks.0/")}
     assert inside and set(inside.values()) == {onnx.TensorProto.FLOAT}
     assert outside and set(outside.values()) == {onnx.TensorProto.BFLOAT16}
+
+
+def test_an_engine_build_that_cannot_fit_is_refused_before_it_starts(tiny_sd3, monkeypatch):
+    from sd3trt.engines import build
+    from sd3trt.profiles import Range, ShapeRequest
+
+    opts = build.BuildOptions(precision="fp32", request=ShapeRequest(images=(Range(64, 64, 64),)))
+    monkeypatch.setattr(build, "available_mib", lambda: 1.0)
+    with pytest.raises(Sd3trtError, match=r"building the \w+ engine needs about \d+ GiB of memory .* and this machine "
+                                          r"has 0 GiB available; build it on a machine with more memory"):
+        build.build_engines(tiny_sd3[1], opts, log=_quiet)
+    b = load_bundle(tiny_sd3[1])
+    sizes = {c: b.onnx_path(c).stat().st_size / 2**20 for c in ("clip_l", "t5")}
+    assert sizes["clip_l"] < sizes["t5"]
+    room = build.BUILD_MEMORY_BASE_MIB + build.BUILD_MEMORY_FACTOR * (sizes["clip_l"] + sizes["t5"]) / 2
+    monkeypatch.setattr(build, "available_mib", lambda: room)  # CLIP-L fits, T5 does not
+    with pytest.raises(Sd3trtError, match=r"building the t5 engine .* or build the rest here with --components clip_l$"):
+        build.build_engines(tiny_sd3[1], replace(opts, components=("clip_l", "t5")), log=_quiet)

@@ -19,7 +19,7 @@ from needs import need
 need("fastapi")
 requests = need("requests")
 
-from sd3trt.server.keystore import KeyStore  # noqa: E402
+from sd3trt.server.keystore import SqliteCreditStore  # noqa: E402
 
 PATH = "/v1/stable-diffusion-3-large-img2img"
 
@@ -38,7 +38,7 @@ def test_sd3trt_serve_ray_config(tiny_sd3, tmp_path):
     from PIL import Image
 
     db = tmp_path / "keys.db"
-    key = KeyStore(db).create_key(2)
+    key = SqliteCreditStore(db).create_key(2)
     port = free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"""
@@ -94,7 +94,7 @@ applications:
             pass
         proc.wait(timeout=30)
         log.close()
-    assert not KeyStore(db).pending()
+    assert not SqliteCreditStore(db).pending()
 
 
 def test_serve_ray_refuses_a_missing_config(tmp_path):

@@ -196,6 +196,23 @@ def test_charge_after_a_peer_refunded_the_debit(store_at):
     assert [(k.credits, k.pending, k.spent) for k in keys] == [(1, 1, 1)]
 
 
+def test_charge_is_idempotent_when_called_again_after_a_lost_answer(store_at):
+    """A charge whose answer was lost to an outage is called again: the same committed debit comes back,
+    also when the first call had to charge again (a peer refunded the debit), so nothing is taken twice."""
+    a = open_store(store_at)
+    a.register_instance()
+    peer = open_store(store_at)
+    key_id = a.create_key(5).split("_")[1]
+    d1, _ = a.debit(key_id, 1)
+    assert peer.refund(d1, "server stopped before finishing") and a.balance(key_id) == 5
+    again = a.charge(d1)
+    assert again not in (None, d1) and a.balance(key_id) == 4
+    assert a.charge(d1) == again and a.charge(d1) == again and a.balance(key_id) == 4
+    d2, _ = a.debit(key_id, 1)  # another request's debit refunded too: charged again on its own
+    assert peer.refund(d2, "server stopped before finishing")
+    assert a.charge(d2) not in (None, d2, again) and a.balance(key_id) == 3
+
+
 def test_schema_is_created_once_and_versioned(store_at):
     stores = []
     with ThreadPoolExecutor(4) as ex:  # replicas starting together on an empty database

@@ -34,7 +34,7 @@ requests = pytest.importorskip("requests")
 
 from PIL import Image  # noqa: E402
 
-from sd3trt.server.keystore import KeyStore  # noqa: E402
+from sd3trt.server.keystore import SqliteCreditStore  # noqa: E402
 
 PATH = "/v1/stable-diffusion-3-large-img2img"
 MAX_IMAGE_BYTES = 200_000
@@ -128,11 +128,11 @@ def post(server: ServerProcess, key: str | None, payload=None, **kw) -> requests
 
 
 def new_key(server: ServerProcess, credits: int) -> str:
-    return KeyStore(server.db).create_key(credits)
+    return SqliteCreditStore(server.db).create_key(credits)
 
 
 def balance(server: ServerProcess, key: str) -> int:
-    return KeyStore(server.db).balance(key.split("_")[1])
+    return SqliteCreditStore(server.db).balance(key.split("_")[1])
 
 
 # -- a local image site (127.0.0.1) for URL inputs --------------------------------------------------------
@@ -272,7 +272,7 @@ def test_401_404_405(server, key):
     assert r.status_code == 405 and r.headers["x-remaining-credits"] == "5"
     r = requests.put(server.url("/healthz"), headers={"x-api-key": "sd3_000000000000_nope"}, timeout=10)
     assert r.status_code == 405 and "x-remaining-credits" not in r.headers
-    KeyStore(server.db).set_disabled(key.split("_")[1], True)
+    SqliteCreditStore(server.db).set_disabled(key.split("_")[1], True)
     assert post(server, key).status_code == 401
     assert balance(server, key) == 5
 
@@ -395,7 +395,7 @@ def test_32_concurrent_requests_against_10_credits(server):
     assert all(r.headers.get("x-remaining-credits") is not None for r in results)
     assert all(Image.open(io.BytesIO(r.content)).size == (64, 64) for r in results if r.status_code == 200)
     assert balance(server, k) == 0
-    assert not KeyStore(server.db).pending()
+    assert not SqliteCreditStore(server.db).pending()
 
 
 def test_keys_cli(server):
@@ -499,7 +499,7 @@ def test_kill_engine_failure_backpressure_and_shutdown(tiny_sd3, tmp_path):
     try:
         # 1. SIGKILL while a request is being generated: its debit stays pending ...
         slow = pool.submit(post, srv, k, num_inference_steps=3000)
-        _wait(lambda: len(KeyStore(db).pending()) == 1, what="the debit")
+        _wait(lambda: len(SqliteCreditStore(db).pending()) == 1, what="the debit")
         srv.stop(signal.SIGKILL)
         with pytest.raises(requests.ConnectionError):
             slow.result(timeout=30)
@@ -535,7 +535,7 @@ def test_kill_engine_failure_backpressure_and_shutdown(tiny_sd3, tmp_path):
         assert r1.status_code == 200, r1.text
         assert srv.proc.wait(60) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in srv.log.read_text()
-        assert balance(srv, k) == 8 and not KeyStore(db).pending()
+        assert balance(srv, k) == 8 and not SqliteCreditStore(db).pending()
         states = [s for _, _, s in _debits(db)]
         assert states.count("pending") == 0 and states.count("committed") == 2
 
@@ -549,7 +549,7 @@ def test_kill_engine_failure_backpressure_and_shutdown(tiny_sd3, tmp_path):
         assert r.status_code == 503 and r.json()["code"] == "shutting_down", r.text
         assert r.headers["x-remaining-credits"] == "8"
         assert srv.proc.wait(60) in (0, -signal.SIGTERM)
-        assert balance(srv, k) == 8 and not KeyStore(db).pending()
+        assert balance(srv, k) == 8 and not SqliteCreditStore(db).pending()
     finally:
         srv.stop(signal.SIGKILL)
         pool.shutdown(wait=False, cancel_futures=True)
@@ -570,7 +570,7 @@ def test_ray_serve_builder_runs_like_a_replica(tiny_sd3, tmp_path, monkeypatch):
     db = tmp_path / "keys.db"
     monkeypatch.setenv("SD3TRT_BUNDLE", str(tiny_sd3[1]))
     monkeypatch.setenv("SD3TRT_DB", str(db))
-    k = KeyStore(db).create_key(1)
+    k = SqliteCreditStore(db).create_key(1)
     app = ray_serve.build_app()
     payload = json.dumps(body()).encode()
 

@@ -23,7 +23,7 @@ requests = pytest.importorskip("requests")
 
 from test_server import PATH, ServerProcess, _wait, b64, balance, body, new_key, png, post  # noqa: E402
 
-from sd3trt.server.keystore import KeyStore  # noqa: E402
+from sd3trt.server.keystore import SqliteCreditStore  # noqa: E402
 
 HEADER_TIMEOUT = 3.0
 BODY_TIMEOUT = 4.0
@@ -351,7 +351,7 @@ def test_per_key_inflight_limit(srv):
     k = new_key(srv, 10)
     with ThreadPoolExecutor(5) as ex:
         slow = [ex.submit(post, srv, k, num_inference_steps=600) for _ in range(3)]
-        _wait(lambda: len(KeyStore(srv.db).pending()) >= 3, what="3 requests of the key in flight")
+        _wait(lambda: len(SqliteCreditStore(srv.db).pending()) >= 3, what="3 requests of the key in flight")
         r = post(srv, k)
         assert r.status_code == 429 and r.json()["code"] == "too_many_requests", r.text
         assert r.headers["x-remaining-credits"] == "7"
@@ -421,7 +421,7 @@ def test_client_that_leaves_is_refunded_and_its_work_cancelled(srv):
     _wait(lambda: srv.metric("sd3trt_inflight") == 0 and srv.metric("sd3trt_queue_depth") == 0,
           what="the abandoned work to stop")
     assert time.monotonic() - t0 < 5  # stopped at its next step, not after 4000 of them
-    _wait(lambda: balance(srv, k) == 3 and not KeyStore(srv.db).pending(), what="both refunds")
+    _wait(lambda: balance(srv, k) == 3 and not SqliteCreditStore(srv.db).pending(), what="both refunds")
     log = srv.log.read_text()
     assert log.count(f"POST {PATH} 499") >= 2
 
@@ -437,7 +437,7 @@ def test_finished_image_never_received_is_refunded(srv):
     try:
         s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nx-api-key: {k}\r\ncontent-type: application/json\r\n"
                   f"content-length: {len(raw)}\r\n\r\n".encode() + raw)
-        _wait(lambda: len(KeyStore(srv.db).pending()) == 1, what="the debit")
+        _wait(lambda: len(SqliteCreditStore(srv.db).pending()) == 1, what="the debit")
         db.execute("BEGIN IMMEDIATE")  # from here the charge must wait
         _wait(lambda: srv.metric("sd3trt_inference_seconds_count") > done, what="the image to be made")
         time.sleep(0.3)
@@ -447,7 +447,7 @@ def test_finished_image_never_received_is_refunded(srv):
         db.execute("ROLLBACK")
         db.close()
         s.close()
-    _wait(lambda: balance(srv, k) == 1 and not KeyStore(srv.db).pending(), what="the refund")
+    _wait(lambda: balance(srv, k) == 1 and not SqliteCreditStore(srv.db).pending(), what="the refund")
     with sqlite3.connect(srv.db) as c:
         rows = c.execute("SELECT state, note FROM debits WHERE key_id = ?", (k.split("_")[1],)).fetchall()
     assert len(rows) == 1 and rows[0][0] == "refunded" and "client left before the charged image was sent" in rows[0][1]
@@ -489,7 +489,7 @@ def test_sigterm_exits_within_the_grace_period_after_the_abuse(srv):
         answers = [f.result(timeout=30) for f in (*fetching, running)]
         assert all(r.status_code == 503 and r.json()["code"] == "shutting_down" for r in answers), \
             [(r.status_code, r.text[:100]) for r in answers]
-        assert balance(srv, k) == 5 and not KeyStore(srv.db).pending()
+        assert balance(srv, k) == 5 and not SqliteCreditStore(srv.db).pending()
         log = srv.log.read_text()
         assert "Traceback" not in log, log[-3000:]
         assert f"POST {PATH} 500" not in log

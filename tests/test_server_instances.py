@@ -22,7 +22,7 @@ pytest.importorskip("requests")
 from test_server import ServerProcess, _wait, balance, new_key, post  # noqa: E402
 from test_server_abuse import DripHost  # noqa: E402
 
-from sd3trt.server.keystore import KeyStore  # noqa: E402
+from sd3trt.server.keystore import SqliteCreditStore  # noqa: E402
 
 HEARTBEAT, LEASE = 0.5, 3.0
 
@@ -82,7 +82,7 @@ def test_stalled_instance_loses_its_debits_and_the_fence_holds(pair, capsys):
     try:
         on_a = [pool.submit(post, a, k, num_inference_steps=800) for _ in range(2)]  # one generating, one queued
         a_id = instance_of(a.db, a.proc.pid)
-        _wait(lambda: sum(1 for p in KeyStore(a.db).pending() if p[3] == a_id) == 2, what="A's two debits")
+        _wait(lambda: sum(1 for p in SqliteCreditStore(a.db).pending() if p[3] == a_id) == 2, what="A's two debits")
         a.proc.send_signal(signal.SIGSTOP)  # A's heartbeat stalls with the rest of it
         _wait(lambda: balance(b, k) == 5, timeout=LEASE + 20, what="B to refund A's pending debits")
         on_b = [post(b, k) for _ in range(4)]  # B spends the refunded credits
@@ -103,7 +103,7 @@ def test_stalled_instance_loses_its_debits_and_the_fence_holds(pair, capsys):
         print(f"\n[instances] A stalled past its lease: {images} images delivered, {spent} credits spent "
               f"(journal {state})")
     assert images == spent == state["committed"] == 5
-    assert not KeyStore(a.db).pending()
+    assert not SqliteCreditStore(a.db).pending()
     with sqlite3.connect(a.db) as c:
         notes = [n for (n,) in c.execute("SELECT note FROM debits WHERE key_id = ?", (k.split("_")[1],))]
     assert sum("charged again" in n for n in notes) == 1
@@ -141,5 +141,5 @@ def test_readyz_reports_a_wedged_instance(pair):
     # Those that reached the debit before the lease ran short were served; the others found the server
     # not ready (it takes no new work on a stale lease). Either way nothing is charged without an image.
     assert all(r.status_code == 200 or (r.status_code == 503 and r.json()["code"] == "not_ready") for r in answers)
-    assert balance(a, k) == 3 - sum(r.status_code == 200 for r in answers) and not KeyStore(a.db).pending()
+    assert balance(a, k) == 3 - sum(r.status_code == 200 for r in answers) and not SqliteCreditStore(a.db).pending()
     pool.shutdown()

@@ -573,3 +573,256 @@ def test_gate_limits_requests_but_never_probes():
         assert (await call("/v1/x"))[0] == 200  # the slots are given back
 
     asyncio.run(main())
+
+
+# -- the SQLite credit store when its file cannot be used ------------------------------------------------
+
+def _outage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "until it is back" in r.getMessage()
+            or "available again" in r.getMessage()]
+
+
+def test_sqlite_store_locked_past_its_busy_timeout_is_unavailable_not_an_error(tmp_path, caplog):
+    import sqlite3
+
+    from sd3trt.server.keystore import SqliteCreditStore, StoreUnavailable
+
+    store = SqliteCreditStore(tmp_path / "k.db", busy_timeout_s=0.2)
+    key_id = store.create_key(3).split("_")[1]
+    other = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+    try:
+        for _ in range(3):  # each call fails with the one error; the outage is logged once
+            with pytest.raises(StoreUnavailable, match="database is locked"):
+                store.debit(key_id, 1)
+        assert store.balance(key_id) == 3  # WAL: reads go on
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.debit(key_id, 1)
+    assert store.balance(key_id) == 2
+    lines = _outage_lines(caplog)
+    assert len(lines) == 2 and "until it is back" in lines[0] and "available again" in lines[1], lines
+
+
+def test_sqlite_store_full_or_read_only_is_unavailable_and_rolls_back(tmp_path):
+    from sd3trt.server.keystore import SqliteCreditStore, StoreUnavailable
+
+    store = SqliteCreditStore(tmp_path / "k.db")
+    key_id = store.create_key(10_000).split("_")[1]
+    (pages,) = store._read("PRAGMA page_count")[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages + 1}")  # the file cannot grow: SQLite's "disk is full"
+    taken = 0
+    with pytest.raises(StoreUnavailable, match="database or disk is full"):
+        for _ in range(10_000):  # bounded: a page of journal rows fills long before
+            store.debit(key_id, 1)
+            taken += 1
+    assert store.balance(key_id) == 10_000 - taken  # the failed debit took nothing
+    assert not store._db.in_transaction
+    store._db.execute("PRAGMA max_page_count = 1073741823")
+    store._db.execute("PRAGMA query_only = ON")  # as a read-only file answers writes
+    with pytest.raises(StoreUnavailable, match="readonly"):
+        store.debit(key_id, 1)
+    store.ping()  # reads still work
+    store._db.execute("PRAGMA query_only = OFF")
+    store.debit(key_id, 1)
+    assert store.balance(key_id) == 10_000 - taken - 1
+
+
+def test_settle_refunds_only_what_no_request_holds_and_undoes_withheld_charges(tmp_path):
+    """What a database outage leaves behind under a live server: its own pending debits of requests that
+    are over (a debit or refund whose answer was lost) are refunded, those of requests still in progress
+    are not, and a withheld image's charge that did land is given back; a peer's debits are left alone."""
+    from sd3trt.server.config import ServerConfig
+    from sd3trt.server.keystore import SqliteCreditStore
+    from sd3trt.server.service import Server
+
+    store = SqliteCreditStore(tmp_path / "k.db")
+    store.register_instance()
+    peer = SqliteCreditStore(tmp_path / "k.db")
+    peer.register_instance()
+    key_id = store.create_key(10).split("_")[1]
+    srv = Server(ServerConfig(bundle=None, db=tmp_path / "k.db"))
+    try:
+        live, _ = store.debit(key_id, 1, "rid-live")
+        gone, _ = store.debit(key_id, 1, "rid-gone")
+        withheld, _ = store.debit(key_id, 1, "rid-withheld")
+        assert store.charge(withheld) == withheld  # the charge landed, but its answer was lost: image withheld
+        theirs, _ = peer.debit(key_id, 1, "rid-gone")  # the same note on a peer: not ours to settle
+        srv.credits.begin("rid-live")
+        srv.credits.withhold(withheld)
+        assert store.balance(key_id) == 6
+        assert srv.credits.settle(store) == 2
+        assert store.balance(key_id) == 8
+        assert sorted(p[0] for p in store.pending()) == sorted([live, theirs])
+        assert srv.credits.settle(store) == 0  # once
+        srv.credits.end("rid-live")
+        assert srv.credits.settle(store) == 1 and [p[0] for p in store.pending()] == [theirs]
+        assert srv.metrics.counter("credits_refunded") == 3
+    finally:
+        srv.pools.close()
+
+
+def test_uvicorn_calls_every_hook_of_the_guarded_protocol():
+    """server/protocol.py overrides hooks of uvicorn's private H11Protocol; a uvicorn release that renames
+    or stops calling one would leave the server silently without its header/body timeouts. A real
+    uvicorn protocol on a loopback socket: each hook is called, and the header timer is armed, disarmed
+    when the headers arrive and armed again for the next request."""
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from sd3trt.server.config import ConnLimits
+    from sd3trt.server.protocol import protocol_class
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    calls, timers = [], []
+    guarded = protocol_class(ConnLimits(header_timeout_s=30, body_timeout_s=30))
+
+    class Recording(guarded):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            calls.append("connection_made")
+            timers.append(self._timer is not None)
+
+        def handle_events(self):
+            super().handle_events()
+            calls.append("handle_events")
+            timers.append(self._timer is not None)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            calls.append("on_response_complete")
+            timers.append(self._timer is not None)
+
+        def connection_lost(self, exc):
+            super().connection_lost(exc)
+            calls.append("connection_lost")
+
+    async def main():
+        config = Config(app, lifespan="off", log_level="warning")
+        config.load()
+        state = ServerState()
+        server = await asyncio.get_running_loop().create_server(lambda: Recording(config, state, {}), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"ok"), 10)
+        writer.close()
+        for _ in range(100):  # bounded: the server side sees the close within a few loop turns
+            if "connection_lost" in calls:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        return head
+
+    head = asyncio.run(main())
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert calls[0] == "connection_made" and "handle_events" in calls and "on_response_complete" in calls
+    assert calls[-1] == "connection_lost", calls
+    assert timers[0] is True  # armed at connection
+    assert timers[calls.index("handle_events")] is False  # the headers arrived: disarmed
+    assert timers[calls.index("on_response_complete")] is True  # armed again for the next request's headers
+
+
+# -- one settings model: flags, environment, Ray config -----------------------------------------------------
+
+# A value other than the default for every setting, as text (what a flag or a variable carries).
+SETTING_SAMPLES = {
+    "--bundle": "/models/b", "--db": "postgresql://u@db.internal/keys", "--backend": "openvino",
+    "--engines": "fp16-build", "--precision": "int8", "--vae-precision": "int8", "--cpu-precision": "bf16",
+    "--lora": ["a.safetensors:0.5", "b.safetensors"], "--host": "0.0.0.0", "--port": "9001", "--low-memory": True,
+    "--threads": "3", "--credits-per-image": "2", "--queue-size": "5", "--max-image-bytes": "12345",
+    "--max-body-bytes": "23456", "--max-pixels": "1000000", "--max-prompt-chars": "77", "--max-steps": "40",
+    "--input-formats": "png,jpg", "--no-url-fetch": True, "--allow-fetch-host": ["10.0.0.0/8", "img.internal"],
+    "--fetch-timeout": "4.5", "--fetch-max-redirects": "1", "--fetch-workers": "3", "--graceful-timeout": "7",
+    "--inflight-grace": "8", "--charge-retry": "0", "--limit-concurrency": "99", "--max-inflight-per-key": "3",
+    "--max-uploads": "2", "--upload-wait": "4", "--max-connections": "500", "--max-connections-per-client": "0",
+    "--header-timeout": "6", "--body-timeout": "30", "--heartbeat": "2", "--lease": "9",
+}
+
+
+def _serve_parser():
+    import argparse
+
+    from sd3trt.server.cli import add_server_commands
+
+    parser = argparse.ArgumentParser(prog="sd3trt")
+    add_server_commands(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_every_setting_round_trips_through_a_flag_a_variable_and_a_ray_config():
+    from sd3trt.server import settings
+
+    assert sorted(SETTING_SAMPLES) == sorted(s.flag for s in settings.SETTINGS)  # a new setting needs a sample
+    argv, env = ["serve"], {}
+    for s in settings.SETTINGS:
+        v = SETTING_SAMPLES[s.flag]
+        if v is True:
+            argv.append(s.flag)
+            env[s.env] = "1"
+        elif isinstance(v, list):
+            argv += [x for item in v for x in (s.flag, item)]
+            env[s.env] = ",".join(v)
+        else:
+            argv += [s.flag, v]
+            env[s.env] = v
+    from_flags = settings.from_args(_serve_parser().parse_args(argv))
+    from_env = settings.from_env(env)
+    ray_config = {"applications": [{"name": "sd3trt", "import_path": "sd3trt.server.ray_serve:app",
+                                    "runtime_env": {"env_vars": env}}]}
+    try:
+        from ray.serve.schema import ServeDeploySchema
+
+        ServeDeploySchema.model_validate(ray_config)  # the variables are a valid Ray Serve config
+    except ImportError:
+        pass
+    from sd3trt.server.ray_serve import config_from_env
+
+    from_ray = config_from_env(ray_config["applications"][0]["runtime_env"]["env_vars"])
+    assert from_flags == from_env == from_ray
+    for s in settings.SETTINGS:  # every setting took effect, none kept its default
+        assert s.default() != _at(from_flags, s.path), s.flag
+    assert from_flags.fetch.allow_hosts == ("10.0.0.0/8", "img.internal") and from_flags.input_formats == ("PNG", "JPEG")
+    assert from_flags.conn.header_timeout_s == 6.0 and not from_flags.fetch.enabled
+
+
+def _at(cfg, path):
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_settings_refuse_bad_values_with_one_sentence_and_keep_defaults():
+    from sd3trt.errors import Sd3trtError
+    from sd3trt.server import settings
+
+    cfg = settings.from_env({"SD3TRT_BUNDLE": "/b"})
+    flags = settings.from_args(_serve_parser().parse_args(["serve", "--bundle", "/b"]))
+    assert cfg == flags and cfg.queue_size == settings.DEFAULTS.queue_size and str(cfg.bundle) == "/b"
+    for env, needle in ((("SD3TRT_QUEUE_SIZE", "0"), "must be > 0"), (("SD3TRT_BACKEND", "cuda"), "not one of"),
+                        (("SD3TRT_INPUT_FORMATS", "gif"), "not supported"), (("SD3TRT_NO_URL_FETCH", "yes"), "1 or 0"),
+                        (("SD3TRT_LEASE", "1"), "at least 3 x --heartbeat")):
+        with pytest.raises(Sd3trtError, match=needle) as e:
+            settings.from_env({"SD3TRT_BUNDLE": "/b", env[0]: env[1]})
+        assert "\n" not in str(e.value)
+    with pytest.raises(Sd3trtError, match="SD3TRT_BUNDLE is not set"):
+        settings.from_env({})
+    with pytest.raises(SystemExit):
+        _serve_parser().parse_args(["serve", "--queue-size", "0"])
+
+
+def test_the_readme_settings_table_is_the_generated_one():
+    from pathlib import Path
+
+    from sd3trt.server import settings
+
+    readme = (Path(__file__).resolve().parents[1] / "server" / "README.md").read_text()
+    assert settings.markdown_table() in readme

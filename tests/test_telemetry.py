@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from sd3trt.server.keystore import KeyStore  # noqa: E402
+from sd3trt.server.keystore import SqliteCreditStore  # noqa: E402
 
 WAIT_S = 25  # after the engines load: ONNX Runtime's first lookup came ~9 s after the session started
 SANDBOX = Path(__file__).with_name("dns_sandbox.py")
@@ -97,7 +97,7 @@ def test_neither_the_runtime_nor_the_server_resolves_a_host_name(tiny_sd3, tmp_p
     if probe.returncode != 0:
         pytest.skip(f"this machine does not allow user namespaces: {probe.stderr.decode()[-200:]}")
     db = tmp_path / "keys.db"
-    key = KeyStore(db).create_key(1)
+    key = SqliteCreditStore(db).create_key(1)
     bundle = str(tiny_sd3[1])
     server = sandboxed(sys.executable, "-c", SERVER, bundle, str(db), key, "8000", str(WAIT_S))
     runtime = sandboxed(sys.executable, "-c", RUNTIME, bundle, str(WAIT_S))
