@@ -77,28 +77,52 @@ def summary(values: list[float]) -> dict:
     return {"min": round(min(values), 6), "mean": round(float(np.mean(values)), 6)}
 
 
-def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0) -> dict:
-    """Quantized vs fp32 noise_pred on recorded calls `indices` (of a calibrate.CalibData)."""
-    ref, q = ort_session(ref_path, threads), ort_session(q_path, threads)
+class _WholeGraph:
+    """The transformer graph at `path` as one ONNX Runtime CPU session."""
+
+    def __init__(self, path: Path, threads: int):
+        self.session = ort_session(path, threads)
+
+    def run(self, feeds: dict) -> dict:
+        return {"noise_pred": self.session.run(["noise_pred"], feeds)[0]}
+
+
+def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0,
+                         runner: Callable | None = None) -> dict:
+    """Quantized vs reference (the bundle's graph) noise_pred on recorded calls `indices` (of a
+    calibrate.CalibData). runner(path) -> an object whose run(feeds) gives {"noise_pred": ...} (default: an
+    ONNX Runtime CPU session of the whole graph)."""
+    runner = runner or (lambda path: _WholeGraph(path, threads))
+    ref, q = runner(ref_path), runner(q_path)
     cos, snr = [], []
     for i in indices:
         feeds = data.feeds(i)
-        a = ref.run(["noise_pred"], feeds)[0]
-        b = q.run(["noise_pred"], feeds)[0]
+        a = ref.run(feeds)["noise_pred"]
+        b = q.run(feeds)["noise_pred"]
         cos.append(cosine(a, b))
         snr.append(snr_db(a, b))
     return {"calls": len(indices), "cosine": summary(cos), "snr_db": summary(snr)}
 
 
 def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int = 0,
-                   log: Callable[[str], None] = print) -> dict:
-    """End to end: img2img with the quantized transformer graph at `q_path` vs all-fp32, same inputs and
-    noise (`settings`: the calibration settings; `runs`: which calibration runs to replay)."""
+                   log: Callable[[str], None] = print, runner: Callable | None = None,
+                   others: Callable | None = None) -> dict:
+    """End to end: img2img with the quantized transformer graph at `q_path` vs the bundle's own graphs, same
+    inputs and noise (`settings`: the calibration settings; `runs`: which calibration runs to replay).
+    runner(path) -> the transformer's runner, others(name) -> every other component's (both pipelines
+    share them, so the comparison is the transformer's alone); given, each component is released after
+    use (low memory). Default: the pipeline's own ONNX Runtime runners."""
     from sd3trt.engines.calibrate import run_inputs
     from sd3trt.runtime.pipeline import Img2Img
 
-    ref_pipe = Img2Img(bundle, threads=threads)
-    q_pipe = Img2Img(bundle, threads=threads, onnx_files={"transformer": Path(q_path)})
+    def pipeline(path: Path):
+        if runner is None:
+            return Img2Img(bundle, threads=threads, onnx_files={"transformer": path})
+        return Img2Img(bundle, threads=threads, low_memory=True,
+                       runner_factory=lambda name: runner(path) if name == "transformer" else others(name))
+
+    ref_pipe = pipeline(bundle.onnx_path("transformer"))
+    q_pipe = pipeline(Path(q_path))
     psnr, ss = [], []
     for r in runs:
         req = run_inputs(settings, r)

@@ -4,14 +4,17 @@
     fit, held_out = data.split()                               # the last `holdout` prompts judge accuracy
     amax = activation_ranges(bundle.onnx_path("transformer"), plan.taps(), data, fit, method="max")
 
-`collect` runs `Img2Img` over a fixed set of prompts and generated pictures with the fp32 ONNX Runtime
-runners, wrapping the transformer's runner to record every call (each denoising step of each run, CFG
-batch included). Text conditioning is the same for every step of a run, so it is stored once per run.
-The cache key hashes the settings and every bundle file the runs depend on (sha256 from the manifest),
-so a re-export or other settings give a new file and an unchanged bundle reuses the old one.
+`collect` runs `Img2Img` over a fixed set of prompts (or the user's, `--calib-prompts FILE`) and generated
+pictures with the runners of a calibration backend (engines/calib_backends.py: CUDA, OpenVINO or ONNX
+Runtime, in the bundle's type or OpenVINO's bf16), wrapping the transformer's runner to record and time
+every call (each denoising step of each run, CFG batch included). Text conditioning is the same for every
+step of a run, so it is stored once per run. The cache key hashes the settings, the backend and every
+bundle file the runs depend on (sha256 from the manifest), so a re-export or other settings give a new
+file and an unchanged bundle reuses the old one.
 
-Activation ranges (absolute max per tensor, symmetric quantization) come from the fp32 transformer run
-on the recorded inputs with the measured tensors added as outputs:
+Activation ranges (absolute max per tensor, symmetric quantization) come from the bundle's transformer
+run by the backend on the recorded inputs, with the measured tensors added as outputs - the whole graph
+at once, or one transformer block at a time (engines/calib_blocks.py; the same ranges in bounded memory):
   max         the largest |x| seen (one pass; reductions happen inside the graph)
   percentile  the `percentile`-th percentile of |x| over all calibration values (a histogram pass)
   mse         the clip value minimizing the expected quantize-dequantize error of the histogram for the
@@ -73,6 +76,7 @@ class CalibSettings:
     size: int = 1024  # image side in px (capped by the model's largest side)
     seed: int = 0
     max_sequence_length: int = 256
+    prompt_texts: tuple = ()  # the user's prompts (`--calib-prompts FILE`), one a run, in place of PROMPTS
 
     def scaled(self, factor: float) -> "CalibSettings":
         """Runs and steps times `factor` (>= 2 runs with >= 1 held out, >= 2 steps); the image size is kept, as
@@ -84,6 +88,9 @@ class CalibSettings:
                                 "steps": max(2, round(self.steps * factor))})
 
     def checked(self, facts) -> "CalibSettings":
+        if self.prompt_texts and len(self.prompt_texts) != self.prompts:
+            raise Sd3trtError(f"{len(self.prompt_texts)} calibration prompts were given for {self.prompts} runs; "
+                              "give one prompt a run (or leave the run count to the prompts file)")
         if self.prompts < 2:
             raise Sd3trtError(f"--calib-prompts must be at least 2 (one to fit, one held out), got {self.prompts}")
         if not 1 <= self.holdout < self.prompts:
@@ -93,6 +100,18 @@ class CalibSettings:
         if side < facts.pixel_multiple:
             raise Sd3trtError(f"--calib-size {self.size} is smaller than {facts.pixel_multiple} px")
         return CalibSettings(**{**asdict(self), "size": side})
+
+
+def read_prompts(path) -> tuple[str, ...]:
+    """`--calib-prompts FILE`: one prompt a line (blank lines skipped), at least 2 (one fits, one is held out)."""
+    p = Path(path)
+    if not p.is_file():
+        raise Sd3trtError(f"--calib-prompts {path}: no such file; give a run count or a file with one prompt a line")
+    lines = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(lines) < 2:
+        raise Sd3trtError(f"--calib-prompts {path} has {len(lines)} prompt(s); calibration needs at least 2 (one to "
+                          "fit, one held out for the gate)")
+    return lines
 
 
 def picture(index: int, side: int):
@@ -116,7 +135,7 @@ def run_inputs(settings: CalibSettings, index: int) -> dict:
     """The img2img request of calibration run `index` (also what the accuracy gate replays)."""
     return {
         "image": picture(index, settings.size),
-        "prompt": PROMPTS[index % len(PROMPTS)],
+        "prompt": (settings.prompt_texts or PROMPTS)[index % len(settings.prompt_texts or PROMPTS)],
         "negative_prompt": NEGATIVES[index % len(NEGATIVES)],
         "strength": settings.strength, "steps": settings.steps, "guidance_scale": settings.guidance,
         "seed": settings.seed + index, "max_sequence_length": settings.max_sequence_length,
@@ -135,6 +154,8 @@ class CalibData:
     key: str = ""
     seconds: float = 0.0  # time the runs took to record
     reused: bool = False  # loaded from the cache rather than recorded now
+    call_seconds: float = 0.0  # mean time of one recorded transformer call
+    backend: str = ""  # what recorded it (calib_backends.Backend.describe())
 
     def __len__(self) -> int:
         return len(self.hidden_states)
@@ -160,7 +181,8 @@ class CalibData:
         np.savez(buf, hidden_states=self.hidden_states, timestep=self.timestep, context=self.context,
                  encoder_hidden_states=self.encoder_hidden_states, pooled_projections=self.pooled_projections,
                  run=self.run, meta=np.array(json.dumps({"format": FORMAT, "settings": self.settings, "key": self.key,
-                                                       "seconds": self.seconds})))
+                                                       "seconds": self.seconds, "call_seconds": self.call_seconds,
+                                                       "backend": self.backend})))
         write_bytes_atomic(Path(path), buf.getvalue())
 
     @classmethod
@@ -171,15 +193,17 @@ class CalibData:
                 raise ValueError("old calibration format")
             return cls(z["hidden_states"], z["timestep"], z["context"], z["encoder_hidden_states"],
                        z["pooled_projections"], z["run"], meta["settings"], meta["key"],
-                       float(meta.get("seconds", 0.0)), True)
+                       float(meta.get("seconds", 0.0)), True, float(meta.get("call_seconds", 0.0)),
+                       meta.get("backend", ""))
 
 
 class _Recorder:
-    """Wraps the transformer runner; stores what every call gets."""
+    """Wraps the transformer runner; stores what every call gets and times the calls."""
 
-    def __init__(self, inner, sink: dict):
+    def __init__(self, inner, sink: dict, timer):
         self.inner = inner
         self.sink = sink
+        self.timer = timer
 
     def run(self, feeds):
         s = self.sink
@@ -191,7 +215,10 @@ class _Recorder:
         s["t"].append(feeds["timestep"].copy())
         s["context"].append(len(s["enc"]) - 1)
         s["run"].append(s["current_run"])
-        return self.inner.run(feeds)
+        t0 = time.perf_counter()
+        out = self.inner.run(feeds)
+        self.timer.add("record", t0)
+        return out
 
     def close(self):
         self.inner.close()
@@ -200,23 +227,33 @@ class _Recorder:
         return getattr(self.inner, name)
 
 
-def cache_key(bundle, settings: CalibSettings) -> str:
+def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> str:
+    """The recording's key: settings, backend (default: what auto picks here) and the bundle's files."""
+    if backend is None:
+        from sd3trt.engines.calib_backends import choose
+
+        backend = choose("auto", bundle).describe()
     files = {}
     for section in ("components", "tokenizers"):
         for entry in bundle.data.get(section, {}).values():
             files.update(entry.get("files", {}))
     blob = json.dumps({"format": FORMAT, "settings": asdict(settings), "files": files,
-                       "scheduler": bundle.scheduler_config, "dtype": bundle.dtype}, sort_keys=True)
+                       "scheduler": bundle.scheduler_config, "dtype": bundle.dtype, "backend": backend}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path | None = None, threads: int = 0,
-            log: Callable[[str], None] = print) -> CalibData:
-    """Record the transformer's inputs over `settings.prompts` img2img runs (cached on disk)."""
+            log: Callable[[str], None] = print, backend=None, blocks: bool = False) -> CalibData:
+    """Record the transformer's inputs over `settings.prompts` img2img runs (cached on disk), every component
+    run by `backend` (a calib_backends.Backend; default: what `--calib-backend auto` picks here). blocks: the
+    transformer run one block at a time and each component released after use (bounded memory; the same
+    inputs recorded, so the same cache)."""
+    from sd3trt.engines.calib_backends import choose
     from sd3trt.runtime.pipeline import Img2Img
 
+    backend = backend or choose("auto", bundle, threads)
     settings = settings.checked(bundle.facts)
-    key = cache_key(bundle, settings)
+    key = cache_key(bundle, settings, backend.describe())
     path = Path(cache_dir or bundle.root / "calibration") / f"transformer-{key[:16]}.npz"
     if path.is_file():
         try:
@@ -226,15 +263,13 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
                 return data
         except (OSError, ValueError, KeyError):
             pass  # damaged or old: record again
-    from sd3trt.runtime.runners import OrtRunner
-
     sink = {"enc": [], "pooled": [], "hidden": [], "t": [], "context": [], "run": [], "current_run": 0}
 
     def factory(name: str):
-        r = OrtRunner(name, bundle.component(name), bundle.onnx_path(name), threads=threads)
-        return _Recorder(r, sink) if name == "transformer" else r
+        r = backend.runner(name, bundle.component(name), bundle.onnx_path(name), blocks)
+        return _Recorder(r, sink, backend.timer) if name == "transformer" else r
 
-    pipe = Img2Img(bundle, runner_factory=factory, threads=threads)
+    pipe = Img2Img(bundle, runner_factory=factory, threads=threads, low_memory=blocks)
     t0 = time.perf_counter()
     for i in range(settings.prompts):
         sink["current_run"] = i
@@ -242,7 +277,8 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
         log(f"calibration: run {i + 1}/{settings.prompts} recorded ({len(sink['hidden'])} transformer calls)")
     data = CalibData(np.stack(sink["hidden"]), np.stack(sink["t"]), np.array(sink["context"], np.int32),
                      np.stack(sink["enc"]), np.stack(sink["pooled"]), np.array(sink["run"], np.int32),
-                     asdict(settings), key, round(time.perf_counter() - t0, 1))
+                     asdict(settings), key, round(time.perf_counter() - t0, 1),
+                     call_seconds=round(backend.timer.per_call().get("record", 0.0), 3), backend=backend.describe())
     data.save(path)
     return data
 
@@ -250,47 +286,21 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
 # --------------------------------------------------------------------------- activation ranges
 
 
-class _TappedSession:
-    """The fp32 transformer with extra outputs, as an ONNX Runtime session (weights stay on disk)."""
-
-    def __init__(self, onnx_path: Path, outputs: list[tuple[str, str]], extra_nodes=(), threads: int = 0):
-        import onnx
-        from onnx import TensorProto, helper
-
-        from sd3trt.runtime.ort_session import ort_session
-
-        onnx_path = Path(onnx_path)
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        del model.graph.output[:]
-        model.graph.node.extend(extra_nodes)
-        for name, _ in outputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        self.names = [n for n, _ in outputs]
-        external = any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
-        if external:  # save next to the original so the external weight file resolves
-            fd, tmp = tempfile.mkstemp(dir=onnx_path.parent, prefix=".calib-", suffix=".onnx")
-            os.close(fd)
-            try:
-                onnx.save_model(model, tmp)
-                self.session = ort_session(tmp, threads)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        else:
-            self.session = ort_session(model.SerializeToString(), threads)
-
-    def run(self, feeds) -> list[np.ndarray]:
-        return self.session.run(self.names, feeds)
-
-
-def _absmax_nodes(taps: list[str]):
-    from onnx import helper
+def _measure_nodes(taps: list[str], prefix: str, reduce: bool):
+    """Nodes that give each tap as a float32 output: its absolute max (reduce) or the tensor itself."""
+    from onnx import TensorProto, helper
 
     nodes, outs = [], []
     for i, t in enumerate(taps):
-        a, m = f"__calib_abs_{i}", f"__calib_amax_{i}"
-        nodes.append(helper.make_node("Abs", [t], [a], name=f"__calib_Abs_{i}"))
-        nodes.append(helper.make_node("ReduceMax", [a], [m], keepdims=0, name=f"__calib_ReduceMax_{i}"))
-        outs.append((m, t))
+        out = f"__calib_{prefix}_{i}"
+        src = t
+        if reduce:
+            nodes.append(helper.make_node("Abs", [t], [f"{out}_abs"], name=f"__calib_Abs_{prefix}_{i}"))
+            nodes.append(helper.make_node("ReduceMax", [f"{out}_abs"], [f"{out}_max"], keepdims=0,
+                                          name=f"__calib_ReduceMax_{prefix}_{i}"))
+            src = f"{out}_max"
+        nodes.append(helper.make_node("Cast", [src], [out], to=TensorProto.FLOAT, name=f"__calib_Cast_{prefix}_{i}"))
+        outs.append(out)
     return nodes, outs
 
 
@@ -318,42 +328,111 @@ def _mse_clip(hist: np.ndarray, edges: np.ndarray, precision: str) -> float:
     return best
 
 
+def _clip(hist: np.ndarray, amax: float, method: str, percentile: float, precision: str) -> float:
+    edges = np.linspace(0.0, max(amax, 1e-12), BINS + 1)
+    if method == "percentile":
+        cdf = np.cumsum(hist) / max(hist.sum(), 1.0)
+        k = int(np.searchsorted(cdf, percentile / 100.0))
+        return float(edges[min(k + 1, BINS)])
+    return _mse_clip(hist, edges, precision)
+
+
+class _Feeds:
+    """Each sample's inputs of the part being measured: graph inputs from the recording, the rest from the spill."""
+
+    def __init__(self, data: CalibData, spill):
+        self.data, self.spill = data, spill
+
+    def __call__(self, sample: int, names: list[str]) -> dict:
+        graph = self.data.feeds(sample)
+        return {n: graph[n] if n in graph else self.spill.get(sample, n) for n in names}
+
+
+def _input_dims(feeds, names: list[str], indices: list[int]) -> dict[str, list]:
+    """Each input's dims as the samples show them: a dim equal in the first and the last sample is static
+    (OpenVINO's CPU plugin needs ranks and reshapes it can infer), others dynamic."""
+    first, last = feeds(indices[0], names), feeds(indices[-1], names)
+    return {n: [a if a == b else None for a, b in zip(first[n].shape, last[n].shape)]
+            if first[n].ndim == last[n].ndim else [None] * first[n].ndim for n in names}
+
+
+def _whole(model):
+    from sd3trt.engines.calib_blocks import Part
+
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    nodes = list(g.node)
+    return [Part(0, nodes, [i.name for i in g.input if i.name not in inits], [],
+                 {i for n in nodes for i in n.input if i})]
+
+
 def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices: list[int], method: str = "max",
                       percentile: float = 99.99, precision: str = "int8", threads: int = 0,
-                      max_tensors_per_pass: int = 32, log: Callable[[str], None] = print) -> dict[str, float]:
-    """tensor name -> absolute range to quantize it with (see the module docstring for the methods)."""
+                      max_tensors_per_pass: int = 32, log: Callable[[str], None] = print, backend=None,
+                      blocks: bool = False, work_dir: Path | None = None) -> dict[str, float]:
+    """tensor name -> absolute range to quantize it with (see the module docstring for the methods).
+    backend: a calib_backends.Backend (default ONNX Runtime CPU); blocks: measure one transformer block at a
+    time, each sample's block inputs spilled to `work_dir` (calib_blocks.py), the same ranges in bounded memory."""
+    import onnx
+
+    from sd3trt.engines.calib_backends import Backend
+    from sd3trt.engines.calib_blocks import Spill, cut, part_model
+
     if method not in METHODS:
         raise Sd3trtError(f"unknown calibration method {method!r}; use {', '.join(METHODS)}")
     if not indices:
         raise Sd3trtError("no calibration inputs to measure ranges on; use more --calib-prompts")
     if not 50.0 < percentile <= 100.0:
         raise Sd3trtError(f"--percentile {percentile} must be in (50, 100]")
-    nodes, outs = _absmax_nodes(taps)
-    sess = _TappedSession(onnx_path, outs, nodes, threads)
-    amax = dict.fromkeys(taps, 0.0)
-    for i in indices:
-        for (_, t), v in zip(outs, sess.run(data.feeds(i))):
-            amax[t] = max(amax[t], float(v))
-    del sess
-    if method == "max":
-        return amax
-    ranges = {}
-    for start in range(0, len(taps), max_tensors_per_pass):
-        group = taps[start:start + max_tensors_per_pass]
-        sess = _TappedSession(onnx_path, [(t, t) for t in group], threads=threads)
+    onnx_path = Path(onnx_path)
+    backend = backend or Backend("onnxruntime", "fp32", threads)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    parts = cut(model) if blocks else _whole(model)
+    spill = Spill(Path(tempfile.mkdtemp(dir=work_dir or onnx_path.parent, prefix=".calib-blocks-")))
+    feeds = _Feeds(data, spill)
+    amax, ranges, todo = dict.fromkeys(taps, 0.0), {}, list(dict.fromkeys(taps))
+    try:
+        for part in parts:
+            mine = [t for t in todo if t in part.reads]
+            todo = [t for t in todo if t not in mine]
+            dims = _input_dims(feeds, part.inputs, indices)
+            nodes, outs = _measure_nodes(mine, "amax", reduce=True)
+            run = backend.open(part_model(model, part, outs, nodes, dims), onnx_path.parent, part.outputs + outs)
+            for i in indices:
+                got = run(feeds(i, part.inputs))
+                for name, value in zip(part.outputs, got):
+                    spill.put(i, name, value)
+                for t, v in zip(mine, got[len(part.outputs):]):
+                    amax[t] = max(amax[t], float(v))
+            del run
+            if method != "max":
+                ranges.update(_histogram_ranges(model, part, mine, amax, feeds, indices, backend, onnx_path.parent,
+                                                dims, method, percentile, precision, max_tensors_per_pass))
+            for name in part.inputs:
+                if not any(name in q.inputs for q in parts[part.index + 1:]):
+                    spill.drop(name)
+            if len(parts) > 1:
+                log(f"calibration: part {part.index + 1}/{len(parts)} measured ({len(mine)} tensors)")
+    finally:
+        spill.close()
+    return amax if method == "max" else ranges
+
+
+def _histogram_ranges(model, part, taps, amax, feeds, indices, backend, base_dir, dims, method, percentile,
+                      precision, per_pass) -> dict[str, float]:
+    """The second pass of percentile / mse: histograms of |x| over [0, amax] of each tap, `per_pass` at a time."""
+    from sd3trt.engines.calib_blocks import part_model
+
+    out = {}
+    for start in range(0, len(taps), per_pass):
+        group = taps[start:start + per_pass]
+        nodes, outs = _measure_nodes(group, "raw", reduce=False)
+        no_outputs = type(part)(part.index, part.nodes, part.inputs, [], part.reads)
+        run = backend.open(part_model(model, no_outputs, outs, nodes, dims), base_dir, outs)
         hists = {t: np.zeros(BINS, np.float64) for t in group}
         for i in indices:
-            for t, v in zip(group, sess.run(data.feeds(i))):
+            for t, v in zip(group, run(feeds(i, part.inputs))):
                 hists[t] += np.histogram(np.abs(v), bins=BINS, range=(0.0, max(amax[t], 1e-12)))[0]
-        del sess
-        for t in group:
-            edges = np.linspace(0.0, max(amax[t], 1e-12), BINS + 1)
-            if method == "percentile":
-                cdf = np.cumsum(hists[t]) / max(hists[t].sum(), 1.0)
-                k = int(np.searchsorted(cdf, percentile / 100.0))
-                ranges[t] = float(edges[min(k + 1, BINS)])
-            else:
-                ranges[t] = _mse_clip(hists[t], edges, precision)
-        if len(taps) > max_tensors_per_pass:
-            log(f"calibration: ranges for {min(start + max_tensors_per_pass, len(taps))}/{len(taps)} tensors")
-    return ranges
+        del run
+        out.update({t: _clip(hists[t], amax[t], method, percentile, precision) for t in group})
+    return out

@@ -49,6 +49,7 @@ from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, LOW_TYPES, autocas
 from sd3trt.errors import Sd3trtError
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
+QTYPE = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
 MIN_OPSET = {"int8": 13, "fp8": 19}
 FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
@@ -61,10 +62,17 @@ DEFAULT_KEEP = (
     "norm_out.linear",  # final adaLN modulation
     "proj_out",  # final projection to patches
 )
-# FP8 follows NVIDIA's ModelOpt SD3 recipe (TensorRT demo/Diffusion): the text-stream input projection
-# `context_embedder` stays in 16-bit as well (the patch embedding is a Conv, never quantized here).
-FP8_KEEP = DEFAULT_KEEP + ("context_embedder",)
-KEEP = {"int8": DEFAULT_KEEP, "fp8": FP8_KEEP}
+# ModelOpt's default filter for diffusion transformers (its diffusers example, `filter_func_default`), as
+# module globs of SD3: the embeddings stay 16-bit (the patch embedding `pos_embed.proj` is a Conv, never
+# quantized by this pass anyway; SD3 has no `x_embedder`, other MMDiTs do).
+MODELOPT_FILTER = ("time_text_embed.*", "context_embedder", "pos_embed.*", "x_embedder*", "norm_out.*")
+# FP8 follows NVIDIA's ModelOpt SD3 recipe (TensorRT demo/Diffusion): that filter plus `proj_out` and the
+# adaLN modulations. INT8 quantizes `context_embedder` (+0.4 dB measured, docs/quantization.md).
+FP8_KEEP = DEFAULT_KEEP + tuple(p for p in MODELOPT_FILTER if p not in DEFAULT_KEEP)
+KEEP = {"int8": DEFAULT_KEEP + ("pos_embed.*", "x_embedder*"), "fp8": FP8_KEEP}
+# Blocks kept in high precision by model depth, as NVIDIA's demo does for SD3.5-Large (38 blocks): its
+# block 35. Applied on top of any keep-list by the quantizer (transformer_quant.plan).
+KEEP_BY_DEPTH = {38: ("transformer_blocks.35.*",)}
 # Quantization levels, like NVIDIA's demo: the linear layers only, or those plus the attention batched
 # matmuls (Q.K^T and P.V, with the softmax output P quantized). `sd3trt quantize` defaults to the fastest
 # level that passes the gate (transformer_quant.DEFAULT_LEVELS).
@@ -170,6 +178,16 @@ def expand_keep(patterns, names: list[str]) -> tuple[str, ...]:
         else:
             out.append(p)
     return tuple(out)
+
+
+def block_count(names) -> int:
+    """Transformer blocks among layer or node names (`transformer_blocks.<i>.` / `/transformer_blocks.<i>/`)."""
+    return len({m.group(1) for n in names if (m := re.search(r"transformer_blocks\.(\d+)[./]", n))})
+
+
+def keep_for_depth(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The blocks KEEP_BY_DEPTH keeps for a transformer of this many blocks (none for other depths)."""
+    return KEEP_BY_DEPTH.get(block_count(n.name for n in model.graph.node), ())
 
 
 def _head_dims(model: onnx.ModelProto) -> dict[str, int]:
@@ -332,7 +350,8 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Convert to `opset` (FP8 needs 19) with ONNX's version converter; a no-op when already there."""
+    """Convert to `opset` (FP8 and 16-bit scales need 19) with ONNX's version converter; a no-op when already
+    there. Works on a graph loaded without its external data (the converter never reads weight values)."""
     if _opset(model) >= opset:
         return model
     from onnx import version_converter
@@ -360,121 +379,222 @@ def _elem_types(model: onnx.ModelProto, names) -> dict[str, int]:
     return types
 
 
-def quantize_model(model: onnx.ModelProto, precision: str, plan: Plan, act_amax: dict[str, float],
-                   per_channel: bool = True) -> tuple[onnx.ModelProto, dict]:
-    """A copy of `model` with Q/DQ around every planned layer. `act_amax`: tensor name -> calibrated
-    absolute range of each quantized layer's data input (and of both inputs of attention matmuls).
-    Returns (model, per-layer report)."""
-    words.check(precision, words.QUANTIZED, "quantization precision")
-    todo = plan.quantized
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    nodes_by_name = {n.name: n for n in model.graph.node}
-    needed = {l.activation for l in todo} | {nodes_by_name[l.node].input[1] for l in todo if l.kind == "attention"}
+def _np_float(elem_type: int):
+    """numpy type of an ONNX float type (bf16 through ml_dtypes)."""
+    if elem_type == TensorProto.BFLOAT16:
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return FLOAT_TYPES[elem_type]
+
+
+def graph_float_type(model: onnx.ModelProto) -> int:
+    """The graph's float type: that of its first float input (fp32, fp16 or bf16 bundles)."""
+    for vi in model.graph.input:
+        t = vi.type.tensor_type.elem_type
+        if t in FLOAT_TYPES or t == TensorProto.BFLOAT16:
+            return t
+    return TensorProto.FLOAT
+
+
+def target_opset(model: onnx.ModelProto, precision: str) -> int:
+    """The opset the Q/DQ graph needs: FP8 types, and 16-bit scales of a 16-bit graph, are opset 19."""
+    sixteen = graph_float_type(model) != TensorProto.FLOAT
+    return max(_opset(model), 19 if precision == "fp8" or sixteen else MIN_OPSET[precision])
+
+
+@dataclass
+class QdqGraph:
+    """The rewritten graph before its new weights exist: `model` lists each quantized weight (and its scale)
+    as an empty initializer, `pending[name]()` makes its value, so a writer can produce one weight at a time
+    (engines/qdq_writer.py streams them to disk). `report`: per layer, filled in as weights are made."""
+
+    model: onnx.ModelProto
+    pending: dict
+    report: dict
+
+
+class _WeightJob:
+    """One layer's weight quantization, made on first use of either part and dropped once both are taken."""
+
+    def __init__(self, read, layer: Layer, transpose: bool, precision: str, per_channel: bool, scale_type, entry: dict):
+        self.read, self.layer, self.transpose = read, layer, transpose
+        self.precision, self.per_channel, self.scale_type, self.entry = precision, per_channel, scale_type, entry
+        self.parts: dict | None = None
+
+    def part(self, which: str) -> np.ndarray:
+        if self.parts is None:
+            w = np.asarray(self.read(self.layer.weight), np.float32)
+            if self.transpose:
+                w = np.ascontiguousarray(w.T)  # stored [K, N]: no Transpose between the weight and its DQ
+            q, scale = quantize_weight(w, self.precision, self.per_channel)
+            deq = q.astype(np.float32) * scale
+            self.entry.update({"weight": self.layer.weight, "weight_shape": list(w.shape),
+                               "weight_per_channel": self.per_channel,
+                               "weight_max_rel_error": float(np.abs(deq - w).max() / max(float(np.abs(w).max()), 1e-12))})
+            self.parts = {"q": q, "scale": scale.astype(self.scale_type)}
+        value = self.parts.pop(which)
+        if not self.parts:
+            self.parts = {}  # both taken: free the arrays (a later call would be a bug, and fails loudly)
+        return value
+
+
+def _check_ranges(plan: Plan, model: onnx.ModelProto, act_amax: dict) -> set[str]:
+    """The tensors that need a calibrated range; refuses a plan whose ranges are missing."""
+    by_name = {n.name: n for n in model.graph.node}
+    needed = {l.activation for l in plan.quantized}
+    needed |= {by_name[l.node].input[1] for l in plan.quantized if l.kind == "attention"}
     missing = sorted(needed - set(act_amax))
     if missing:
         raise Sd3trtError(f"no calibrated range for {len(missing)} activation(s) (e.g. {missing[0]}); re-run calibration")
-    if precision == "fp8" or _opset(model) < MIN_OPSET[precision]:
-        model = upgrade_opset(model, MIN_OPSET[precision])
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    by_name = {n.name: n for n in g.node}
-    ftypes = _elem_types(model, needed)
-    qmax = np.float32(QMAX[precision])
-    zero = np.zeros((), np.int8) if precision == "int8" else to_fp8(np.zeros((), np.float32))
-    used = {n for node in g.node for n in list(node.input) + list(node.output)} | set(inits)
-    new_inits: list[onnx.TensorProto] = []
+    return needed
 
-    def fresh(base: str) -> str:
+
+class _Names:
+    """Fresh tensor names in one graph, and the initializers made under them."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.used = {n for node in g.node for n in list(node.input) + list(node.output)}
+        self.used |= {i.name for i in g.initializer}
+        self.inits: list[onnx.TensorProto] = []
+
+    def fresh(self, base: str) -> str:
         name, k = base, 0
-        while name in used:
+        while name in self.used:
             k += 1
             name = f"{base}.{k}"
-        used.add(name)
+        self.used.add(name)
         return name
 
-    def const(name: str, arr: np.ndarray) -> str:
-        name = fresh(name)
-        new_inits.append(numpy_helper.from_array(arr, name))
+    def const(self, base: str, arr: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
-    def act_qdq(x: str, layer: Layer, out: list) -> tuple[str, float]:
-        """Q -> DQ of activation x for one layer. One pair per consumer, not one Q per tensor: ONNX
-        Runtime fuses a Q/DQ pair into its integer GEMM only when the Q feeds a single DQ."""
-        ftype = ftypes.get(x, TensorProto.FLOAT)
-        if ftype not in FLOAT_TYPES:
-            raise Sd3trtError(f"{layer.name}: input {x} is {TensorProto.DataType.Name(ftype)}, not a float; cannot quantize it")
-        scale = np.float32(max(float(act_amax[x]), 1e-8) / qmax)
-        s = const(f"{x}_scale", np.array(scale, FLOAT_TYPES[ftype]))
-        zp = const(f"{x}_zero_point", zero)
-        xq, xdq = fresh(f"{x}_quantized"), fresh(f"{x}_dq_{layer.name}")
-        out.append(helper.make_node("QuantizeLinear", [x, s, zp], [xq], name=fresh(f"{layer.name}/QuantizeLinear")))
-        out.append(helper.make_node("DequantizeLinear", [xq, s, zp], [xdq], name=fresh(f"{layer.name}/DequantizeLinear")))
-        return xdq, float(scale)
+    def placeholder(self, base: str, elem_type: int, dims) -> str:
+        """An initializer whose value a writer supplies later (QdqGraph.pending)."""
+        name = self.fresh(base)
+        t = TensorProto(name=name, data_type=elem_type)
+        t.dims.extend(int(d) for d in dims)
+        self.inits.append(t)
+        return name
 
-    index = {id(n): i for i, n in enumerate(g.node)}
-    replace: dict[int, list[onnx.NodeProto]] = {}  # node index -> nodes that take its place
-    report = {}
-    for layer in todo:
-        node = by_name[layer.node]
-        new: list[onnx.NodeProto] = []
-        xdq, a_scale = act_qdq(layer.activation, layer, new)
-        entry = {"activation": layer.activation, "activation_amax": float(act_amax[layer.activation]),
-                 "activation_scale": a_scale}
-        if layer.kind == "attention":
-            b = node.input[1]
-            bdq, b_scale = act_qdq(b, layer, new)
-            node.input[0], node.input[1] = xdq, bdq
-            entry.update({"b": b, "b_amax": float(act_amax[b]), "b_scale": b_scale})
-            replace[index[id(node)]] = new + [node]
-            report[layer.name] = entry
-            continue
-        w = numpy_helper.to_array(inits[layer.weight]).astype(np.float32)
-        if node.op_type == "Gemm" and _attr(node, "transB", 0):
-            w = np.ascontiguousarray(w.T)  # stored [K, N]: no Transpose between the weight and its DQ
-        wq, w_scale = quantize_weight(w, precision, per_channel)
-        np_f = FLOAT_TYPES[ftypes.get(layer.activation, TensorProto.FLOAT)]
-        wq_name = const(f"{layer.name}.weight_quantized", wq)
-        ws_name = const(f"{layer.name}.weight_scale", w_scale.astype(np_f))
-        wz_name = const(f"{layer.name}.weight_zero_point",
-                        np.zeros(w_scale.shape, zero.dtype) if per_channel else zero)
-        wdq = fresh(f"{layer.name}.weight_dequantized")
-        new.append(helper.make_node("DequantizeLinear", [wq_name, ws_name, wz_name], [wdq],
-                                    name=fresh(f"{layer.name}/weight_DequantizeLinear"),
-                                    **({"axis": 1} if per_channel else {})))
-        deq = wq.astype(np.float32) * w_scale
-        entry.update({"weight": layer.weight, "weight_shape": list(w.shape), "weight_per_channel": per_channel,
-                      "weight_max_rel_error": float(np.abs(deq - w).max() / max(float(np.abs(w).max()), 1e-12))})
-        if node.op_type == "Gemm":  # -> MatMul (+ Add bias): one pattern for ONNX Runtime's fusion and TensorRT
-            y = node.output[0]
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            mm_out = fresh(f"{y}_matmul") if bias else y
-            new.append(helper.make_node("MatMul", [xdq, wdq], [mm_out], name=fresh(f"{node.name}_as_MatMul")))
-            if bias:
-                new.append(helper.make_node("Add", [mm_out, bias], [y], name=fresh(f"{node.name}_bias_Add")))
-        else:
-            node.input[0], node.input[1] = xdq, wdq
-            new.append(node)
-        replace[index[id(node)]] = new
-        report[layer.name] = entry
 
+def _act_qdq(x: str, layer: Layer, precision: str, act_amax: dict, ftypes: dict, names: _Names,
+             out: list) -> tuple[str, float]:
+    """Q -> DQ of activation x for one layer. One pair per consumer, not one Q per tensor: ONNX Runtime
+    fuses a Q/DQ pair into its integer GEMM only when the Q feeds a single DQ."""
+    ftype = ftypes.get(x, TensorProto.FLOAT)
+    if ftype not in FLOAT_TYPES and ftype != TensorProto.BFLOAT16:
+        raise Sd3trtError(f"{layer.name}: input {x} is {TensorProto.DataType.Name(ftype)}, not a float; cannot quantize it")
+    scale = np.float32(max(float(act_amax[x]), 1e-8) / np.float32(QMAX[precision]))
+    s = names.const(f"{x}_scale", np.array(scale).astype(_np_float(ftype)))
+    zp = names.const(f"{x}_zero_point", _zero(precision))
+    xq, xdq = names.fresh(f"{x}_quantized"), names.fresh(f"{x}_dq_{layer.name}")
+    out.append(helper.make_node("QuantizeLinear", [x, s, zp], [xq], name=names.fresh(f"{layer.name}/QuantizeLinear")))
+    out.append(helper.make_node("DequantizeLinear", [xq, s, zp], [xdq], name=names.fresh(f"{layer.name}/DequantizeLinear")))
+    return xdq, float(scale)
+
+
+def _zero(precision: str) -> np.ndarray:
+    return np.zeros((), np.int8) if precision == "int8" else to_fp8(np.zeros((), np.float32))
+
+
+
+def _attention_nodes(layer: Layer, node, ctx) -> tuple[list, dict]:
+    """Q/DQ on both inputs of an attention matmul (Q and K^T, or the softmax output P and V)."""
+    new: list = []
+    a, a_scale = _act_qdq(layer.activation, layer, ctx["precision"], ctx["amax"], ctx["ftypes"], ctx["names"], new)
+    b = node.input[1]
+    bdq, b_scale = _act_qdq(b, layer, ctx["precision"], ctx["amax"], ctx["ftypes"], ctx["names"], new)
+    node.input[0], node.input[1] = a, bdq
+    return new + [node], {"activation": layer.activation, "activation_amax": float(ctx["amax"][layer.activation]),
+                          "activation_scale": a_scale, "b": b, "b_amax": float(ctx["amax"][b]), "b_scale": b_scale}
+
+
+def _linear_nodes(layer: Layer, node, ctx) -> tuple[list, dict]:
+    """Q/DQ activation, the stored-quantized weight's DQ, and the MatMul (a Gemm becomes MatMul + Add)."""
+    names, precision, per_channel = ctx["names"], ctx["precision"], ctx["per_channel"]
+    new: list = []
+    xdq, a_scale = _act_qdq(layer.activation, layer, precision, ctx["amax"], ctx["ftypes"], names, new)
+    entry = {"activation": layer.activation, "activation_amax": float(ctx["amax"][layer.activation]),
+             "activation_scale": a_scale}
+    ftype = ctx["ftypes"].get(layer.activation, TensorProto.FLOAT)
+    k, n = layer.weight_shape
+    job = _WeightJob(ctx["read"], layer, node.op_type == "Gemm" and bool(_attr(node, "transB", 0)), precision,
+                     per_channel, _np_float(ftype), entry)
+    wq = names.placeholder(f"{layer.name}.weight_quantized", QTYPE[precision], (k, n))
+    ws = names.placeholder(f"{layer.name}.weight_scale", ftype, (n,) if per_channel else ())
+    ctx["pending"][wq] = lambda: job.part("q")
+    ctx["pending"][ws] = lambda: job.part("scale")
+    wz = names.const(f"{layer.name}.weight_zero_point",
+                     np.zeros((n,), _zero(precision).dtype) if per_channel else _zero(precision))
+    wdq = names.fresh(f"{layer.name}.weight_dequantized")
+    new.append(helper.make_node("DequantizeLinear", [wq, ws, wz], [wdq], name=names.fresh(f"{layer.name}/weight_DequantizeLinear"),
+                                **({"axis": 1} if per_channel else {})))
+    if node.op_type == "Gemm":  # -> MatMul (+ Add bias): one pattern for ONNX Runtime's fusion and TensorRT
+        y = node.output[0]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        mm_out = names.fresh(f"{y}_matmul") if bias else y
+        new.append(helper.make_node("MatMul", [xdq, wdq], [mm_out], name=names.fresh(f"{node.name}_as_MatMul")))
+        if bias:
+            new.append(helper.make_node("Add", [mm_out, bias], [y], name=names.fresh(f"{node.name}_bias_Add")))
+    else:
+        node.input[0], node.input[1] = xdq, wdq
+        new.append(node)
+    return new, entry
+
+
+def _splice(model: onnx.ModelProto, replace: dict[str, list], new_inits: list) -> None:
+    """Put each replaced node's new nodes in its place, add the new initializers, drop the unused ones."""
+    g = model.graph
     out = []
-    for i, node in enumerate(g.node):
-        out.extend(replace.get(i, [node]))
+    for node in g.node:
+        out.extend(replace.get(node.name, [node]))
     del g.node[:]
     g.node.extend(out)
     g.initializer.extend(new_inits)
-    _drop_unused_initializers(model)
-    del g.value_info[:]  # stale after the rewrite; re-inferred on save/load
-    return model, report
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
     used = {n for node in g.node for n in node.input} | {o.name for o in g.output}
     keep = [i for i in g.initializer if i.name in used]
     if len(keep) != len(g.initializer):
         del g.initializer[:]
         g.initializer.extend(keep)
+    del g.value_info[:]  # stale after the rewrite; re-inferred on save/load
+
+
+def rewrite(model: onnx.ModelProto, precision: str, plan: Plan, act_amax: dict[str, float], read_weight,
+            per_channel: bool = True) -> QdqGraph:
+    """The Q/DQ pass on `model` (changed in place; it may be loaded without its external data): each planned
+    layer gets its Q/DQ pairs; its weight is read by `read_weight(initializer name)` only when the result is
+    written. Steps: check the ranges, move to the opset the types need, rewrite each layer, splice."""
+    words.check(precision, words.QUANTIZED, "quantization precision")
+    needed = _check_ranges(plan, model, act_amax)
+    model = upgrade_opset(model, target_opset(model, precision))
+    by_name = {n.name: n for n in model.graph.node}
+    ctx = {"precision": precision, "amax": act_amax, "ftypes": _elem_types(model, needed), "names": _Names(model),
+           "read": read_weight, "pending": {}, "per_channel": per_channel}
+    replace, report = {}, {}
+    for layer in plan.quantized:
+        node = by_name[layer.node]
+        step = _attention_nodes if layer.kind == "attention" else _linear_nodes
+        replace[layer.node], report[layer.name] = step(layer, node, ctx)
+    _splice(model, replace, ctx["names"].inits)
+    return QdqGraph(model, ctx["pending"], report)
+
+
+def quantize_model(model: onnx.ModelProto, precision: str, plan: Plan, act_amax: dict[str, float],
+                   per_channel: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """In memory, for graphs that fit (tests, tiny models): a copy of `model` with Q/DQ around every planned
+    layer and its weights made. `act_amax`: tensor name -> calibrated absolute range of each quantized
+    layer's data input (and of both inputs of attention matmuls). Returns (model, per-layer report)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    q = rewrite(onnx.ModelProto.FromString(model.SerializeToString()), precision, plan, act_amax,
+                lambda name: numpy_helper.to_array(inits[name]), per_channel)
+    for t in q.model.graph.initializer:
+        if t.name in q.pending:
+            t.CopyFrom(numpy_helper.from_array(q.pending[t.name](), t.name))
+    return q.model, q.report
 
 
 # --------------------------------------------------------------------------- lowering for TensorRT

@@ -18,8 +18,21 @@ EXAMPLES = """examples:
   sd3trt quantize --bundle B --precision fp8 --calib-scale 0.25   # a quarter of the calibration, small machines
   sd3trt quantize --bundle B --precision fp8 --level linear --method percentile --engine-name fp16-rtx-sm89
   sd3trt quantize --bundle B --precision int8 --keep default,@first_block,@last_block --calib-prompts 16
+  sd3trt quantize --bundle B --precision fp8 --calib-prompts my-prompts.txt --calib-backend openvino
   sd3trt quantize --bundle B --precision int8 --component vae_decoder   # int8 VAE convolutions (CPU)
 """
+
+
+def _prompts(value: str | None) -> tuple[int | None, tuple[str, ...]]:
+    """--calib-prompts: a run count, or a file of prompts (one a line; as many runs as prompts)."""
+    from sd3trt.engines.calibrate import read_prompts
+
+    if value is None:
+        return None, ()
+    if value.strip().isdigit():
+        return int(value), ()
+    texts = read_prompts(value)
+    return len(texts), texts
 
 
 def _settings(a):
@@ -27,10 +40,11 @@ def _settings(a):
     from sd3trt.engines.calibrate import CalibSettings
 
     base = CalibSettings().scaled(a.calib_scale)
-    given = {"prompts": a.calib_prompts, "steps": a.calib_steps, "strength": a.calib_strength,
+    count, texts = _prompts(a.calib_prompts)
+    given = {"prompts": count, "steps": a.calib_steps, "strength": a.calib_strength,
              "size": a.calib_size, "seed": a.seed}
-    kw = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}}
-    kw["holdout"] = a.holdout or (base.holdout if a.calib_prompts is None else max(1, a.calib_prompts // 4))
+    kw = {**base.__dict__, **{k: v for k, v in given.items() if v is not None}, "prompt_texts": texts}
+    kw["holdout"] = a.holdout or (base.holdout if count is None else max(1, count // 4))
     return CalibSettings(**kw)
 
 
@@ -72,7 +86,8 @@ def _quantize(a) -> None:
     entry = quantize_bundle(
         a.bundle, a.precision, settings, method=a.method, percentile=a.percentile, keep=_keep(a.keep, a.precision),
         level=level, per_channel=per_channel, image_gate=not a.no_image_gate,
-        thresholds=th, force=a.force, threads=a.threads,
+        thresholds=th, force=a.force, threads=a.threads, calib_backend=a.calib_backend,
+        blocks={"auto": "auto", "on": True, "off": False}[a.calib_blocks], allow_long=a.allow_long,
     )
     acc = entry["accuracy"]
     cov = entry["coverage"]
@@ -84,7 +99,9 @@ def _quantize(a) -> None:
         "transformer": {k: acc["transformer"][k] for k in ("cosine", "snr_db")},
         "image_psnr_db": acc.get("image", {}).get("psnr_db"), "image_ssim": acc.get("image", {}).get("ssim"),
         "thresholds": acc["thresholds"], "passed": acc["passed"],
-        "calibration_seconds": entry["calibration"]["seconds"], "seconds": entry["seconds"],
+        "calibration_backend": entry["calibration"]["backend"], "calibration_blocks": entry["calibration"]["blocks"],
+        "calibration_seconds": entry["calibration"]["seconds"],
+        "seconds_per_transformer_call": entry["calibration"]["seconds_per_call"], "seconds": entry["seconds"],
     }
     print(json.dumps(summary, indent=2))
     if ccs:  # the quantized transformer's engine, through `sd3trt build`'s loop
@@ -97,7 +114,7 @@ def _quantize(a) -> None:
 # Options of the transformer's quantizer that the VAE's does not take: given with --component vae_*, refused.
 TRANSFORMER_ONLY = ("calib_scale", "calib_steps", "calib_strength", "method", "percentile", "keep", "level", "attention",
                     "weights", "no_image_gate", "min_ssim", "min_cosine", "min_snr_db", "engine_name", "engine_low",
-                    "flavour")
+                    "flavour", "calib_backend", "calib_blocks", "allow_long")
 
 
 def _quantize_vae(a) -> None:
@@ -116,7 +133,10 @@ def _quantize_vae(a) -> None:
                           "quantizer takes --calib-prompts, --holdout, --calib-size, --seed, --min-psnr-db, --force "
                           "and --threads")
     vae_defaults = CalibSettings(prompts=8, holdout=2, size=512)  # the VAE gate's measured defaults
-    prompts = a.calib_prompts or vae_defaults.prompts
+    if a.calib_prompts is not None and not a.calib_prompts.strip().isdigit():
+        raise Sd3trtError(f"--calib-prompts {a.calib_prompts}: the VAE calibrates on pictures, not prompts; give it a "
+                          "picture count")
+    prompts = int(a.calib_prompts) if a.calib_prompts is not None else vae_defaults.prompts
     settings = CalibSettings(prompts=prompts, holdout=a.holdout or max(1, prompts // 4),
                              size=a.calib_size or vae_defaults.size, seed=a.seed or 0)
     th = {"psnr_db": a.min_psnr_db} if a.min_psnr_db is not None else None
@@ -130,7 +150,9 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
         "quantize", help="quantize the transformer to INT8 or FP8 (calibration, Q/DQ ONNX, accuracy gate)",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--bundle", type=Path, required=True, help="an fp32 bundle written by `sd3trt export`")
+    p.add_argument("--bundle", type=Path, required=True,
+                   help="a bundle written by `sd3trt export`, fp32 or fp16: the layers left unquantized keep its "
+                        "type (the VAE quantizer takes fp32)")
     p.add_argument("--precision", required=True, choices=words.QUANTIZED,
                    help="int8: Ampere-class GPUs and CPUs (ONNX Runtime); fp8: Ada/Hopper/Blackwell (SM 8.9+)")
     p.add_argument("--component", default="transformer", choices=("transformer", "vae_decoder", "vae_encoder"),
@@ -140,7 +162,17 @@ def add_quantize_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--calib-scale", type=float, default=1.0,
                    help="scale the calibration down for small machines: runs and steps times this (0-1, default 1: "
                         "12 runs of 28 steps at strength 0.75, 1024 px capped by the model)")
-    g.add_argument("--calib-prompts", type=int, help="img2img runs recorded (default 12, times --calib-scale)")
+    g.add_argument("--calib-prompts", metavar="N|FILE",
+                   help="img2img runs recorded (default 12, times --calib-scale), or a file of prompts, one a line "
+                        "(one run each, in place of the built-in set)")
+    g.add_argument("--calib-backend", choices=("auto", "cuda", "openvino", "onnxruntime"), default="auto",
+                   help="what runs calibration: cuda (onnxruntime-gpu), openvino (bf16 where the CPU has it) or "
+                        "onnxruntime (CPU); auto (default): the first of these that works here")
+    g.add_argument("--calib-blocks", choices=("auto", "on", "off"), default="auto",
+                   help="measure ranges one transformer block at a time, each block's inputs spilled to disk "
+                        "(the same ranges, memory for one block); auto (default): on past 4 GiB of weights")
+    g.add_argument("--allow-long", action="store_true",
+                   help="run even when the estimated time passes an hour (otherwise refused, naming the faster option)")
     g.add_argument("--holdout", type=int, default=0, help="runs kept for the accuracy gate (default a quarter, >= 1)")
     g.add_argument("--calib-steps", type=int, help="denoising steps per run (default 28, times --calib-scale)")
     g.add_argument("--calib-strength", type=float, help="img2img strength of the runs (default 0.75)")

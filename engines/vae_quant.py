@@ -30,7 +30,6 @@ import contextlib
 import datetime as _dt
 import io
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -42,10 +41,9 @@ import numpy as np
 import sd3trt
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines.calibrate import CalibSettings, picture
-from sd3trt.engines.transformer_quant import load_fp32_bundle
+from sd3trt.engines.transformer_quant import load_source_bundle
 from sd3trt.errors import Sd3trtError
-from sd3trt.files import sha256_file
-from sd3trt.manifest import QUANTIZED, quantized_key, set_entry
+from sd3trt.manifest import QUANTIZED, commit_entry, quantized_key
 from sd3trt.runtime.ort_session import ort_session
 
 COMPONENTS = ("vae_encoder", "vae_decoder")
@@ -135,11 +133,10 @@ def quantize_vae(bundle_dir, component: str, settings: CalibSettings = CalibSett
     except ImportError as e:
         raise Sd3trtError(f"INT8 VAE quantization needs onnxruntime's quantization tools ({e}); "
                           "pip install onnxruntime") from None
-    bundle = load_fp32_bundle(bundle_dir)
+    bundle = load_source_bundle(bundle_dir, types=("fp32",))  # ONNX Runtime's quantizer takes fp32 graphs
     settings = settings.checked(bundle.facts)
     th = {**THRESHOLDS, **(thresholds or {})}
     t_start = time.perf_counter()
-    src_entry = bundle.component(component)
     src_path = bundle.onnx_path(component)
 
     class Reader(CalibrationDataReader):
@@ -180,24 +177,25 @@ def quantize_vae(bundle_dir, component: str, settings: CalibSettings = CalibSett
         if failures and not force:
             raise Sd3trtError(f"the int8 {component} fails the accuracy gate ({'; '.join(failures)}); keep the fp32 "
                               "VAE, or pass --force to record it anyway")
-        set_entry(bundle.root, QUANTIZED, quantized_key("int8", component), None)
-        os.replace(staged, onnx_dir / name)
-    files = {f"onnx/{name}": sha256_file(onnx_dir / name)}
-    entry = {
+        entry = _entry(bundle, component, name, keep, settings, fit, held, pixels, figures, th, passed, failures,
+                       t_start)
+        entry = commit_entry(bundle.root, QUANTIZED, quantized_key("int8", component), {f"onnx/{name}": staged}, entry)
+    log(f"quantize: {component}: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed")
+    return entry
+
+
+def _entry(bundle, component, name, keep, settings, fit, held, pixels, figures, th, passed, failures, t_start) -> dict:
+    return {
         "component": component, "precision": "int8", "file": f"onnx/{name}",
-        "source": {"file": src_entry["file"], "sha256": src_entry["files"][src_entry["file"]]},
+        "source": bundle.source_record(component),
         "format": "onnx-qdq (onnxruntime.quantization, CPU)",
         "scheme": {"activations": f"per-tensor asymmetric uint8, static ({PERCENTILE}th percentile)",
                    "weights": "per-output-channel symmetric int8, reduce_range (7 bit)",
                    "ops": "Conv", "kept": keep},
-        "calibration": {"settings": asdict(settings), "pictures_fit": len(fit), "pictures_held_out": len(held),
+        "calibration": {"settings": {**asdict(settings), "prompt_texts": list(settings.prompt_texts)}, "pictures_fit": len(fit), "pictures_held_out": len(held),
                         "side_px": int(pixels.shape[-1])},
         "accuracy": {component: figures, "thresholds": th, "passed": passed, "failures": failures},
         "sd3trt_version": sd3trt.__version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - t_start, 1),
-        "files": files,
     }
-    set_entry(bundle.root, QUANTIZED, quantized_key("int8", component), entry)
-    log(f"quantize: {component}: {'passed' if passed else 'FAILED (recorded with --force)'}; {entry['file']} listed")
-    return entry

@@ -7,7 +7,8 @@ extras (torch, diffusers) for the tiny model; onnxruntime-gpu for the ONNX Runti
 a few minutes. Parts:
   1. what is here: the GPU, the TensorRT flavour and whether it can run on this GPU, cuda-bindings,
      ONNX Runtime and its providers;
-  2. every gpu-marked test (pytest -m gpu tests/test_trt_runner.py), which builds the tiny engines;
+  2. every gpu-marked test (pytest -m gpu tests/test_trt_runner.py tests/test_quantize_gpu.py), which builds
+     the tiny engines and calibrates on the GPU;
   3. img2img on the tiny model with each GPU backend against the CPU (ONNX Runtime) image: PSNR.
 Exit status 0 when no part failed; a backend that is not installed counts as failed.
 """
@@ -74,7 +75,7 @@ def environment() -> tuple[list[str], bool]:
 def gpu_tests(workdir: Path) -> tuple[list[str], bool]:
     report = workdir / "gpu-tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={report}",
-           "tests/test_trt_runner.py"]
+           "tests/test_trt_runner.py", "tests/test_quantize_gpu.py"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PYTEST_LIMIT_S)
