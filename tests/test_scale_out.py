@@ -33,6 +33,7 @@ from sd3trt.server.keystore import InsufficientCredits, open_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pg_local import LocalPostgres, pg_bin  # noqa: E402
+from helpers import wait_until  # noqa: E402
 
 PATH = "/v1/stable-diffusion-3-large-img2img"
 
@@ -268,9 +269,9 @@ def test_two_servers_on_postgresql_stalled_one_loses_its_debits_and_the_fence_ho
     try:
         on_a = [pool.submit(post, a, key, num_inference_steps=800) for _ in range(2)]  # one generating, one queued
         (a_id,) = store._read("SELECT id FROM instances WHERE pid = ? AND stopped_at IS NULL", (a.proc.pid,))[0]
-        _wait(lambda: sum(1 for p in store.pending() if p[3] == a_id) == 2, what="A's two debits")
+        wait_until(lambda: sum(1 for p in store.pending() if p[3] == a_id) == 2, what="A's two debits")
         a.proc.send_signal(signal.SIGSTOP)
-        _wait(lambda: store.balance(key_id) == 5, timeout=25, what="B to refund A's pending debits")
+        wait_until(lambda: store.balance(key_id) == 5, timeout=25, what="B to refund A's pending debits")
         on_b = [post(b, key) for _ in range(4)]
         assert [r.status_code for r in on_b] == [200] * 4 and store.balance(key_id) == 1
         a.proc.send_signal(signal.SIGCONT)
@@ -310,16 +311,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(cond, timeout=60.0, what="a condition", every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _descendants(root: int) -> set[int]:
@@ -440,7 +431,7 @@ def ray_cluster(pg, tiny_sd3):
         app = ray_serve.deployment.options(num_replicas=2, ray_actor_options={"num_cpus": 1, "num_gpus": 0}).bind()
         serve.run(app, name="sd3trt", route_prefix="/")
         c = Cluster(f"http://127.0.0.1:{port}", db)
-        _wait(lambda: len(c.live_instances()) == 2, what="2 replicas registered in the database")
+        wait_until(lambda: len(c.live_instances()) == 2, what="2 replicas registered in the database")
         # Both replicas ready: /readyz answered 200 by the replicas the proxy picks, several times in a row.
         streak = {"n": 0}
 
@@ -448,7 +439,7 @@ def ray_cluster(pg, tiny_sd3):
             r = requests.get(c.url + "/readyz", timeout=10)
             streak["n"] = streak["n"] + 1 if r.status_code == 200 else 0
             return streak["n"] >= 8
-        _wait(ready, timeout=120, what="the replicas to load the bundle")
+        wait_until(ready, timeout=120, what="the replicas to load the bundle")
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
         # Nothing of the cluster listens beyond loopback, except one port per Serve replica: its
         # inter-deployment gRPC server, which Ray Serve binds to [::]:0 unconditionally (replica.py);
@@ -517,7 +508,7 @@ def test_ray_replica_killed_mid_request_is_refunded_and_replaced(ray_cluster):
             owners = {p[3] for p in store.pending()}
             if len(owners) == 2:
                 break
-        _wait(lambda: len({p[3] for p in store.pending()}) == 2, timeout=60, what="a pending debit on each replica")
+        wait_until(lambda: len({p[3] for p in store.pending()}) == 2, timeout=60, what="a pending debit on each replica")
         pending = store.pending()
         victim_owner = pending[0][3]
         survivor_debits = [p[0] for p in pending if p[3] != victim_owner]
@@ -533,7 +524,7 @@ def test_ray_replica_killed_mid_request_is_refunded_and_replaced(ray_cluster):
         ray.kill(victim, no_restart=True)
 
         # Its debits are refunded by the survivor's lease thread (the pid is dead); the survivor's stay pending.
-        _wait(lambda: all(s == "refunded" for (s,) in [store._read("SELECT state FROM debits WHERE id = ?", (d,))[0]
+        wait_until(lambda: all(s == "refunded" for (s,) in [store._read("SELECT state FROM debits WHERE id = ?", (d,))[0]
                                                         for d in victim_debits]), timeout=30,
               what="the killed replica's debits to be refunded")
         refunded_s = time.monotonic() - t_kill
@@ -542,7 +533,7 @@ def test_ray_replica_killed_mid_request_is_refunded_and_replaced(ray_cluster):
         assert all(s in ("pending", "committed") for s in states.values()), states
 
         # Serve replaces the replica; the new one registers and serves.
-        _wait(lambda: c.running_replicas() == 2 and {i for i, _ in c.live_instances()} - known, timeout=120, every=0.2,
+        wait_until(lambda: c.running_replicas() == 2 and {i for i, _ in c.live_instances()} - known, timeout=120, every=0.2,
               what="Serve to replace the killed replica")
         replaced_s = time.monotonic() - t_kill
 

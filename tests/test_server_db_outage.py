@@ -32,6 +32,7 @@ from sd3trt.server.keystore import open_store  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from pg_local import LocalPostgres, pg_bin  # noqa: E402
 from test_server import ServerProcess, post  # noqa: E402
+from helpers import wait_until  # noqa: E402
 
 CREDITS, REQUESTS, DOWN_S = 40, 60, 3.0
 HEARTBEAT = 0.5
@@ -44,16 +45,6 @@ def durable_pg():
     server = LocalPostgres(durable=True).start()
     yield server
     server.stop()
-
-
-def _until(cond, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _readyz(srv: ServerProcess) -> int:
@@ -104,9 +95,9 @@ def test_postgres_restart_under_load_settles_every_credit_while_the_server_runs(
             time.sleep(0.2)
         durable_pg.resume()
         results = [f.result(timeout=120) for f in load]
-        _until(lambda: _readyz(srv) == 200, 20, "/readyz to say ready again after the database came back")
+        wait_until(lambda: _readyz(srv) == 200, 20, "/readyz to say ready again after the database came back")
         # One reconciliation pass (a heartbeat) after the last request finished: nothing of ours stays pending.
-        _until(lambda: not store.pending(), 10 + 4 * HEARTBEAT, "the server to settle its pending debits")
+        wait_until(lambda: not store.pending(), 10 + 4 * HEARTBEAT, "the server to settle its pending debits")
         images = sum(_is_image(r) for r in results)
         balance = store.balance(key_id)
         codes = sorted(r.status_code for r in results)
@@ -157,6 +148,6 @@ def test_postgres_store_fails_fast_during_an_outage_and_reconnects_once_it_is_ba
     debit_id, left = idle.debit(key_id, 1)
     assert left == 4 and idle.charge(debit_id) == debit_id
     # The store that met the outage connects again at its next attempt (within a second).
-    _until(lambda: _balance_or_none(store, key_id) == 4, 3, "the store to reconnect")
+    wait_until(lambda: _balance_or_none(store, key_id) == 4, 3, "the store to reconnect")
     messages = [r.getMessage() for r in caplog.records]
     assert sum("until it is back" in m for m in messages) == 1 and sum("available again" in m for m in messages) == 1
