@@ -233,11 +233,7 @@ def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> st
         from sd3trt.engines.calib_backends import choose
 
         backend = choose("auto", bundle).describe()
-    files = {}
-    for section in ("components", "tokenizers"):
-        for entry in bundle.data.get(section, {}).values():
-            files.update(entry.get("files", {}))
-    blob = json.dumps({"format": FORMAT, "settings": asdict(settings), "files": files,
+    blob = json.dumps({"format": FORMAT, "settings": asdict(settings), "files": bundle.export_files(),
                        "scheduler": bundle.scheduler_config, "dtype": bundle.dtype, "backend": backend}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
