@@ -10,35 +10,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from sd3trt.cpu import cpu_kind, cpuinfo
+
 # ISA features that decide matmul speed per precision (shown first; the full flag list is kept too).
 KEY_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "amx_fp16")
 LIBRARIES = ("sd3trt", "numpy", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino",
              "tokenizers", "pillow", "tensorrt", "tensorrt-rtx", "matplotlib")
-
-
-def cpuinfo() -> dict:
-    """Model name, family, model number, MHz and flags of the first CPU in /proc/cpuinfo ({} where there is none)."""
-    info: dict = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if ":" not in line:
-            continue
-        k, v = (s.strip() for s in line.split(":", 1))
-        if k == "model name" and "model" not in info:
-            info["model"] = v
-        elif k == "flags" and "flags" not in info:
-            info["flags"] = v.split()
-        elif k == "cpu family" and "family" not in info:
-            info["family"] = v
-        elif k == "model" and "model_number" not in info:
-            info["model_number"] = v
-        elif k == "cpu MHz" and "mhz" not in info:
-            info["mhz"] = float(v)
-    return info
 
 
 def _lscpu() -> dict:
@@ -110,24 +88,12 @@ def describe() -> dict:
     }
 
 
-def isa_label(flags: list[str]) -> str:
-    if "amx_bf16" in flags:
-        return "amx"
-    if "avx512_bf16" in flags:
-        return "avx512bf16"
-    if "avx512f" in flags:
-        return "avx512"
-    if "avx2" in flags:
-        return "avx2"
-    return "x86" if flags else platform.machine()
-
-
 def slug(desc: dict) -> str:
     """Folder name for results: CPU model, usable cores, widest ISA (and the GPU, when there is one)."""
     model = desc["cpu"]["model"].lower()
     model = re.sub(r"\(r\)|\(tm\)|cpu|processor|\d+-core|@.*$", " ", model)
     model = re.sub(r"[^a-z0-9]+", "-", model).strip("-") or "cpu"
-    parts = [model, f"{desc['cpu']['usable_cpus']}c", isa_label(desc["cpu"]["flags"])]
+    parts = [model, f"{desc['cpu']['usable_cpus']}c", cpu_kind(desc["cpu"]["flags"])]
     if desc["gpus"]:
         gpu = re.sub(r"[^a-z0-9]+", "-", desc["gpus"][0].split(",")[0].lower()).strip("-")
         parts.append(gpu)

@@ -301,7 +301,7 @@ def _digest(path: Path) -> str:
 
 
 def _cpu_flags() -> list[str]:
-    from sd3trt.benchmarks.machine import cpuinfo
+    from sd3trt.cpu import cpuinfo
 
     return cpuinfo().get("flags", [])
 

@@ -113,7 +113,10 @@ def add_runtime_commands(sub) -> None:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=T5_DEFAULT_LENGTH)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb limit on input pixels")
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                   help="auto: the CPU backend and transformer precision measured fastest on this kind of CPU "
+                        "(ONNX Runtime INT8 on AVX2, OpenVINO INT8 + bf16 on AVX-512 BF16; float graphs where the "
+                        "bundle has no gated INT8 transformer)")
     p.add_argument("--engines", default=None, help="which `sd3trt build` output to use (tensorrt backend)")
     add_precisions(p)
     p.add_argument("--weights", default=None, choices=WEIGHTS,

@@ -66,8 +66,9 @@ class Timer:
 class Img2Img:
     """One bundle's img2img pipeline. Safe to call from several threads at once (see runners.RunnerPool).
 
-    backend: one of BACKENDS. transformer_precision / vae_precision: None runs the bundle's float graphs
-    (onnxruntime) or the newest engine build (tensorrt); on onnxruntime "int8"/"fp8" pick the graphs of
+    backend: one of BACKENDS; "auto" picks the CPU backend, and the transformer precision where none is given,
+    measured fastest on this kind of CPU (runtime/auto_backend.py; `auto_choice` says what it picked).
+    transformer_precision / vae_precision: None runs the bundle's float graphs (onnxruntime) or the newest engine build (tensorrt); on onnxruntime "int8"/"fp8" pick the graphs of
     `sd3trt quantize`; on tensorrt a precision picks the engine build that has it, or is refused.
     onnx_files: {component: path} ONNX graphs to run in place of the bundle's (onnxruntime backends).
     prompt_cache: how many prompt embeddings to keep (0: encode every prompt every time).
@@ -85,6 +86,12 @@ class Img2Img:
                  engine_build: str | None = None, transformer_precision: str | None = None,
                  vae_precision: str | None = None, onnx_files: Mapping[str, str | Path] | None = None,
                  prompt_cache: int = 16, loras=None, cpu_precision: str | None = None, weights: str | None = None):
+        self.auto_choice = None  # backend "auto": what it chose (runtime/auto_backend.py)
+        if backend == "auto":
+            from sd3trt.runtime.auto_backend import choose
+
+            self.auto_choice = choose(bundle, transformer_precision, loras)
+            backend, transformer_precision = self.auto_choice.backend, self.auto_choice.transformer_precision
         if backend not in BACKENDS:
             raise Sd3trtError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if bundle.dtype == "bf16" and backend not in ("tensorrt", "openvino"):

@@ -20,7 +20,7 @@ from sd3trt.manifest import tensor_specs
 from sd3trt.runtime.ort_gpu import check_session_providers, provider_name
 from sd3trt.runtime.ort_session import ort_session
 
-BACKENDS = ("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-trt", "tensorrt", "auto")  # auto: a CPU one
 
 
 @functools.cache

@@ -41,3 +41,18 @@ def tiny_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3(tiny_factory):
     return tiny_factory("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(tiny_sd3, tmp_path_factory):
+    """A copy of the tiny bundle with its INT8 transformer (gate run on ONNX Runtime); copy it to change it."""
+    import shutil
+
+    from sd3trt.engines.calibrate import CalibSettings
+    from sd3trt.engines.transformer_quant import quantize_bundle
+
+    root = tmp_path_factory.mktemp("tiny-int8") / "bundle"
+    shutil.copytree(tiny_sd3[1], root)
+    quantize_bundle(root, "int8", CalibSettings(prompts=3, holdout=1, steps=3, strength=0.9, size=64), threads=2,
+                    log=lambda s: None)
+    return root

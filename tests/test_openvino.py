@@ -100,15 +100,12 @@ def test_bf16_is_refused_without_native_bf16(tiny_sd3, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tiny_sd3, tmp_path_factory):
+def int8_bundle(tiny_int8, tmp_path_factory):
     """A copy of the tiny bundle with the INT8 transformer and VAE decoder (their gates run on ONNX Runtime)."""
-    from sd3trt.engines.transformer_quant import quantize_bundle
     from sd3trt.engines.vae_quant import quantize_vae
 
     root = tmp_path_factory.mktemp("ov-int8") / "bundle"
-    shutil.copytree(tiny_sd3[1], root)
-    quantize_bundle(root, "int8", CalibSettings(prompts=3, holdout=1, steps=3, strength=0.9, size=64), threads=2,
-                    log=lambda s: None)
+    shutil.copytree(tiny_int8, root)
     quantize_vae(root, "vae_decoder", CalibSettings(prompts=4, holdout=1, size=64), threads=2, log=lambda s: None)
     return root
 
