@@ -96,3 +96,18 @@ def test_cli_backend_auto(tiny_int8, monkeypatch, tmp_path, capsys):
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as im:
         assert im.size == (64, 64)
+
+
+def test_ov_kernel_table_shows_the_int8_layers(tiny_int8):
+    """The kernel table the AVX2 investigation reads (benchmarks/ov_kernels.py): the Q/DQ transformer compiles to
+    layers that read 8-bit tensors (OpenVINO's low-precision transformations), the fp32 one to none."""
+    pytest.importorskip("openvino")
+    from sd3trt.benchmarks.ov_kernels import tables
+
+    def eight_bit(table):
+        return {k for k in table if {"i8", "u8"} & set(k[3].split(","))}
+
+    int8 = tables(tiny_int8, "int8", size=64, threads=2)["transformer"]
+    fp32 = tables(tiny_int8, None, size=64, threads=2)["transformer"]
+    assert any(layer == "FullyConnected" for layer, *_ in eight_bit(int8)), int8
+    assert not eight_bit(fp32) and any(layer == "FullyConnected" for layer, *_ in fp32)
