@@ -4,14 +4,17 @@ CPU (sd3trt.cpu.cpu_kind); the one table of that choice.
 Measured (medium-width model, 512x512, strength 0.6, CFG, 2 threads, 2-core AMD EPYC; end to end):
 - avx512bf16, benchmarks/results/amd-epyc-2c-avx512bf16/ (28 steps): OpenVINO with the INT8 transformer and
   bf16 elsewhere 20.1 s, OpenVINO bf16 26.0 s, ONNX Runtime INT8 41.0 s, ONNX Runtime fp32 56.6 s.
-- avx2: ONNX Runtime INT8 37.4 s (2.04 s per transformer call), OpenVINO INT8 42.9 s (2.79 s), OpenVINO fp32
-  42.1 s, ONNX Runtime fp32 45.5 s (8 steps, issue 27's run; OpenVINO is not in the committed
+- avx2: ONNX Runtime INT8 37.4 s (2.04 s per transformer call), OpenVINO fp32 42.1 s (2.62 s), OpenVINO INT8
+  42.9 s (2.79 s), ONNX Runtime fp32 45.5 s (8 steps, issue 27's run; OpenVINO is not in the committed
   benchmarks/results/amd-epyc-2c-avx2/, whose 28-step run has ONNX Runtime INT8 68.1 s vs fp32 98.3 s).
 The INT8 VAE decoder is never chosen: it stays opt-in (its image differs visibly under scrutiny: 32.0 dB on
 avx512bf16, 25.7 dB with ONNX Runtime on avx2). Kinds not measured take the row of the kind they resemble:
 amx (native bf16, like avx512bf16) and the rest (no native bf16, so OpenVINO's float graphs run f32 as on avx2).
 
     choice = choose(bundle, transformer_precision=None, loras=())   # Choice("onnxruntime", "int8", "avx2", True)
+
+A backend forced by the request (load-time LoRAs: ONNX Runtime; a bf16 bundle: OpenVINO) takes that backend's
+fastest precision on the kind: OpenVINO on avx2 runs the float graphs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from sd3trt.cpu import cpu_kind
 from sd3trt.errors import Sd3trtError
 from sd3trt.manifest import gate_passed
 
-MEASURED = {"avx512bf16": ("openvino", "int8"), "avx2": ("onnxruntime", "int8")}  # kind -> (backend, transformer)
+# kind -> {backend: its fastest gated transformer precision (None: the float graphs)}, fastest backend first
+MEASURED = {"avx512bf16": {"openvino": "int8", "onnxruntime": "int8"},
+            "avx2": {"onnxruntime": "int8", "openvino": None}}
 RESEMBLES = {"amx": "avx512bf16"}  # a kind not measured -> the measured one it takes the row of (default avx2)
 log = logging.getLogger(__name__)
 
@@ -56,15 +61,17 @@ def choose(bundle, transformer_precision: str | None = None, loras=(), flags: li
     installed means ONNX Runtime. A precision whose graph the bundle lacks is never picked: the float graphs
     run and the log says so once (per pipeline)."""
     kind = cpu_kind(flags)
-    backend, precision = MEASURED.get(kind) or MEASURED[RESEMBLES.get(kind, "avx2")]
+    row = MEASURED.get(kind) or MEASURED[RESEMBLES.get(kind, "avx2")]
+    backend = next(iter(row))
     if loras:
-        backend, precision = "onnxruntime", None
+        backend = "onnxruntime"
     elif bundle.dtype == "bf16":
         backend = "openvino"
     if backend == "openvino" and not openvino_installed():
         log.warning("--backend auto: OpenVINO is the faster backend on this CPU (%s) but is not installed; running "
                     "ONNX Runtime (pip install -e '.[openvino]' for it)", kind)
         backend = "onnxruntime"
+    precision = None if loras else row[backend]
     if transformer_precision is not None:
         precision = transformer_precision
     elif precision is not None and (why := _usable_graph(bundle, precision)) is not None:

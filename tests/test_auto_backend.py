@@ -52,6 +52,16 @@ def test_auto_picks_backend_and_int8_per_cpu_kind(tiny_int8, monkeypatch, kind):
                                                                                           measured)
 
 
+def test_a_bf16_bundle_takes_openvino_and_its_fastest_precision_on_the_kind(tiny_int8, monkeypatch):
+    bundle = load_bundle(tiny_int8)
+    monkeypatch.setattr(type(bundle), "dtype", property(lambda self: "bf16"))
+    monkeypatch.setattr(auto_backend, "openvino_installed", lambda: True)
+    _cpu(monkeypatch, AVX2)  # OpenVINO's INT8 transformer was slower than its fp32 there
+    assert auto_backend.choose(bundle) == auto_backend.Choice("openvino", None, "avx2", True)
+    _cpu(monkeypatch, AVX512BF16)
+    assert auto_backend.choose(bundle) == auto_backend.Choice("openvino", "int8", "avx512bf16", True)
+
+
 def test_auto_pipeline_runs_what_it_picked(tiny_int8, monkeypatch):
     _cpu(monkeypatch, AVX2)
     bundle = load_bundle(tiny_int8)
