@@ -96,7 +96,8 @@ class Setting:
 
     @property
     def dest(self) -> str:
-        return self.path.replace(".", "__")
+        """argparse's own name for the flag (`--lora` -> `lora`), as the other commands' flags have."""
+        return self.flag[2:].replace("-", "_")
 
     def default(self) -> Any:
         value = DEFAULTS
