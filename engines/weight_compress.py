@@ -3,9 +3,10 @@
 Activations stay in the graph's float type, so nothing is measured on data. (Not DequantizeLinear: below opset
 19 it outputs float32 only, and a Cast after it hides the pattern OpenVINO keeps compressed.)
 
-OpenVINO's CPU plugin runs such weights as compressed weights (int8 in memory, expanded inside its GEMM), the
-form NNCF's `compress_weights` produces: a graph's weight memory halves from 16 bits, which is what lets
-SD3.5-Large's 8.1 B transformer run on a 24 GiB machine. ONNX Runtime and TensorRT run the same graph.
+OpenVINO's CPU plugin reads such weights as compressed weights (its FullyConnected layers take the int8
+constants, the form NNCF's `compress_weights` produces); on SD3.5-Large that is what lets the 8.1 B transformer
+run on a 24 GiB machine (README "Full size": the first call still prepares ~10 GiB of GEMM weights). ONNX
+Runtime and TensorRT run the same graph.
 
 The graph is written as sd3trt's other derived graphs are: initializers streamed one tensor at a time into
 one external-data file beside it (a 16 GB source is never held in memory).
