@@ -17,6 +17,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def graph_size(path: Path) -> int:
+    """An ONNX graph's size on disk: the file and its external data file `<file>.data`, if any."""
+    data = Path(f"{path}.data")
+    return Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory, fsync, rename: readers never see a partial file, a
     failure never clobbers the old one. An existing file keeps its mode; a new one gets 0o666 less the umask.

@@ -32,7 +32,7 @@ from sd3trt.engines.gpu_targets import built_for, check_target, default_build_na
 from sd3trt.engines.mixed_precision import DEFAULT_KEEP_FP32, apply_precision, load_graph
 from sd3trt.engines.qdq_graph import lower_qdq
 from sd3trt.errors import Sd3trtError
-from sd3trt.files import sha256_file, write_bytes_atomic, write_json_atomic
+from sd3trt.files import graph_size, sha256_file, write_bytes_atomic, write_json_atomic
 from sd3trt.manifest import (ENGINES, build_components, commit_entry, engine_digests, entry_file, entry_files,
                              load_bundle, quantized_summary, tensor_specs)
 from sd3trt.memory import available_mib
@@ -422,10 +422,7 @@ def check_memory(sources: dict, wanted: list[str]) -> None:
         return
     need = {}
     for c in wanted:
-        path = Path(sources[c].onnx_path)
-        data = Path(f"{path}.data")
-        weights = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-        need[c] = BUILD_MEMORY_FACTOR * weights / 2**20 + BUILD_MEMORY_BASE_MIB
+        need[c] = BUILD_MEMORY_FACTOR * graph_size(sources[c].onnx_path) / 2**20 + BUILD_MEMORY_BASE_MIB
     too_big = [c for c in wanted if need[c] > available]
     if too_big:
         c = max(too_big, key=need.get)

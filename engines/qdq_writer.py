@@ -27,7 +27,7 @@ def _external(t: onnx.TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
 
 
-def _source_bytes(t: onnx.TensorProto, source_dir: Path, handles: dict) -> bytes:
+def source_bytes(t: onnx.TensorProto, source_dir: Path, handles: dict) -> bytes:
     info = _external(t)
     f = handles.get(info["location"])
     if f is None:
@@ -36,7 +36,7 @@ def _source_bytes(t: onnx.TensorProto, source_dir: Path, handles: dict) -> bytes
     return f.read(int(info["length"])) if "length" in info else f.read()
 
 
-def _point_to(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+def point_to(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
     t.ClearField("raw_data")
     del t.external_data[:]
     t.data_location = onnx.TensorProto.EXTERNAL
@@ -73,7 +73,7 @@ def write_streaming(qdq, source_dir: Path, dest: Path) -> list[Path]:
                 if t.name in qdq.pending:
                     raw = numpy_helper.from_array(qdq.pending.pop(t.name)(), t.name).raw_data
                 elif uses_external_data(t):
-                    raw = _source_bytes(t, Path(source_dir), handles)
+                    raw = source_bytes(t, Path(source_dir), handles)
                 elif t.HasField("raw_data"):
                     raw = t.raw_data
                 else:
@@ -86,7 +86,7 @@ def write_streaming(qdq, source_dir: Path, dest: Path) -> list[Path]:
                 out.write(b"\0" * ((-out.tell()) % ALIGN))
                 offset = out.tell()
                 out.write(raw)
-                _point_to(t, data_name, offset, len(raw))
+                point_to(t, data_name, offset, len(raw))
                 del raw
             out.flush()
             os.fsync(out.fileno())

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from sd3trt.engines.qdq_writer import ALIGN, point_to, source_bytes
 from sd3trt.errors import Sd3trtError
 
 MIN_ELEMENTS = 4096  # smaller weights (biases, tiny projections) stay as they are
@@ -86,26 +87,13 @@ class _DataWriter:
         self.f = open(path, "wb")
 
     def put(self, init, data: bytes | memoryview) -> None:
-        self.f.write(b"\0" * ((-self.f.tell()) % 4096))
+        self.f.write(b"\0" * ((-self.f.tell()) % ALIGN))
         offset = self.f.tell()
         self.f.write(data)
-        init.ClearField("raw_data")
-        del init.external_data[:]
-        init.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(len(data)))):
-            entry = init.external_data.add()
-            entry.key, entry.value = key, value
+        point_to(init, self.path.name, offset, len(data))
 
     def close(self) -> None:
         self.f.close()
-
-
-def _external_bytes(init, base_dir: str) -> bytes:
-    """An external initializer's stored bytes, unchanged."""
-    info = {e.key: e.value for e in init.external_data}
-    with open(Path(base_dir) / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        return f.read(int(info["length"])) if "length" in info else f.read()
 
 
 def compress_weights(src: Path, dest: Path) -> dict:
@@ -120,11 +108,12 @@ def compress_weights(src: Path, dest: Path) -> dict:
         raise Sd3trtError(f"{src} has no MatMul / Gemm weight to compress")
     writer = _DataWriter(dest.with_name(dest.name + ".data"))
     kept, new_inits, nodes, before, after = [], [], [], 0, 0
+    handles: dict = {}
     try:
         for init in g.initializer:
             if init.name not in axes:
                 if init.data_location == TensorProto.EXTERNAL:  # moved into the new data file as it is
-                    writer.put(init, _external_bytes(init, base))
+                    writer.put(init, source_bytes(init, src.parent, handles))
                 kept.append(init)
                 continue
             w = _as_float32(init, base)
@@ -142,6 +131,8 @@ def compress_weights(src: Path, dest: Path) -> dict:
             del w, q
     finally:
         writer.close()
+        for f in handles.values():
+            f.close()
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)
     old_nodes = list(g.node)

@@ -22,6 +22,7 @@ import hashlib
 from pathlib import Path
 
 from sd3trt.errors import Sd3trtError
+from sd3trt.files import graph_size
 from sd3trt.runtime.caches import cache_base
 from sd3trt.runtime.runners import Runner, error_line, onnx_file, release_heap
 
@@ -116,12 +117,6 @@ def _float32_io(model, names: set[str]):
     return ppp.build()
 
 
-def graph_bytes(path: Path) -> int:
-    """The graph file and its external data file, if any."""
-    data = Path(f"{path}.data")
-    return Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 def model_cache_dir(path: Path) -> Path:
     st = Path(path).stat()
     key = hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -142,7 +137,7 @@ class OvRunner(Runner):
             config["INFERENCE_NUM_THREADS"] = threads
         cache = model_cache_dir(path)
         try:
-            if graph_bytes(path) <= CACHE_MAX_BYTES:
+            if graph_size(path) <= CACHE_MAX_BYTES:
                 cache.mkdir(parents=True, exist_ok=True)
                 config["CACHE_DIR"] = str(cache)
         except OSError:
