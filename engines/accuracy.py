@@ -15,11 +15,13 @@ format); every worst-case image figure must reach them (override per run with `s
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from sd3trt.files import write_bytes_atomic
 from sd3trt.runtime.ort_session import ort_session
 
 # One gate for int8 and fp8 (docs/quantization.md, "The gate"): decoded image vs the fp32 pipeline.
@@ -87,17 +89,50 @@ class _WholeGraph:
         return {"noise_pred": self.session.run(["noise_pred"], feeds)[0]}
 
 
+class Reference:
+    """The bundle's own outputs the gate compares with - each held-out call's noise_pred and each replayed run's
+    image - computed once and kept in `path` (an .npz written atomically after each new value), so every level
+    and every precision gated on the same recording reuses them. path None: kept in memory only."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.values: dict[str, np.ndarray] = {}
+        if path is not None and Path(path).is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    self.values = {k: z[k] for k in z.files}
+            except (OSError, ValueError):
+                self.values = {}  # damaged: computed again
+
+    def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        if key not in self.values:
+            self.values[key] = np.asarray(compute())
+            if self.path is not None:
+                buf = io.BytesIO()
+                np.savez(buf, **self.values)
+                write_bytes_atomic(Path(self.path), buf.getvalue())
+        return self.values[key]
+
+
 def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0,
-                         runner: Callable | None = None) -> dict:
+                         runner: Callable | None = None, reference: Reference | None = None) -> dict:
     """Quantized vs reference (the bundle's graph) noise_pred on recorded calls `indices` (of a
     calibrate.CalibData). runner(path) -> an object whose run(feeds) gives {"noise_pred": ...} (default: an
-    ONNX Runtime CPU session of the whole graph)."""
+    ONNX Runtime CPU session of the whole graph); reference: where the reference outputs are kept (the
+    reference graph runs only for calls it does not hold)."""
     runner = runner or (lambda path: _WholeGraph(path, threads))
-    ref, q = runner(ref_path), runner(q_path)
+    reference = reference or Reference()
+    ref, q = None, runner(q_path)
     cos, snr = [], []
     for i in indices:
         feeds = data.feeds(i)
-        a = ref.run(feeds)["noise_pred"]
+
+        def reference_call(feeds=feeds):
+            nonlocal ref
+            ref = ref or runner(ref_path)
+            return ref.run(feeds)["noise_pred"]
+
+        a = reference.get(f"call{i}", reference_call)
         b = q.run(feeds)["noise_pred"]
         cos.append(cosine(a, b))
         snr.append(snr_db(a, b))
@@ -106,12 +141,13 @@ def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int],
 
 def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int = 0,
                    log: Callable[[str], None] = print, runner: Callable | None = None,
-                   others: Callable | None = None) -> dict:
+                   others: Callable | None = None, reference: Reference | None = None) -> dict:
     """End to end: img2img with the quantized transformer graph at `q_path` vs the bundle's own graphs, same
     inputs and noise (`settings`: the calibration settings; `runs`: which calibration runs to replay).
     runner(path) -> the transformer's runner, others(name) -> every other component's (both pipelines
     share them, so the comparison is the transformer's alone); given, each component is released after
-    use (low memory). Default: the pipeline's own ONNX Runtime runners."""
+    use (low memory). Default: the pipeline's own ONNX Runtime runners. reference: where the reference
+    images are kept (the reference pipeline runs only for runs it does not hold)."""
     from sd3trt.engines.calibrate import run_inputs
     from sd3trt.runtime.pipeline import Img2Img
 
@@ -121,12 +157,19 @@ def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int
         return Img2Img(bundle, threads=threads, low_memory=True,
                        runner_factory=lambda name: runner(path) if name == "transformer" else others(name))
 
-    ref_pipe = pipeline(bundle.onnx_path("transformer"))
+    reference = reference or Reference()
+    ref_pipe = None
     q_pipe = pipeline(Path(q_path))
     psnr, ss = [], []
     for r in runs:
         req = run_inputs(settings, r)
-        a = ref_pipe(**req).decoded
+
+        def reference_image(req=req):
+            nonlocal ref_pipe
+            ref_pipe = ref_pipe or pipeline(bundle.onnx_path("transformer"))
+            return ref_pipe(**req).decoded
+
+        a = reference.get(f"image{r}", reference_image)
         b = q_pipe(**req).decoded
         a = np.clip(a / 2 + 0.5, 0, 1)
         b = np.clip(b / 2 + 0.5, 0, 1)

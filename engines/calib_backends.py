@@ -128,11 +128,11 @@ class Backend:
         return lambda feeds: session.run(outputs, feeds)
 
     def runner(self, name: str, entry: dict, path: Path, blocks: bool = False):
-        """The runner of one bundle component for the recorded img2img runs; blocks: the transformer one
-        block at a time (calib_blocks.PartsRunner)."""
-        if blocks and name == "transformer":
-            from sd3trt.engines.calib_blocks import PartsRunner
+        """The runner of one bundle component for the recorded img2img runs; blocks: the transformer and T5
+        one block at a time (calib_blocks.PartsRunner)."""
+        from sd3trt.engines.calib_blocks import PARTED, PartsRunner
 
+        if blocks and name in PARTED:
             return PartsRunner(name, entry, path, self)
         if self.name == "openvino":
             from sd3trt.runtime.ov_runner import OvRunner

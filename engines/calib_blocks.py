@@ -1,9 +1,10 @@
-"""The transformer cut into per-block graphs, for calibration whose working set is one block.
+"""The transformer (and T5) cut into per-block graphs, for calibration whose working set is one block.
 
     parts = cut(model)                       # [embeddings + block 0, block 1, ..., last block + output]
     for part in parts: part.inputs, part.outputs, part.nodes
 
-A node belongs to the block its exporter name names (`/transformer/transformer_blocks.7/...`); a node
+A node belongs to the block its exporter name names (`/transformer/transformer_blocks.7/...`, T5's
+`/model/encoder/block.7/...`); a node
 without one (embeddings, the final norm and projection, shape arithmetic) to the latest part among the
 parts that produce its inputs, so it runs as soon as its inputs exist. Nodes that read no graph input
 (constant folding the exporter left) are copied into every part that reads them rather than passed
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK = re.compile(r"(?:^|/)transformer_blocks\.(\d+)/")
+BLOCK = re.compile(r"(?:^|/)(?:transformer_blocks|encoder/block)\.(\d+)/")
+# The components run in parts when calibration runs block by block: each alone is larger than the others together.
+PARTED = ("transformer", "t5")
 
 
 @dataclass
@@ -94,15 +97,17 @@ def _with_constants(nodes: list, static: dict, order) -> list:
     return [n for n in order if id(n) in keep]
 
 
-def part_model(model, part: Part, taps_out: list, extra_nodes: list, input_dims: dict):
+def part_model(model, part: Part, taps_out: list, extra_nodes: list, input_dims: dict, types: dict | None = None):
     """An onnx.ModelProto of `part`: its inputs (dims as the samples show them), its outputs, and the
     measurement nodes and outputs the caller adds. Initializers are shared with the source (external data
-    resolves beside it)."""
+    resolves beside it). types: mixed_precision.elem_types(model), when the caller cuts more than one part."""
     import onnx
     from onnx import helper
 
+    from sd3trt.engines.mixed_precision import elem_types
+
     g = model.graph
-    types = _types(model)
+    types = types or elem_types(model)
     reads = part.reads | {i for n in extra_nodes for i in n.input}
     sub = helper.make_graph(
         list(part.nodes) + list(extra_nodes), f"part{part.index}",
@@ -113,19 +118,6 @@ def part_model(model, part: Part, taps_out: list, extra_nodes: list, input_dims:
     )
     out = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
     return out
-
-
-def _types(model) -> dict:
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    types = {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        if vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for t in model.graph.initializer:
-        types[t.name] = t.data_type
-    return types
 
 
 class Spill:
@@ -161,13 +153,14 @@ def _later_reads(parts: list[Part], index: int) -> set:
 
 
 class PartsRunner:
-    """A transformer runner that runs the graph one part at a time, each part's graph loaded for the call and
+    """A transformer (or T5) runner that runs the graph one part at a time, each part's graph loaded for the call and
     freed after it: memory holds one block's weights and one call's activations, at the cost of loading
     every part every call. For recording and gating a transformer too large to hold whole (`blocks`)."""
 
     def __init__(self, name: str, entry: dict, path: Path, backend):
         import onnx
 
+        from sd3trt.engines.mixed_precision import elem_types
         from sd3trt.runtime.runners import Runner
 
         self._check = Runner(name, entry)  # the manifest's input checks, as every runner does them
@@ -175,6 +168,7 @@ class PartsRunner:
         self.path, self.backend = Path(path), backend
         self.model = onnx.load(str(self.path), load_external_data=False)
         self.parts = cut(self.model)
+        self.types = elem_types(self.model)
         self._needed = [_later_reads(self.parts, p.index) | set(self.outputs) for p in self.parts]
 
     def run(self, feeds: dict) -> dict:
@@ -182,8 +176,8 @@ class PartsRunner:
         values = dict(feeds)
         for part, needed in zip(self.parts, self._needed):
             dims = {n: list(np.shape(values[n])) for n in part.inputs}
-            run = self.backend.open(part_model(self.model, part, [], [], dims), self.path.parent, part.outputs,
-                                    what="part")
+            run = self.backend.open(part_model(self.model, part, [], [], dims, self.types), self.path.parent,
+                                    part.outputs, what="part")
             values.update(zip(part.outputs, run({n: values[n] for n in part.inputs})))
             del run
             values = {n: v for n, v in values.items() if n in needed}

@@ -1,7 +1,8 @@
 """How long a quantization will take, known before it starts: the transformer's FLOPs per call times the
 calls it will make, over the matmul speed the calibration backend measures here in a fraction of a second.
 
-    est = estimate(model, bundle.facts, settings, backend, levels=2, method="max", taps=700, recorded=False)
+    est = estimate(model, bundle.facts, settings, backend, levels=2, method="max", taps=700, recorded=False,
+                   referenced=False)
     est.seconds, est.calls, est.flops_per_call, est.gflops
 
 FLOPs per call (CFG batch 2 when guidance > 1): 2 x K x N x rows for every linear layer, the rows being the
@@ -9,8 +10,9 @@ image tokens, the text tokens (the text stream's layers: `add_*`, `*context*`) o
 modulations and the timestep/text embeddings); plus 2 x S^2 x width for each attention matmul (Q.K^T,
 P.V) over the joint sequence S. Calls: the recorded img2img runs (unless cached) and the range passes over
 the fitting calls (one, plus one per 32 tensors for percentile / mse on the whole graph), at the
-calibration backend's speed; per level tried, the gate's held-out calls (reference and quantized) and its
-image runs (both pipelines), at ONNX Runtime CPU's speed in the bundle's type (the gate runs there). Real
+calibration backend's speed; the gate's held-out calls and image runs at ONNX Runtime CPU's speed in the
+bundle's type (the gate runs there): the quantized graph's per level tried, the reference's once per
+recording (none when an earlier quantization of it kept them, `referenced`). Real
 graphs add normalizations, softmax, data movement and the other components, so the estimate is a floor:
 within 0.75-1.2x per call on the medium-width model at 512 px, 5-7x under for a whole small-model run
 (docs/quantization.md).
@@ -107,22 +109,24 @@ def measure_gflops(backend, dtype: str, workdir) -> float:
     return 2.0 * PROBE**3 / best / 1e9
 
 
-def calls(settings, levels: int, method: str, taps: int, blocks: bool, recorded: bool) -> tuple[int, int]:
+def calls(settings, levels: int, method: str, taps: int, blocks: bool, recorded: bool,
+          referenced: bool = False) -> tuple[int, int]:
     """(transformer calls on the calibration backend, calls of the accuracy gate on ONNX Runtime's CPU)."""
     per_run = steps_run(settings)
     fit_calls = (settings.prompts - settings.holdout) * per_run
     held_calls = settings.holdout * per_run
     passes = 1 if method == "max" else 1 + (1 if blocks else math.ceil(taps / PER_PASS))
     record = 0 if recorded else settings.prompts * per_run
-    return record + fit_calls * passes, levels * (2 * held_calls + 2 * held_calls)
+    quantized = 2 * held_calls  # the held-out calls, and the image runs' calls; the reference's the same, once
+    return record + fit_calls * passes, levels * quantized + (0 if referenced else quantized)
 
 
 def estimate(model, facts, settings, backend, dtype: str, workdir, levels: int, method: str, taps: int,
-             blocks: bool, recorded: bool, gate_gflops: float | None = None) -> Estimate:
+             blocks: bool, recorded: bool, gate_gflops: float | None = None, referenced: bool = False) -> Estimate:
     """gate_gflops: ONNX Runtime CPU's measured speed in the bundle's type (measured when not given)."""
     from sd3trt.engines.calib_backends import Backend
 
-    calib, gate = calls(settings, levels, method, taps, blocks, recorded)
+    calib, gate = calls(settings, levels, method, taps, blocks, recorded, referenced)
     f = flops_per_call(model, facts, settings)
     g = measure_gflops(backend, dtype, workdir)
     if gate_gflops is None:

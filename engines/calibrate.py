@@ -238,6 +238,12 @@ def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def recording_path(bundle, settings: CalibSettings, backend: str, cache_dir: Path | None = None) -> tuple[Path, str]:
+    """Where the recording of `settings` on `backend` (a Backend.describe()) is cached, and its key."""
+    key = cache_key(bundle, settings, backend)
+    return Path(cache_dir or bundle.root / "calibration") / f"transformer-{key[:16]}.npz", key
+
+
 def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path | None = None, threads: int = 0,
             log: Callable[[str], None] = print, backend=None, blocks: bool = False) -> CalibData:
     """Record the transformer's inputs over `settings.prompts` img2img runs (cached on disk), every component
@@ -249,8 +255,7 @@ def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path |
 
     backend = backend or choose("auto", bundle, threads)
     settings = settings.checked(bundle.facts)
-    key = cache_key(bundle, settings, backend.describe())
-    path = Path(cache_dir or bundle.root / "calibration") / f"transformer-{key[:16]}.npz"
+    path, key = recording_path(bundle, settings, backend.describe(), cache_dir)
     if path.is_file():
         try:
             data = CalibData.load(path)
@@ -373,6 +378,7 @@ def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices
 
     from sd3trt.engines.calib_backends import Backend
     from sd3trt.engines.calib_blocks import Spill, cut, part_model
+    from sd3trt.engines.mixed_precision import elem_types
 
     if method not in METHODS:
         raise Sd3trtError(f"unknown calibration method {method!r}; use {', '.join(METHODS)}")
@@ -384,6 +390,7 @@ def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices
     backend = backend or Backend("onnxruntime", "fp32", threads)
     model = onnx.load(str(onnx_path), load_external_data=False)
     parts = cut(model) if blocks else _whole(model)
+    types = elem_types(model)
     spill = Spill(Path(tempfile.mkdtemp(dir=work_dir or onnx_path.parent, prefix=".calib-blocks-")))
     feeds = _Feeds(data, spill)
     amax, ranges, todo = dict.fromkeys(taps, 0.0), {}, list(dict.fromkeys(taps))
@@ -393,7 +400,7 @@ def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices
             todo = [t for t in todo if t not in mine]
             dims = _input_dims(feeds, part.inputs, indices)
             nodes, outs = _measure_nodes(mine, "amax", reduce=True)
-            run = backend.open(part_model(model, part, outs, nodes, dims), onnx_path.parent, part.outputs + outs)
+            run = backend.open(part_model(model, part, outs, nodes, dims, types), onnx_path.parent, part.outputs + outs)
             for i in indices:
                 got = run(feeds(i, part.inputs))
                 for name, value in zip(part.outputs, got):
@@ -402,8 +409,9 @@ def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices
                     amax[t] = max(amax[t], float(v))
             del run
             if method != "max":
-                ranges.update(_histogram_ranges(model, part, mine, amax, feeds, indices, backend, onnx_path.parent,
-                                                dims, method, percentile, precision, max_tensors_per_pass))
+                ranges.update(_histogram_ranges(model, types, part, mine, amax, feeds, indices, backend,
+                                                onnx_path.parent, dims, method, percentile, precision,
+                                                max_tensors_per_pass))
             for name in part.inputs:
                 if not any(name in q.inputs for q in parts[part.index + 1:]):
                     spill.drop(name)
@@ -414,7 +422,7 @@ def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices
     return amax if method == "max" else ranges
 
 
-def _histogram_ranges(model, part, taps, amax, feeds, indices, backend, base_dir, dims, method, percentile,
+def _histogram_ranges(model, types, part, taps, amax, feeds, indices, backend, base_dir, dims, method, percentile,
                       precision, per_pass) -> dict[str, float]:
     """The second pass of percentile / mse: histograms of |x| over [0, amax] of each tap, `per_pass` at a time."""
     from sd3trt.engines.calib_blocks import part_model
@@ -424,7 +432,7 @@ def _histogram_ranges(model, part, taps, amax, feeds, indices, backend, base_dir
         group = taps[start:start + per_pass]
         nodes, outs = _measure_nodes(group, "raw", reduce=False)
         no_outputs = type(part)(part.index, part.nodes, part.inputs, [], part.reads)
-        run = backend.open(part_model(model, no_outputs, outs, nodes, dims), base_dir, outs)
+        run = backend.open(part_model(model, no_outputs, outs, nodes, dims, types), base_dir, outs)
         hists = {t: np.zeros(BINS, np.float64) for t in group}
         for i in indices:
             for t, v in zip(group, run(feeds(i, part.inputs))):

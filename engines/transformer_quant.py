@@ -27,6 +27,7 @@ fp16 scales at opset 19): what a strongly typed TensorRT network takes.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import tempfile
 import time
@@ -39,7 +40,7 @@ from sd3trt import precision as words
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines import calib_estimate
 from sd3trt.engines.calib_backends import choose
-from sd3trt.engines.calibrate import CalibSettings, activation_ranges, cache_key, collect
+from sd3trt.engines.calibrate import CalibSettings, activation_ranges, collect, recording_path
 from sd3trt.engines.qdq_graph import FP8_HEAD_MULTIPLE, KEEP, LEVELS, keep_for_depth, plan_layers, rewrite
 from sd3trt.engines.qdq_writer import weight_reader, write_qdq
 from sd3trt.errors import Sd3trtError
@@ -150,9 +151,10 @@ def check_time(job: Job, graph, taps: list[str], allow_long: bool, limit_s: floa
     gate_gflops = calib_estimate.measure_gflops(Backend("onnxruntime", dtype, job.threads), dtype, workdir)
 
     def est(backend):
+        recorded, key = _recording(job, backend)
         return calib_estimate.estimate(graph, job.bundle.facts, job.settings, backend, dtype, workdir,
-                                       len(job.levels), job.method, len(taps), job.blocks, _cache_path(job).is_file(),
-                                       gate_gflops)
+                                       len(job.levels), job.method, len(taps), job.blocks,
+                                       recorded.is_file(), gate_gflops, _reference_path(job, key).is_file())
 
     mine = est(job.backend)
     job.log(f"estimate: {mine.line()}")
@@ -169,9 +171,13 @@ def check_time(job: Job, graph, taps: list[str], allow_long: bool, limit_s: floa
     return mine
 
 
-def _cache_path(job: Job) -> Path:
-    key = cache_key(job.bundle, job.settings, job.backend.describe())
-    return Path(job.cache_dir or job.bundle.root / "calibration") / f"transformer-{key[:16]}.npz"
+def _calib_dir(job: Job) -> Path:
+    return Path(job.cache_dir or job.bundle.root / "calibration")
+
+
+def _recording(job: Job, backend=None) -> tuple[Path, str]:
+    """(where the recording of the job's settings on `backend` (default the job's) is cached, its key)."""
+    return recording_path(job.bundle, job.settings, (backend or job.backend).describe(), job.cache_dir)
 
 
 def record(job: Job):
@@ -184,7 +190,15 @@ def record(job: Job):
 
 
 def _ranges_path(job: Job, data) -> Path:
-    return Path(job.cache_dir or job.bundle.root / "calibration") / f"ranges-{data.key[:16]}-{job.method}.json"
+    return _calib_dir(job) / f"ranges-{data.key[:16]}-{job.method}.json"
+
+
+def _reference_path(job: Job, recording_key: str) -> Path:
+    """Where the gate keeps its reference outputs on a recording (the bundle's own graphs run as the gate runs
+    them): beside the ranges, so every level and every precision gated on that recording reuses them."""
+    how = json.dumps({"recording": recording_key, "blocks": job.blocks, "gate": f"onnxruntime ({job.bundle.dtype})"},
+                     sort_keys=True)
+    return _calib_dir(job) / f"reference-{hashlib.sha256(how.encode()).hexdigest()[:16]}.npz"
 
 
 def measure(job: Job, taps: list[str], data, fit: list[int]) -> dict[str, float]:
@@ -241,17 +255,18 @@ def try_level(job: Job, lv: str, level_plan, ranges, data, held, staged_dir: Pat
     job.log(f"quantize: graph written ({sum(p.stat().st_size for p in staged) / 2**20:.1f} MiB); running the "
             "accuracy gate")
     t0 = time.perf_counter()
-    runner = _gate_runner(job)
-    figures = {"transformer": acc.transformer_accuracy(job.src_path, staged[0], data, held, job.threads, runner)}
+    runner, reference = _gate_runner(job), acc.Reference(_reference_path(job, data.key))
+    figures = {"transformer": acc.transformer_accuracy(job.src_path, staged[0], data, held, job.threads, runner,
+                                                       reference)}
     job.log(f"accuracy: transformer on {len(held)} held-out calls: cosine min "
             f"{figures['transformer']['cosine']['min']:.5f}, SNR min {figures['transformer']['snr_db']['min']:.2f} dB "
             "(diagnostics)")
     if job.image_gate:
         runs = sorted({int(data.run[i]) for i in held})
         others = runner and (lambda name: job.backend.runner(name, job.bundle.component(name),
-                                                              job.bundle.onnx_path(name)))
+                                                              job.bundle.onnx_path(name), job.blocks))
         figures["image"] = acc.image_accuracy(job.bundle, staged[0], job.settings, runs, job.threads, job.log,
-                                              runner, others)
+                                              runner, others, reference)
     job.timings["gate"] = round(job.timings.get("gate", 0.0) + time.perf_counter() - t0, 1)
     passed, failures = acc.gate(job.precision, figures, job.thresholds)
     return staged, figures, passed, failures, opset, report

@@ -287,3 +287,51 @@ def test_block_by_block_quantization_records_and_gates_in_parts(bundles, tmp_pat
         whole = OrtRunner("transformer", spec, path, threads=2).run(data.feeds(4))["noise_pred"]
         parts = PartsRunner("transformer", spec, path, Backend("onnxruntime", "fp32", 2)).run(data.feeds(4))
         assert np.abs(parts["noise_pred"] - whole).max() <= 1e-5 * np.abs(whole).max()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_t5_runs_in_parts_as_it_runs_whole(bundles, dtype):
+    """Block-by-block recording runs T5 in parts too (its 11 GB fp16 graph is the other component that does not
+    fit whole beside OpenVINO's copy): one part per encoder block, the same hidden states as the whole graph."""
+    from sd3trt.engines.calib_blocks import cut
+    from sd3trt.runtime.runners import OrtRunner
+
+    bundle = load_bundle(bundles[dtype])
+    spec, path = bundle.component("t5"), bundle.onnx_path("t5")
+    backend = Backend("onnxruntime", dtype, 2)
+    parts = backend.runner("t5", spec, path, blocks=True)
+    assert len(cut(onnx.load(str(path), load_external_data=False))) == len(parts.parts) > 1
+    ids = np.random.default_rng(0).integers(0, 100, (2, 16)).astype(np.int64)
+    whole = OrtRunner("t5", spec, path, threads=2).run({"input_ids": ids})
+    got = parts.run({"input_ids": ids})
+    for name, value in whole.items():
+        assert got[name].dtype == value.dtype
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_the_gate_s_reference_is_computed_once_per_recording(bundles, tmp_path):
+    """The bundle's own outputs the gate compares with are kept beside the recording: a second precision gated on
+    the same recording runs only its own graph (fewer gate calls in its estimate) and gets the same figures as
+    when it computes the reference itself."""
+    root = tmp_path / "b"
+    shutil.copytree(bundles["fp32"], root, ignore=shutil.ignore_patterns("calibration", "*.int8.*", "*.fp8.*"))
+    logs = []
+    quantize_bundle(root, "int8", SETTINGS, calib_backend="onnxruntime", threads=2, log=logs.append)
+    refs = list((root / "calibration").glob("reference-*.npz"))
+    assert len(refs) == 1
+    with np.load(refs[0]) as z:
+        assert {k for k in z.files if k.startswith("image")} == {"image2"}  # the one held-out run
+        assert len([k for k in z.files if k.startswith("call")]) == SETTINGS.holdout * calib_estimate.steps_run(SETTINGS)
+    first = next(line for line in logs if line.startswith("estimate:"))
+    logs.clear()
+    kept = quantize_bundle(root, "fp8", SETTINGS, calib_backend="onnxruntime", threads=2, level="linear",
+                           log=logs.append)
+    again = next(line for line in logs if line.startswith("estimate:"))
+    per_run = calib_estimate.steps_run(SETTINGS)
+    recording, reference = SETTINGS.prompts * per_run, 2 * SETTINGS.holdout * per_run  # both kept from the first
+    assert int(first.split()[1]) - int(again.split()[1]) == recording + reference  # one level each
+    refs[0].unlink()
+    fresh = quantize_bundle(root, "fp8", SETTINGS, calib_backend="onnxruntime", threads=2, level="linear", force=True,
+                            log=_quiet)
+    assert kept["accuracy"]["image"] == fresh["accuracy"]["image"]
+    assert kept["accuracy"]["transformer"] == fresh["accuracy"]["transformer"]
