@@ -63,11 +63,23 @@ def shutting_down(what: str) -> ApiError:
                     "retry later", headers={"Retry-After": "5"})
 
 
+def make_pipeline(cfg: ServerConfig, bundle=None) -> Img2Img:
+    """The pipeline the settings describe, engines not loaded yet: ``bundle`` (a loaded Bundle) or the one at
+    ``cfg.bundle``. Raises Sd3trtError with one sentence for options the bundle or backend cannot take."""
+    from sd3trt.manifest import load_bundle
+
+    return Img2Img(bundle if bundle is not None else load_bundle(cfg.bundle), backend=cfg.backend,
+                   low_memory=cfg.low_memory, threads=cfg.threads, engine_build=cfg.engine_build,
+                   transformer_precision=cfg.precision, vae_precision=cfg.vae_precision,
+                   cpu_precision=cfg.cpu_precision, loras=list(cfg.loras) or None)
+
+
 class Server:
     """Holds the state the routes share: config, key store, pools, lease, worker, metrics."""
 
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, pipe: Img2Img | None = None):
         self.cfg = cfg
+        self._given_pipe = pipe  # built (and its options checked) by `sd3trt serve` before listening
         self.metrics = Metrics()
         self.lease: Lease | None = None
         self.draining = False
@@ -93,11 +105,9 @@ class Server:
 
     # -- pipeline -------------------------------------------------------------------------------
     def _load(self) -> Img2Img:
-        """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
-        pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
-                                   threads=self.cfg.threads, engine_build=self.cfg.engine_build,
-                                   transformer_precision=self.cfg.precision, vae_precision=self.cfg.vae_precision,
-                                   cpu_precision=self.cfg.cpu_precision, loras=list(self.cfg.loras) or None)
+        """Runs in the worker thread: the pipeline (the one given, else built now from the bundle) with every
+        engine loaded before /readyz says ready."""
+        pipe, self._given_pipe = self._given_pipe or make_pipeline(self.cfg), None
         pipe.load_all()
         return pipe
 

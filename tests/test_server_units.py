@@ -826,3 +826,37 @@ def test_the_readme_settings_table_is_the_generated_one():
 
     readme = (Path(__file__).resolve().parents[1] / "server" / "README.md").read_text()
     assert settings.markdown_table() in readme
+
+
+def test_serve_reads_the_bundle_once_and_hands_its_pipeline_to_the_worker(tiny_sd3, tmp_path, monkeypatch):
+    """`sd3trt serve`: the pipeline built to check the options before listening is the one the worker loads
+    (the bundle is read, and its files hashed, once)."""
+    pytest.importorskip("uvicorn")
+    import sd3trt.manifest as manifest
+    from sd3trt.cli import main as cli_main
+    from sd3trt.runtime import pipeline
+    from sd3trt.server import app as app_module
+    from sd3trt.server import cli as server_cli
+
+    reads, built, served = [], [], {}
+    real_read, real_init = manifest.load_bundle, pipeline.Img2Img.__init__
+
+    def read(*a, **kw):
+        reads.append(kw.get("verify_checksums", False))
+        return real_read(*a, **kw)
+
+    def init(self, *a, **kw):
+        built.append(self)
+        real_init(self, *a, **kw)
+
+    for module in (manifest, pipeline, server_cli):
+        monkeypatch.setattr(module, "load_bundle", read)
+    monkeypatch.setattr(pipeline.Img2Img, "__init__", init)
+
+    def fake_serve(cfg, log_level="info", pipe=None):  # what serve() runs at start, without listening
+        srv = app_module.create_app(cfg, pipe).state.server
+        served["pipe"] = srv._load()  # the worker thread's first step
+        return True
+    monkeypatch.setattr(app_module, "serve", fake_serve)
+    assert cli_main(["serve", "--bundle", str(tiny_sd3[1]), "--db", str(tmp_path / "keys.db")]) == 0
+    assert reads == [True] and len(built) == 1 and served["pipe"] is built[0]
