@@ -4,7 +4,7 @@ A request goes through these steps; nothing is charged before the debit, and no 
 event loop (key-store calls, parsing, decoding and fetches run in the bounded pools of pools.py):
 
     key (401) -> ready (503) -> balance >= cost (406, body unread) -> requests of this key in flight (429)
-    -> body (413), JSON and fields (400/422) -> image: base64, or URL fetched under one deadline;
+    -> body (413, 408 after --body-timeout), JSON and fields (400/422) -> image: base64, or URL fetched under one deadline;
     format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
     -> charge (the fence, see keystore.py) -> image handed to the connection.
 
@@ -299,12 +299,21 @@ class Server:
         size = 0
         try:
             body = bytearray()
-            try:
+
+            async def read() -> None:
                 async for chunk in request.stream():
-                    body += chunk
+                    body.extend(chunk)
+            try:
+                # The connection handler of `sd3trt serve` times the body out first (from its headers); behind
+                # another HTTP server (Ray Serve's proxy has no body timeout) this one holds.
+                await asyncio.wait_for(read(), cfg.conn.body_timeout_s)
             except BodyTooLarge:
                 raise ApiError(413, "body_too_large", f"the request body is larger than {cfg.body_limit()} bytes; "
                                "send a smaller image") from None
+            except asyncio.TimeoutError:
+                self.metrics.inc("request_timeouts")
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within "
+                               f"{cfg.conn.body_timeout_s:g} s; nothing was charged") from None
             size = len(body)
             state["watcher"] = self._watch(request, state, asyncio.current_task())
             return await run(self.pools.cpu, self._prepare, body)

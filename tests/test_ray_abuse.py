@@ -4,7 +4,8 @@ behind Ray Serve's HTTP proxy, credits in PostgreSQL.
 Where Ray's proxy (or the replica behind it) protects, the test asserts the protection; where it does not
 (no header timeout, no connection caps, a request timeout any client can turn off with a header), the
 test measures and asserts today's behaviour exactly, as server/README.md ("What Ray's proxy does not do")
-states it: if Ray adds the protection, the test fails and the README's advice needs updating.
+states it: if Ray adds the protection, the test fails and the README's advice needs updating. The
+replica's own body timeout (the app's, SD3TRT_BODY_TIMEOUT) is asserted too.
 
 Everything listens on 127.0.0.1; PostgreSQL on a unix socket (tests/pg_local.py). Every loop is bounded
 in count and time; the command, Serve and the cluster are stopped at the end.
@@ -40,6 +41,7 @@ REPLICAS = 2
 PER_KEY = 2  # SD3TRT_MAX_INFLIGHT_PER_KEY of each replica
 KEEP_ALIVE = 5  # http_options.keep_alive_timeout_s, as server/ray-serve.yaml
 REQUEST_TIMEOUT = 12.0  # http_options.request_timeout_s
+BODY_TIMEOUT = 20.0  # SD3TRT_BODY_TIMEOUT: the replica's own body timeout
 FETCH_TIMEOUT = 3.0
 HEADER_TIMEOUT = 10.0  # `sd3trt serve`'s default --header-timeout: what Ray's proxy is measured against
 
@@ -91,7 +93,8 @@ def ray_serve(pg, tiny_sd3, tmp_path_factory):
                 "SD3TRT_HEARTBEAT": "1", "SD3TRT_LEASE": "6", "SD3TRT_MAX_STEPS": "5000",
                 "SD3TRT_MAX_INFLIGHT_PER_KEY": str(PER_KEY), "SD3TRT_QUEUE_SIZE": "8",
                 "SD3TRT_ALLOW_FETCH_HOSTS": "127.0.0.1", "SD3TRT_FETCH_TIMEOUT": str(FETCH_TIMEOUT),
-                "SD3TRT_FETCH_WORKERS": "2", "OMP_NUM_THREADS": "1"}
+                "SD3TRT_FETCH_WORKERS": "2", "SD3TRT_BODY_TIMEOUT": str(BODY_TIMEOUT),
+                "OMP_NUM_THREADS": "1"}
     cfg.write_text(json.dumps({  # JSON is YAML
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port, "keep_alive_timeout_s": KEEP_ALIVE,
@@ -235,23 +238,23 @@ def test_header_dripped_one_byte_per_0_4_s_is_not_cut_off(ray_serve):
         s.close()
 
 
-def test_body_dripped_is_cut_by_request_timeout_unless_the_client_turns_it_off(ray_serve, capsys):
+def test_body_dripped_is_cut_by_request_timeout_or_else_by_the_replica(ray_serve, capsys):
     """A POST whose body is dripped: Ray's request_timeout_s (the whole request, from its headers) answers
-    408; no credit moves (the replica debits only after the body). A client that sends
-    `x-request-timeout-seconds: 0` turns that timeout off for its request: its body is still being
-    awaited after twice the timeout (the fronting proxy must drop that header, and time bodies out)."""
+    408. A client that sends `x-request-timeout-seconds: 0` turns that timeout off for its request (the
+    fronting proxy should drop the header); then the replica's own body timeout (SD3TRT_BODY_TIMEOUT)
+    answers 408 `body_timeout`. No credit moves either way (the replica debits only after the body)."""
     rs = ray_serve
     k = rs.key(2)
     results = {}
-    for name, extra in (("default", ""), ("turned off", "x-request-timeout-seconds: 0\r\n")):
+    for name, extra in (("ray", ""), ("replica", "x-request-timeout-seconds: 0\r\n")):
         s = connect_from("127.0.0.31", rs.port)
         t0 = time.monotonic()
-        answer = b""
+        answer, closed = b"", None
         try:
             s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nx-api-key: {k}\r\ncontent-type: application/json\r\n"
                       f"{extra}content-length: 100000\r\n\r\n".encode())
             s.settimeout(0.5)
-            while time.monotonic() - t0 < 2 * REQUEST_TIMEOUT:  # a byte every 0.5 s, bounded
+            while time.monotonic() - t0 < BODY_TIMEOUT + 10:  # a byte every 0.5 s, bounded
                 try:
                     s.send(b" ")
                     answer = s.recv(4096)
@@ -260,16 +263,21 @@ def test_body_dripped_is_cut_by_request_timeout_unless_the_client_turns_it_off(r
                     continue
                 except (BrokenPipeError, ConnectionResetError):
                     break
+            took = time.monotonic() - t0
+            answer += read_all(s, KEEP_ALIVE + 5)  # the rest, until the proxy closes the connection
+            closed = time.monotonic() - t0 - took
         finally:
             s.close()
-        results[name] = (answer[:12], time.monotonic() - t0)
+        results[name] = (answer, took, closed)
     with capsys.disabled():
-        print(f"\n[ray abuse] dripped body: {results}")
-    answer, took = results["default"]
-    assert answer.startswith(b"HTTP/1.1 408"), answer
+        print("\n[ray abuse] dripped body: " + "; ".join(f"{n}: {a[:12]!r} after {t:.1f} s, closed {c:.1f} s later"
+                                                        for n, (a, t, c) in results.items()))
+    answer, took, _ = results["ray"]
+    assert answer.startswith(b"HTTP/1.1 408") and b"timed out" in answer, answer[:300]
     assert REQUEST_TIMEOUT - 1 < took < REQUEST_TIMEOUT + 4, took
-    answer, took = results["turned off"]
-    assert answer == b"" and took >= 2 * REQUEST_TIMEOUT, results
+    answer, took, _ = results["replica"]
+    assert answer.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in answer, answer[:300]
+    assert BODY_TIMEOUT - 1 < took < BODY_TIMEOUT + 4, took
     wait_until(lambda: rs.balance(k) == 2 and not rs.pending_by_owner(k), timeout=20, what="nothing taken")
 
 
