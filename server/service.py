@@ -4,8 +4,9 @@ A request goes through these steps; nothing is charged before the debit, and no 
 event loop (key-store calls, parsing, decoding and fetches run in the bounded pools of pools.py):
 
     key (401) -> ready (503) -> balance >= cost (406, body unread) -> requests of this key in flight (429)
-    -> body (413, 408 after --body-timeout), JSON and fields (400/422) -> image: base64, or URL fetched under one deadline;
-    format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
+    -> body (413; 408 after --body-timeout), JSON and fields (400/422) -> image: base64, or URL fetched
+    under one deadline; format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue
+    -> generate (500)
     -> charge (the fence, see keystore.py) -> image handed to the connection.
 
 The credit database may go away at any step (a PostgreSQL restart, a locked or full SQLite file): the
