@@ -32,8 +32,10 @@ log = logging.getLogger("sd3trt.server")
 PATH = "/v1/stable-diffusion-3-large-img2img"
 
 
-def create_app(cfg: ServerConfig) -> FastAPI:
-    srv = Server(cfg)
+def create_app(cfg: ServerConfig, pipe=None) -> FastAPI:
+    """The app; ``pipe``: an Img2Img already built from ``cfg`` (its engines are loaded at start), else the
+    worker builds it."""
+    srv = Server(cfg, pipe)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -114,7 +116,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     return app
 
 
-def serve(cfg: ServerConfig, log_level: str = "info") -> bool:
+def serve(cfg: ServerConfig, log_level: str = "info", pipe=None) -> bool:
     """Run the server until SIGINT/SIGTERM. Returns whether it started.
 
     Shutdown: stop listening, answer new requests on open connections with 503, cut running URL
@@ -124,7 +126,7 @@ def serve(cfg: ServerConfig, log_level: str = "info") -> bool:
     """
     import uvicorn
 
-    app = create_app(cfg)
+    app = create_app(cfg, pipe)
     srv: Server = app.state.server
 
     class _Uvicorn(uvicorn.Server):

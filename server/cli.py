@@ -63,18 +63,16 @@ def _serve(a) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("sd3trt.server")
     bundle = load_bundle(a.bundle, verify_checksums=True)  # every file re-hashed before the server listens
-    from sd3trt.runtime import lora as lora_runtime
-    from sd3trt.runtime.pipeline import Img2Img
+    from sd3trt.server.service import make_pipeline
 
-    # Before listening: the options (no engine loads) and the LoRAs (missing, not safetensors, bad scale,
-    # a backend that cannot take them) each stop the start with one sentence.
-    Img2Img(bundle, backend=cfg.backend, engine_build=cfg.engine_build, transformer_precision=cfg.precision,
-            vae_precision=cfg.vae_precision, cpu_precision=cfg.cpu_precision)
-    lora_runtime.read_for(bundle, cfg.backend, list(cfg.loras), cfg.precision, {})
+    # Before listening: the pipeline, built once and handed to the worker (which loads its engines). Its
+    # options and the LoRAs (missing, not safetensors, bad scale, a backend that cannot take them) each
+    # stop the start with one sentence.
+    pipe = make_pipeline(cfg, bundle)
     if cfg.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s: reachable from other machines; put TLS (a reverse proxy) in front", cfg.host)
     open_store(cfg.db).close()  # a database that cannot be opened fails here, with its message
-    if not serve(cfg, log_level=a.log_level):
+    if not serve(cfg, log_level=a.log_level, pipe=pipe):
         raise Sd3trtError("the server did not start; the log above says why")
 
 

@@ -4,8 +4,9 @@ A request goes through these steps; nothing is charged before the debit, and no 
 event loop (key-store calls, parsing, decoding and fetches run in the bounded pools of pools.py):
 
     key (401) -> ready (503) -> balance >= cost (406, body unread) -> requests of this key in flight (429)
-    -> body (413), JSON and fields (400/422) -> image: base64, or URL fetched under one deadline;
-    format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue -> generate (500)
+    -> body (413; 408 after --body-timeout), JSON and fields (400/422) -> image: base64, or URL fetched
+    under one deadline; format, pixels, sides (400/413/422) -> queue room (429) -> debit (406) -> queue
+    -> generate (500)
     -> charge (the fence, see keystore.py) -> image handed to the connection.
 
 The credit database may go away at any step (a PostgreSQL restart, a locked or full SQLite file): the
@@ -63,11 +64,23 @@ def shutting_down(what: str) -> ApiError:
                     "retry later", headers={"Retry-After": "5"})
 
 
+def make_pipeline(cfg: ServerConfig, bundle=None) -> Img2Img:
+    """The pipeline the settings describe, engines not loaded yet: ``bundle`` (a loaded Bundle) or the one at
+    ``cfg.bundle``. Raises Sd3trtError with one sentence for options the bundle or backend cannot take."""
+    from sd3trt.manifest import load_bundle
+
+    return Img2Img(bundle if bundle is not None else load_bundle(cfg.bundle), backend=cfg.backend,
+                   low_memory=cfg.low_memory, threads=cfg.threads, engine_build=cfg.engine_build,
+                   transformer_precision=cfg.precision, vae_precision=cfg.vae_precision,
+                   cpu_precision=cfg.cpu_precision, loras=list(cfg.loras) or None)
+
+
 class Server:
     """Holds the state the routes share: config, key store, pools, lease, worker, metrics."""
 
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, pipe: Img2Img | None = None):
         self.cfg = cfg
+        self._given_pipe = pipe  # built (and its options checked) by `sd3trt serve` before listening
         self.metrics = Metrics()
         self.lease: Lease | None = None
         self.draining = False
@@ -93,11 +106,9 @@ class Server:
 
     # -- pipeline -------------------------------------------------------------------------------
     def _load(self) -> Img2Img:
-        """Runs in the worker thread: build the pipeline and load every engine before /readyz says ready."""
-        pipe = Img2Img.from_bundle(self.cfg.bundle, backend=self.cfg.backend, low_memory=self.cfg.low_memory,
-                                   threads=self.cfg.threads, engine_build=self.cfg.engine_build,
-                                   transformer_precision=self.cfg.precision, vae_precision=self.cfg.vae_precision,
-                                   cpu_precision=self.cfg.cpu_precision, loras=list(self.cfg.loras) or None)
+        """Runs in the worker thread: the pipeline (the one given, else built now from the bundle) with every
+        engine loaded before /readyz says ready."""
+        pipe, self._given_pipe = self._given_pipe or make_pipeline(self.cfg), None
         pipe.load_all()
         return pipe
 
@@ -289,12 +300,21 @@ class Server:
         size = 0
         try:
             body = bytearray()
-            try:
+
+            async def read() -> None:
                 async for chunk in request.stream():
-                    body += chunk
+                    body.extend(chunk)
+            try:
+                # The connection handler of `sd3trt serve` times the body out first (from its headers); behind
+                # another HTTP server (Ray Serve's proxy has no body timeout) this one holds.
+                await asyncio.wait_for(read(), cfg.conn.body_timeout_s)
             except BodyTooLarge:
                 raise ApiError(413, "body_too_large", f"the request body is larger than {cfg.body_limit()} bytes; "
                                "send a smaller image") from None
+            except asyncio.TimeoutError:
+                self.metrics.inc("request_timeouts")
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within "
+                               f"{cfg.conn.body_timeout_s:g} s; nothing was charged") from None
             size = len(body)
             state["watcher"] = self._watch(request, state, asyncio.current_task())
             return await run(self.pools.cpu, self._prepare, body)

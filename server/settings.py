@@ -183,7 +183,8 @@ def _settings() -> list[Setting]:
         Setting("--header-timeout", "conn.header_timeout_s", positive(float), "seconds for a request's line and "
                 "headers to arrive; else 408 and close"),
         Setting("--body-timeout", "conn.body_timeout_s", positive(float), "seconds for a request's whole body to "
-                "arrive; else 408 and close"),
+                "arrive; else 408 and close (under Ray Serve: 408 body_timeout from the replica, counted from "
+                "when it starts reading the body)"),
         Setting("--heartbeat", "heartbeat_s", positive(float), "seconds between lease renewals in the key database"),
         Setting("--lease", "stale_after_s", positive(float), "a server silent this long is presumed gone and its "
                 "pending debits are refunded by its peers (at least 3 x --heartbeat)"),

@@ -826,3 +826,71 @@ def test_the_readme_settings_table_is_the_generated_one():
 
     readme = (Path(__file__).resolve().parents[1] / "server" / "README.md").read_text()
     assert settings.markdown_table() in readme
+
+
+def test_serve_reads_the_bundle_once_and_hands_its_pipeline_to_the_worker(tiny_sd3, tmp_path, monkeypatch):
+    """`sd3trt serve`: the pipeline built to check the options before listening is the one the worker loads
+    (the bundle is read, and its files hashed, once)."""
+    pytest.importorskip("uvicorn")
+    import sd3trt.manifest as manifest
+    from sd3trt.cli import main as cli_main
+    from sd3trt.runtime import pipeline
+    from sd3trt.server import app as app_module
+    from sd3trt.server import cli as server_cli
+
+    reads, built, served = [], [], {}
+    real_read, real_init = manifest.load_bundle, pipeline.Img2Img.__init__
+
+    def read(*a, **kw):
+        reads.append(kw.get("verify_checksums", False))
+        return real_read(*a, **kw)
+
+    def init(self, *a, **kw):
+        built.append(self)
+        real_init(self, *a, **kw)
+
+    for module in (manifest, pipeline, server_cli):
+        monkeypatch.setattr(module, "load_bundle", read)
+    monkeypatch.setattr(pipeline.Img2Img, "__init__", init)
+
+    def fake_serve(cfg, log_level="info", pipe=None):  # what serve() runs at start, without listening
+        srv = app_module.create_app(cfg, pipe).state.server
+        served["pipe"] = srv._load()  # the worker thread's first step
+        return True
+    monkeypatch.setattr(app_module, "serve", fake_serve)
+    assert cli_main(["serve", "--bundle", str(tiny_sd3[1]), "--db", str(tmp_path / "keys.db")]) == 0
+    assert reads == [True] and len(built) == 1 and served["pipe"] is built[0]
+
+
+def test_a_body_slower_than_the_body_timeout_is_answered_408_by_the_app(tmp_path):
+    """Behind an HTTP server without a body timeout (Ray Serve's proxy) the app times the body out itself,
+    and gives its upload slot back."""
+    pytest.importorskip("fastapi")
+    import asyncio
+    import dataclasses
+
+    from sd3trt.server.config import ConnLimits, ServerConfig
+    from sd3trt.server.schema import ApiError
+    from sd3trt.server.service import Server
+
+    srv = Server(ServerConfig(None, tmp_path / "k.db", max_uploads=1, conn=dataclasses.replace(
+        ConnLimits(), body_timeout_s=0.5)))
+
+    class Dripping:
+        async def stream(self):
+            yield b"{"
+            await asyncio.sleep(30)
+            yield b"}"
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            await srv._read_input(Dripping(), {})
+        return e.value, time.monotonic() - t0
+
+    try:
+        err, took = asyncio.run(main())
+    finally:
+        srv.pools.close()
+    assert (err.status, err.code) == (408, "body_timeout") and 0.4 < took < 3, (err.status, took)
+    assert srv.uploads == 0 and not srv.upload_slots.locked() and srv.metrics.counter("request_timeouts") == 1
