@@ -35,6 +35,7 @@ class BenchConfig:
     model: str = "medium-width"
     layers: int = 2
     encoder_layers: int = 2
+    dtype: str | None = None  # the generated model's and the bundle's float type (None: models.default_dtype)
     model_dir: str | None = None  # bench an existing diffusers model instead of a generated one
     bundle_dir: str | None = None  # ... and its sd3trt bundle (exported into the cache when not given)
     width: int = 512
@@ -228,9 +229,9 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     from sd3trt.manifest import load_bundle
 
     data = load_bundle(bundle)
-    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm.openvino_skip(
-            "sd3trt-openvino-fp32", data):
-        return
+    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or data.dtype != "fp32" or \
+            sysm.openvino_skip("sd3trt-openvino-fp32", data):
+        return  # the gate measures an fp32 bundle's graphs in bf16 (a bf16 bundle's are bf16 already)
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
     from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
     from sd3trt.runtime.ov_runner import cpu_has_bf16
@@ -318,15 +319,17 @@ def run_bench(cfg: BenchConfig) -> dict:
     machine = cfg.machine or mach.slug(desc)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(DEFAULT_OUT) / machine
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    if cfg.model in mdl.GPU_SHAPES and device == "cpu" and not cfg.model_dir:
-        log(f"warning: {cfg.model} is the full architecture (tens of GB of weights), meant for a GPU machine")
     log(f"machine {machine}: {desc['cpu']['model']}, {desc['cpu']['usable_cpus']} CPUs "
         f"({' '.join(desc['cpu']['key_flags'])}), {desc['memory_gib']} GiB; {threads} threads; diffusers on {device}")
 
-    spec = mdl.ModelSpec(cfg.model, cfg.layers, cfg.encoder_layers, cfg.seed)
+    spec = mdl.ModelSpec(cfg.model, cfg.layers, cfg.encoder_layers, cfg.seed, cfg.dtype or "")
+    if cfg.model in mdl.FULL_SHAPES and not cfg.model_dir:
+        log(f"{cfg.model} is the full architecture in {spec.dtype}: its model and bundle are built once into "
+            f"{cache} (minutes, tens of GB of disk); then each system runs on it")
     if cfg.model_dir:
         model = Path(cfg.model_dir)
-        bundle = Path(cfg.bundle_dir) if cfg.bundle_dir else cache / f"external-{_digest(model)}" / "bundle-fp32"
+        dtype = cfg.dtype or "fp32"
+        bundle = Path(cfg.bundle_dir) if cfg.bundle_dir else cache / f"external-{_digest(model)}" / f"bundle-{dtype}"
         if not cfg.bundle_dir:
             from sd3trt.export.bundle import export_bundle
             from sd3trt.errors import Sd3trtError
@@ -335,7 +338,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             try:
                 load_bundle(bundle)
             except Sd3trtError:
-                export_bundle(model, bundle, overwrite=True, log=lambda s: log("  export " + s))
+                export_bundle(model, bundle, dtype=dtype, overwrite=True, log=lambda s: log("  export " + s))
     else:
         model, bundle = mdl.prepare(spec, cache, log)
     _maybe_quantize(cfg, bundle)
