@@ -270,14 +270,24 @@ def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:
 
 def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, work: Path, threads: int,
                  device: str, reps: int, label: str, system_reps: dict | None = None) -> dict:
+    from sd3trt.benchmarks import fit
+    from sd3trt.manifest import load_bundle
+
     base = _workload(cfg, bundle, work)
     base.update(model_dir=str(model), bundle_dir=str(bundle), reps=reps, warmup=cfg.warmup, threads=threads,
                 device=device, cache_dir=str(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()))
     flags = _cpu_flags()
+    weights, available, dtype = fit.weights(model), fit.available_bytes(), load_bundle(bundle).dtype
+    what = cfg.model if not cfg.model_dir else f"the model in {model}"
+    if weights:
+        log(label + fit.summary(weights, available, what))
     out = {}
     runnable = []
     for s in names:
         reason = sysm.skip_reason(s, bundle, flags, cfg.compile, device, cfg.peers)
+        in_ram = s != "sd3trt-trt" and not (s.startswith("diffusers-") and device != "cpu")  # not on a GPU
+        if not reason and in_ram:
+            reason = fit.skip_reason(s, weights, dtype, available, what)
         if reason:
             out[s] = {"system": s, "status": "skipped", "reason": reason}
             log(f"{label}{s}: skipped - {reason}")
@@ -325,7 +335,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     spec = mdl.ModelSpec(cfg.model, cfg.layers, cfg.encoder_layers, cfg.seed, cfg.dtype or "")
     if cfg.model in mdl.FULL_SHAPES and not cfg.model_dir:
         log(f"{cfg.model} is the full architecture in {spec.dtype}: its model and bundle are built once into "
-            f"{cache} (minutes, tens of GB of disk); then each system runs on it")
+            f"{cache} (minutes, tens of GB of disk); a system whose weights would not fit in this machine's "
+            "memory is skipped, saying what would")
     if cfg.model_dir:
         model = Path(cfg.model_dir)
         dtype = cfg.dtype or "fp32"
