@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -114,13 +116,37 @@ def _model_ok(path: Path, spec: ModelSpec) -> bool:
     return made == json.loads(json.dumps(asdict(spec)))
 
 
+def _paths(spec: ModelSpec, cache_dir: Path) -> tuple[Path, Path]:
+    return Path(cache_dir) / spec.key / "model", Path(cache_dir) / spec.key / f"bundle-{spec.dtype}"
+
+
+def _ready(spec: ModelSpec, cache_dir: Path) -> bool:
+    from sd3trt.manifest import load_bundle
+
+    model, bundle = _paths(spec, cache_dir)
+    try:
+        return _model_ok(model, spec) and load_bundle(bundle) is not None
+    except Sd3trtError:
+        return False
+
+
+def prepare_apart(spec: ModelSpec, cache_dir: Path, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """prepare() in a child process when something must be built or exported, so that what building touched
+    (GBs for the full architectures: torch, the weights) is not held by this process while the systems run."""
+    if not _ready(spec, cache_dir):
+        rc = subprocess.run([sys.executable, "-m", "sd3trt.benchmarks.models", json.dumps(asdict(spec)),
+                             str(cache_dir)]).returncode
+        if rc:
+            raise Sd3trtError(f"building or exporting the {spec.key} model failed (exit code {rc}; its output is "
+                              "above); fix that and run the bench again")
+    return prepare(spec, cache_dir, log)
+
+
 def prepare(spec: ModelSpec, cache_dir: Path, log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """(model_dir, bundle_dir) for `spec`, built and exported on first use, reused afterwards."""
     from sd3trt.manifest import load_bundle
 
-    cache_dir = Path(cache_dir)
-    model = cache_dir / spec.key / "model"
-    bundle = cache_dir / spec.key / f"bundle-{spec.dtype}"
+    model, bundle = _paths(spec, cache_dir)
     if not _model_ok(model, spec):
         log(f"building the {spec.key} model (random weights) in {model} ...")
         build_model(spec, model)
@@ -138,3 +164,9 @@ def prepare(spec: ModelSpec, cache_dir: Path, log: Callable[[str], None] = print
 
 def transformer_config(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
+
+
+if __name__ == "__main__":  # prepare_apart's child: python -m sd3trt.benchmarks.models SPEC_JSON CACHE_DIR
+    from sd3trt.benchmarks.run import log as bench_log
+
+    prepare(ModelSpec(**json.loads(sys.argv[1])), Path(sys.argv[2]), bench_log)

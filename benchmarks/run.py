@@ -351,7 +351,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             except Sd3trtError:
                 export_bundle(model, bundle, dtype=dtype, overwrite=True, log=lambda s: log("  export " + s))
     else:
-        model, bundle = mdl.prepare(spec, cache, log)
+        model, bundle = mdl.prepare_apart(spec, cache, log)
     _maybe_quantize(cfg, bundle)
 
     work = Path(tempfile.mkdtemp(prefix="sd3trt-bench-", dir=cache if cache.is_dir() else None))
@@ -391,7 +391,7 @@ def _projection(cfg: BenchConfig, spec: mdl.ModelSpec, cache: Path, work: Path, 
 
     spec2 = spec.with_layers(cfg.project_layers, cfg.project_layers)
     log(f"projection: a {spec2.key} model for per-layer costs (components measured at two depths) ...")
-    model2, bundle2 = mdl.prepare(spec2, cache, log)
+    model2, bundle2 = mdl.prepare_apart(spec2, cache, log)
     _maybe_quantize(cfg, bundle2)
     names = [s for s, r in base_results.items() if r["status"] == "ok" and not s.endswith("-lowmem")
              and (cfg.project_systems is None or s in cfg.project_systems)]

@@ -95,7 +95,7 @@ def bf16_result(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("bench-bf16")
     cache = work / "cache"
-    model, _ = mdl.prepare(mdl.ModelSpec("tiny", dtype="bf16"), cache, log=lambda s: None)  # reused by the run
+    model, _ = mdl.prepare_apart(mdl.ModelSpec("tiny", dtype="bf16"), cache, log=lambda s: None)  # built in a child
     weights = fit.weights(model)
     between = (fit.need_bytes("diffusers-bf16", weights, "bf16") + fit.need_bytes("diffusers-fp32", weights, "bf16")) // 2
     mp = pytest.MonkeyPatch()
@@ -122,6 +122,8 @@ def test_a_bf16_bench_runs_openvino_on_the_bf16_bundle(bf16_result):
     _, rep, cache = bf16_result
     assert rep["model"]["bundle"] == str(cache / "tiny-L2-s0-bf16" / "bundle-bf16")
     assert load_bundle(rep["model"]["bundle"]).dtype == "bf16" and rep["model"]["spec"]["dtype"] == "bf16"
+    model = cache / "tiny-L2-s0-bf16" / "model"  # the same bf16 weights for every system
+    assert {dtype for _, dtype in fit.weights(model).values()} == {"bf16"}
     systems = rep["systems"]
     assert systems["sd3trt-openvino-fp32"]["status"] == "ok"
     assert systems["sd3trt-openvino-bf16"]["status"] == ("ok" if cpu_has_bf16() else "skipped")
