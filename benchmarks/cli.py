@@ -100,8 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--project-to", choices=tuple(models.FULL_DEPTH), default="sd3-medium")
     r.add_argument("--timeout", type=float, default=None, help="seconds per system before it is stopped (default 3600)")
     r.add_argument("--gate-psnr", type=float, default=None,
-                   help=f"accuracy gate: PSNR of the image vs the diffusers reference's (fp32, else bf16), dB (default {systems.GATE_PSNR_DB:g}; "
-                        "with --rebuild: re-apply to a saved result)")
+                   help="accuracy gate: PSNR of the image vs the diffusers reference's (fp32, else bf16), dB "
+                        f"(default {systems.GATE_PSNR_DB:g}; with --rebuild: re-apply to a saved result)")
     r.add_argument("--peak-budget", type=float, default=None, help="seconds for the matmul peak measurement")
     r.add_argument("--no-peaks", action="store_true", help="skip the matmul peak measurement")
     r.add_argument("--quick", action="store_true", help="tiny model, 64 px, 4 steps, 2 runs: a couple of minutes")

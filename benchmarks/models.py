@@ -9,10 +9,11 @@
   sd3.5-large    the full SD3.5-Large architecture (38 blocks of 2432 = 38 x 64, qk RMS-norm)
 
 The last two are tens of GB of random weights (sd3trt.export.random_model writes them in bounded memory), so
-their model and bundle are bf16 by default (SD3-Medium with T5-XXL: ~15 GB, where fp32 would be twice that and
+their model and bundle are bf16 by default (SD3-Medium with T5-XXL: ~16 GB, where fp32 would be twice that and
 not fit a 24 GiB machine: see the README's Full size section); tiny and medium-width stay fp32. `dtype` (the
-bench's --dtype) chooses. A real checkpoint is benchmarked with `--model-dir` instead. Every system of a run reads the same model directory (diffusers) or the bundle
-exported from it (sd3trt), so all of them compute with the same weights.
+bench's --dtype) chooses. A real checkpoint is benchmarked with `--model-dir` instead. Every system of a run
+reads the same model directory (diffusers) or the bundle exported from it (sd3trt), so all of them compute with
+the same weights.
 """
 
 from __future__ import annotations
