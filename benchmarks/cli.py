@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   sd3trt bench --model medium-width --steps 8 --reps 2   # SD3-Medium widths, 2 layers; ./sd3trt-bench/<machine>/
   sd3trt bench --model medium-width --systems diffusers-fp32,sd3trt-ort-fp32 --project-layers 4
   sd3trt bench --model medium-width --quantize           # make the bundle's INT8 transformer first
+  sd3trt bench --model sd3-medium --peers               # full SD3-Medium in bf16, on a 24 GiB CPU machine too
   sd3trt bench --model-dir /models/sd3-medium --bundle /bundles/sd3-medium --device cuda   # real weights, GPU
   sd3trt bench --rebuild sd3trt-bench/<machine>/<name>.json                             # re-render a report
   sd3trt bench --model medium-width --out benchmarks/results/<machine>   # results to commit, in a source checkout
@@ -42,12 +43,18 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sd3trt import precision as words
     from sd3trt.benchmarks import models, systems  # light: no torch
     from sd3trt.spec import T5_DEFAULT_LENGTH
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=models.SHAPES, default="medium-width",
-                   help="model shape (sd3-medium / sd3.5-large: full architectures, for a GPU machine)")
+                   help="model shape (sd3-medium / sd3.5-large: the full architectures, bf16 by default; SD3-Medium "
+                        "with T5-XXL holds 7.9 B parameters, ~15 GiB in bf16 and ~29 GiB in fp32; a system that "
+                        "would not fit in this machine's memory is skipped, saying so)")
+    g.add_argument("--dtype", choices=words.FLOATS, default=None,
+                   help="float type of the generated model and of the bundle (default: bf16 for sd3-medium / "
+                        "sd3.5-large, fp32 otherwise); systems that cannot run it are skipped, saying why")
     g.add_argument("--layers", type=int, default=2, help="transformer blocks (tiny, medium-width)")
     g.add_argument("--encoder-layers", type=int, default=2, help="layers per text encoder (medium-width)")
     g.add_argument("--model-dir", help="benchmark this local diffusers SD3 model instead of a generated one")
@@ -93,8 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--project-to", choices=tuple(models.FULL_DEPTH), default="sd3-medium")
     r.add_argument("--timeout", type=float, default=None, help="seconds per system before it is stopped (default 3600)")
     r.add_argument("--gate-psnr", type=float, default=None,
-                   help=f"accuracy gate: PSNR of the image vs diffusers fp32's, dB (default {systems.GATE_PSNR_DB:g}; "
-                        "with --rebuild: re-apply to a saved result)")
+                   help="accuracy gate: PSNR of the image vs the diffusers reference's (fp32, else bf16), dB "
+                        f"(default {systems.GATE_PSNR_DB:g}; with --rebuild: re-apply to a saved result)")
     r.add_argument("--peak-budget", type=float, default=None, help="seconds for the matmul peak measurement")
     r.add_argument("--no-peaks", action="store_true", help="skip the matmul peak measurement")
     r.add_argument("--quick", action="store_true", help="tiny model, 64 px, 4 steps, 2 runs: a couple of minutes")
@@ -133,7 +140,7 @@ def config_from_args(a):
         if v < 1:
             raise Sd3trtError(f"{what} must be at least 1")
     return BenchConfig(
-        model=model, layers=a.layers, encoder_layers=a.encoder_layers, model_dir=a.model_dir, bundle_dir=a.bundle,
+        model=model, layers=a.layers, encoder_layers=a.encoder_layers, dtype=a.dtype, model_dir=a.model_dir, bundle_dir=a.bundle,
         width=w, height=h, steps=a.steps or base.get("steps", 28), strength=a.strength, guidance=a.guidance,
         num_images=a.num_images, reps=a.reps or base.get("reps", 3), warmup=a.warmup, systems=names,
         compile=a.compile, peers=a.peers or any(n.startswith("optimum-intel-") for n in (a.systems or "").split(",")),

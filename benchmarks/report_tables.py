@@ -44,9 +44,15 @@ def latency_table(rep: dict) -> str:
     return _table(head, rows)
 
 
-def component_table(rep: dict, base: str = "diffusers-fp32") -> str | None:
-    """Per component: this system's p50 and the speed-up against `base` (same component)."""
+def reference(rep: dict) -> str:
+    """The diffusers system the tables compare against: the accuracy reference (results before it: fp32)."""
+    return rep["accuracy"].get("reference") or "diffusers-fp32"
+
+
+def component_table(rep: dict) -> str | None:
+    """Per component: this system's p50 and the speed-up against the reference (same component)."""
     systems = rep["systems"]
+    base = reference(rep)
     if systems.get(base, {}).get("status") != "ok":
         return None
     b = systems[base]
@@ -74,10 +80,11 @@ def component_table(rep: dict, base: str = "diffusers-fp32") -> str | None:
 
 def efficiency_table(rep: dict) -> str:
     systems = rep["systems"]
-    ref = systems.get("diffusers-fp32", {})
+    base = reference(rep)
+    ref = systems.get(base, {})
     ref_rss = ref.get("peak_rss_mib") if ref.get("status") == "ok" else None
-    head = ["system", "peak RSS (MiB)", "vs diffusers-fp32", "time outside engines", "transformer GFLOP/s",
-            "% of peak (precision)", "PSNR vs diffusers-fp32 (dB)", "max diff (levels)", "accuracy gate"]
+    head = ["system", "peak RSS (MiB)", f"vs {base}", "time outside engines", "transformer GFLOP/s",
+            "% of peak (precision)", f"PSNR vs {base} (dB)", "max diff (levels)", "accuracy gate"]
     rows = []
     for n, s in systems.items():
         if s.get("status") != "ok":
@@ -120,7 +127,7 @@ def model_label(rep: dict) -> str:
 
 def markdown(rep: dict) -> str:
     m, w, cfg = rep["machine"], rep["workload"], rep["config"]
-    v = m["versions"]
+    v, base = m["versions"], reference(rep)
     out = [f"# sd3trt benchmark: {rep['model']['spec']['shape']}, {w['width']}x{w['height']}, {w['steps']} steps", ""]
     out.append(f"- **Machine** `{m['name']}`: {m['cpu']['model']}, {m['cpu']['usable_cpus']} CPUs, "
                f"{m['memory_gib']} GiB; ISA: {' '.join(m['cpu']['key_flags'])}; GPU: {', '.join(m['gpus']) or 'none'}; "
@@ -132,6 +139,8 @@ def markdown(rep: dict) -> str:
                f"{w['num_images']} image(s), T5 length {cfg['max_sequence_length']}, same prompt, picture and noise "
                f"for every system; {cfg['reps']} measured warm runs after the cold one (+{cfg['warmup']} warm-up); "
                f"prompt cache {'on' if cfg['prompt_cache'] else 'off (prompts encoded every run, as diffusers does)'}")
+    acc = rep["accuracy"]
+    out.append(f"- **Accuracy reference** {acc.get('note') or acc.get('reference')}")
     out.append(f"- **Created** {rep['created']} in {rep['seconds']:.0f} s")
     for n in rep["notes"]:
         out.append(f"- **Note** {n}")
@@ -142,8 +151,8 @@ def markdown(rep: dict) -> str:
             "replaced by extra runs where possible (`of N`: N runs made). "
             "Speed-up columns: the diffusers configuration's end-to-end p50 divided by this system's (above 1: faster). "
             "Cold start: process start to first image (imports, loading, first run), in a fresh process.", "",
-            "## Per component (p50 of the time inside each engine / module; in brackets: speed-up vs diffusers-fp32)", "",
-            component_table(rep) or "(diffusers-fp32 did not run)", "",
+            f"## Per component (p50 of the time inside each engine / module; in brackets: speed-up vs {base})", "",
+            component_table(rep) or f"({base} did not run)", "",
             "Text encoders: summed over the prompt and the negative prompt. Load: building the pipeline / "
             "engines in the fresh process (after imports).", "",
             "## Memory, overhead, hardware efficiency, accuracy", "", efficiency_table(rep), "",
@@ -154,7 +163,7 @@ def markdown(rep: dict) -> str:
             "diffusers its Python pipeline, tokenizers and image processing. Transformer GFLOP/s: analytic FLOPs of "
             f"one call ({rep['transformer_flops_per_call']['total'] / 1e9:.1f} GFLOP, matmuls only, "
             "benchmarks/flops.py) over the p50 call time; % of peak: against this machine's measured matmul peak for "
-            "the transformer's precision (below). Accuracy: the decoded image vs diffusers fp32's on the same weights "
+            f"the transformer's precision (below). Accuracy: the decoded image vs {base}'s on the same weights "
             f"and noise; gate: PSNR >= {rep['accuracy'].get('gate_psnr_db', '-')} dB.", ""]
     gone = {n: s for n, s in rep["systems"].items() if s.get("status") != "ok"}
     if gone:

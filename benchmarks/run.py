@@ -35,6 +35,7 @@ class BenchConfig:
     model: str = "medium-width"
     layers: int = 2
     encoder_layers: int = 2
+    dtype: str | None = None  # the generated model's and the bundle's float type (None: models.default_dtype)
     model_dir: str | None = None  # bench an existing diffusers model instead of a generated one
     bundle_dir: str | None = None  # ... and its sd3trt bundle (exported into the cache when not given)
     width: int = 512
@@ -228,9 +229,9 @@ def _maybe_gate(cfg: BenchConfig, bundle: Path) -> None:
     from sd3trt.manifest import load_bundle
 
     data = load_bundle(bundle)
-    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or sysm.openvino_skip(
-            "sd3trt-openvino-fp32", data):
-        return
+    if not (set(sysm.OPENVINO) - {"sd3trt-openvino-fp32"}) & set(cfg.systems) or data.dtype != "fp32" or \
+            sysm.openvino_skip("sd3trt-openvino-fp32", data):
+        return  # the gate measures an fp32 bundle's graphs in bf16 (a bf16 bundle's are bf16 already)
     from sd3trt.engines.cpu_gate import GateSettings, gate_bf16, graphs_of
     from sd3trt.runtime.cpu_precision import GATE_KEY, graph_key
     from sd3trt.runtime.ov_runner import cpu_has_bf16
@@ -269,14 +270,24 @@ def _workload(cfg: BenchConfig, bundle: Path, work: Path) -> dict:
 
 def _run_systems(cfg: BenchConfig, names: list[str], model: Path, bundle: Path, work: Path, threads: int,
                  device: str, reps: int, label: str, system_reps: dict | None = None) -> dict:
+    from sd3trt.benchmarks import fit
+    from sd3trt.manifest import load_bundle
+
     base = _workload(cfg, bundle, work)
     base.update(model_dir=str(model), bundle_dir=str(bundle), reps=reps, warmup=cfg.warmup, threads=threads,
                 device=device, cache_dir=str(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()))
     flags = _cpu_flags()
+    weights, available, dtype = fit.weights(model), fit.available_bytes(), load_bundle(bundle).dtype
+    what = cfg.model if not cfg.model_dir else f"the model in {model}"
+    if weights:
+        log(label + fit.summary(weights, available, what))
     out = {}
     runnable = []
     for s in names:
         reason = sysm.skip_reason(s, bundle, flags, cfg.compile, device, cfg.peers)
+        in_ram = s != "sd3trt-trt" and not (s.startswith("diffusers-") and device != "cpu")  # not on a GPU
+        if not reason and in_ram:
+            reason = fit.skip_reason(s, weights, dtype, available, what)
         if reason:
             out[s] = {"system": s, "status": "skipped", "reason": reason}
             log(f"{label}{s}: skipped - {reason}")
@@ -318,15 +329,18 @@ def run_bench(cfg: BenchConfig) -> dict:
     machine = cfg.machine or mach.slug(desc)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(DEFAULT_OUT) / machine
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    if cfg.model in mdl.GPU_SHAPES and device == "cpu" and not cfg.model_dir:
-        log(f"warning: {cfg.model} is the full architecture (tens of GB of weights), meant for a GPU machine")
     log(f"machine {machine}: {desc['cpu']['model']}, {desc['cpu']['usable_cpus']} CPUs "
         f"({' '.join(desc['cpu']['key_flags'])}), {desc['memory_gib']} GiB; {threads} threads; diffusers on {device}")
 
-    spec = mdl.ModelSpec(cfg.model, cfg.layers, cfg.encoder_layers, cfg.seed)
+    spec = mdl.ModelSpec(cfg.model, cfg.layers, cfg.encoder_layers, cfg.seed, cfg.dtype or "")
+    if cfg.model in mdl.FULL_SHAPES and not cfg.model_dir:
+        log(f"{cfg.model} is the full architecture in {spec.dtype}: its model and bundle are built once into "
+            f"{cache} (minutes, tens of GB of disk); a system whose weights would not fit in this machine's "
+            "memory is skipped, saying what would")
     if cfg.model_dir:
         model = Path(cfg.model_dir)
-        bundle = Path(cfg.bundle_dir) if cfg.bundle_dir else cache / f"external-{_digest(model)}" / "bundle-fp32"
+        dtype = cfg.dtype or "fp32"
+        bundle = Path(cfg.bundle_dir) if cfg.bundle_dir else cache / f"external-{_digest(model)}" / f"bundle-{dtype}"
         if not cfg.bundle_dir:
             from sd3trt.export.bundle import export_bundle
             from sd3trt.errors import Sd3trtError
@@ -335,9 +349,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             try:
                 load_bundle(bundle)
             except Sd3trtError:
-                export_bundle(model, bundle, overwrite=True, log=lambda s: log("  export " + s))
+                export_bundle(model, bundle, dtype=dtype, overwrite=True, log=lambda s: log("  export " + s))
     else:
-        model, bundle = mdl.prepare(spec, cache, log)
+        model, bundle = mdl.prepare_apart(spec, cache, log)
     _maybe_quantize(cfg, bundle)
 
     work = Path(tempfile.mkdtemp(prefix="sd3trt-bench-", dir=cache if cache.is_dir() else None))
@@ -377,7 +391,7 @@ def _projection(cfg: BenchConfig, spec: mdl.ModelSpec, cache: Path, work: Path, 
 
     spec2 = spec.with_layers(cfg.project_layers, cfg.project_layers)
     log(f"projection: a {spec2.key} model for per-layer costs (components measured at two depths) ...")
-    model2, bundle2 = mdl.prepare(spec2, cache, log)
+    model2, bundle2 = mdl.prepare_apart(spec2, cache, log)
     _maybe_quantize(cfg, bundle2)
     names = [s for s, r in base_results.items() if r["status"] == "ok" and not s.endswith("-lowmem")
              and (cfg.project_systems is None or s in cfg.project_systems)]

@@ -20,8 +20,9 @@ SYSTEMS = {
     "sd3trt-ort-int8": "sd3trt on ONNX Runtime, INT8 Q/DQ transformer from `sd3trt quantize`, other engines fp32",
     "sd3trt-ort-int8-vae": "sd3trt on ONNX Runtime, INT8 transformer and INT8 VAE decoder convolutions "
                            "(`sd3trt quantize --component vae_decoder`), other engines fp32",
-    "sd3trt-openvino-fp32": "sd3trt runtime on OpenVINO (CPU plugin), the bundle's fp32 graphs in f32",
-    "sd3trt-openvino-bf16": "sd3trt on OpenVINO, bf16 for every graph that passed `sd3trt gate` (the rest f32)",
+    "sd3trt-openvino-fp32": "sd3trt runtime on OpenVINO (CPU plugin), the bundle's graphs computed in f32",
+    "sd3trt-openvino-bf16": "sd3trt on OpenVINO, bf16 compute: an fp32 bundle's graphs that passed `sd3trt gate` "
+                            "(the rest f32), or every graph of a bf16 bundle",
     "sd3trt-openvino-int8": "sd3trt on OpenVINO, INT8 Q/DQ transformer from `sd3trt quantize`, float graphs in bf16 "
                             "where gated (--cpu-precision auto)",
     "sd3trt-openvino-int8-vae": "sd3trt on OpenVINO, INT8 transformer and INT8 VAE decoder convolutions, float "
@@ -34,8 +35,9 @@ DEFAULT_SYSTEMS = ("diffusers-fp32", "diffusers-bf16", "diffusers-compile-fp32",
                    "sd3trt-openvino-fp32", "sd3trt-openvino-bf16", "sd3trt-openvino-int8", "sd3trt-openvino-int8-vae",
                    "sd3trt-trt",
                    "optimum-intel-openvino", "optimum-intel-openvino-int8")
-# The accuracy gate of the speed target: PSNR (dB) of a system's image vs diffusers fp32's, set between
-# what the INT8 transformer and the INT8 VAE decoder score on the medium-width model (docs/quantization.md).
+# The accuracy gate of the speed target: PSNR (dB) of a system's image vs the diffusers reference's (fp32, else
+# bf16: targets.REFERENCES), set between what the INT8 transformer and the INT8 VAE decoder score on the
+# medium-width model (docs/quantization.md).
 GATE_PSNR_DB = 30.0
 # A measured run during which other processes used more than this share of the machine's CPUs is
 # "disturbed": kept in the JSON, left out of the statistics, replaced by another run.
@@ -122,7 +124,10 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
         if not _has("onnxruntime"):
             return "onnxruntime is not installed"
         if bundle.dtype == "bf16":
-            return "ONNX Runtime cannot run a bf16 bundle on CPU"
+            return ("ONNX Runtime cannot run a bf16 bundle on CPU; the sd3trt-openvino systems run it (or pass "
+                    "--dtype fp32)")
+        if bundle.dtype != "fp32":
+            return f"{system} measures the fp32 bundle on ONNX Runtime and this bundle is {bundle.dtype} (pass --dtype fp32)"
     if "-int8" in system:
         why = _int8_skip(system, bundle)
         if why:
@@ -160,15 +165,16 @@ def openvino_skip(system: str, bundle) -> str | None:
     """Why the sd3trt OpenVINO `system` cannot run on `bundle` here; None when it can."""
     if not _has("openvino"):
         return "OpenVINO is not installed (pip install -e '.[openvino]')"
-    if bundle.dtype != "fp32":
-        return f"OpenVINO runs the fp32 bundle's graphs; this bundle is {bundle.dtype}"
     if system == "sd3trt-openvino-bf16":
         from sd3trt.runtime.cpu_precision import passed_graphs
         from sd3trt.runtime.ov_runner import cpu_has_bf16
 
         if not cpu_has_bf16():
             return "this CPU has no native bf16 (AVX512_BF16 or AMX), so OpenVINO runs fp32 (sd3trt-openvino-fp32)"
-        if not passed_graphs(bundle):
+        if bundle.dtype == "fp16":
+            return ("the bf16 gate measures against an fp32 bundle, so OpenVINO computes this fp16 bundle in fp32 "
+                    "(sd3trt-openvino-fp32); pass --dtype bf16 for bf16 compute")
+        if bundle.dtype == "fp32" and not passed_graphs(bundle):  # a bf16 bundle's graphs are bf16 already
             return (f"no graph of the bundle has passed the bf16 gate; run `sd3trt gate --bundle {bundle.root}` "
                     "(or pass --quantize to let the benchmark do it)")
     return None

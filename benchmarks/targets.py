@@ -1,4 +1,4 @@
-"""Verdicts on a benchmark: every system's image against diffusers fp32's (the accuracy gate), and the
+"""Verdicts on a benchmark: every system's image against the diffusers reference's (the accuracy gate), and the
 project's speed and memory targets, met or not."""
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ from sd3trt.benchmarks import systems as sysm
 
 # optimum-intel's 8-bit mode is compared on its own (a different accuracy trade-off, not gated here).
 EIGHT_BIT_PEER = "optimum-intel-openvino-int8"
+# The accuracy reference: the first of these that ran (diffusers-fp32 may not fit a machine's memory).
+REFERENCES = ("diffusers-fp32", "diffusers-bf16")
+
+
+def reference(results: dict) -> str | None:
+    """The accuracy reference of a run: the first of REFERENCES that left an image; None when none did."""
+    return next((n for n in REFERENCES if results.get(n, {}).get("image_npy")), None)
 
 
 def is_peer(name: str) -> bool:
@@ -29,11 +36,12 @@ def where_time_goes(s: dict) -> str:
 
 
 def accuracy(results: dict, gate_db: float) -> dict:
-    """Every system's first image vs diffusers fp32's (same weights, noise, prompt): PSNR on [0, 1] floats."""
-    ref_res = results.get("diffusers-fp32", {})
-    if not ref_res.get("image_npy"):
-        return {"reference": None, "note": "diffusers-fp32 did not run, so nothing is compared", "systems": {}}
-    ref = np.load(ref_res["image_npy"]).astype(np.float64)
+    """Every system's first image vs the reference's (same weights, noise, prompt): PSNR on [0, 1] floats."""
+    base = reference(results)
+    if base is None:
+        return {"reference": None, "note": f"neither {' nor '.join(REFERENCES)} ran, so nothing is compared",
+                "systems": {}}
+    ref = np.load(results[base]["image_npy"]).astype(np.float64)
     out = {}
     for name, r in results.items():
         if not r.get("image_npy"):
@@ -47,7 +55,15 @@ def accuracy(results: dict, gate_db: float) -> dict:
         levels = int(np.abs(np.round(img * 255) - np.round(ref * 255)).max())
         out[name] = {"psnr_db": psnr, "identical": mse == 0, "max_abs": float(np.abs(img - ref).max()),
                      "max_levels": levels, "gated": bool(psnr is None or psnr >= gate_db)}
-    return {"reference": "diffusers-fp32", "gate_psnr_db": gate_db, "systems": out}
+    acc = {"reference": base, "gate_psnr_db": gate_db, "systems": out}
+    before = REFERENCES[:REFERENCES.index(base)]
+    if before:
+        said = {"skipped": "was skipped", "timeout": "timed out"}
+        why = "; ".join(f"{n} {said.get(results[n]['status'], results[n]['status'])}: "
+                        f"{results[n].get('reason') or results[n].get('error')}" if n in results
+                        else f"{n} was not in the run" for n in before)
+        acc["note"] = f"{base} is the accuracy reference, as {why}"
+    return acc
 
 
 def targets(summ: dict, acc: dict, projection: dict | None = None) -> list[dict]:
@@ -79,7 +95,7 @@ def targets(summ: dict, acc: dict, projection: dict | None = None) -> list[dict]
             add(what, f"{o_best} {cand[o_best]:.2f} s vs {d_best} {theirs[d_best]:.2f} s: {r:.2f}x"
                 + ("" if r >= 1.3 else f"; {where_time_goes(ok[o_best])}"), r >= 1.3)
         else:
-            add(what, "no sd3trt system passed the accuracy gate (or diffusers-fp32 did not run)", None)
+            add(what, "no sd3trt system passed the accuracy gate (or no diffusers reference ran)", None)
     if cand and EIGHT_BIT_PEER in e2e:
         o_best = min(cand, key=cand.get)
         r = e2e[EIGHT_BIT_PEER] / cand[o_best]
