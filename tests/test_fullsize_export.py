@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd3trt.memory import peak_rss_mib, reset_peak_rss
+from helpers import stage
 
 pytestmark = pytest.mark.skipif(os.environ.get("SD3TRT_FULLSIZE") != "1", reason="opt-in: set SD3TRT_FULLSIZE=1")
 ARCH = os.environ.get("SD3TRT_FULLSIZE_ARCH", "sd3.5-large")
@@ -38,12 +38,7 @@ def workdir(tmp_path_factory):
 
 
 def _stage(name: str, fn):
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    out = fn()
-    seconds, peak = time.perf_counter() - t0, peak_rss_mib() / 1024
-    print(f"\n{ARCH} {DTYPE} {name}: {seconds:.0f} s, peak RSS {peak:.1f} GiB")
-    return out, seconds, peak
+    return stage(f"{ARCH} {DTYPE} {name}", fn)
 
 
 def test_fullsize_stages(workdir):

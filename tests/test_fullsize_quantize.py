@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from sd3trt.memory import peak_rss_mib, reset_peak_rss
+from helpers import stage
 
 pytestmark = pytest.mark.skipif(os.environ.get("SD3TRT_FULLSIZE") != "1", reason="opt-in: set SD3TRT_FULLSIZE=1")
 LIMIT_GIB = 20.0
@@ -43,22 +42,13 @@ def bundle_dir(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _stage(name: str, fn):
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    out = fn()
-    seconds, peak = time.perf_counter() - t0, peak_rss_mib() / 1024
-    print(f"\nsd3.5-large {name}: {seconds:.0f} s, peak RSS {peak:.1f} GiB")
-    return out, peak
-
-
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_fullsize_quantize(bundle_dir, precision):
     from sd3trt.engines.calibrate import CalibSettings
     from sd3trt.engines.transformer_quant import quantize_bundle
 
     settings = CalibSettings(prompts=2, holdout=1, steps=3, size=512)
-    entry, peak = _stage(f"quantize {precision}", lambda: quantize_bundle(
+    entry, _, peak = stage(f"sd3.5-large quantize {precision}", lambda: quantize_bundle(
         bundle_dir, precision, settings, calib_backend="openvino", blocks=True, threads=2, allow_long=True))
     cal = entry["calibration"]
     print(f"  level {entry['level']}; calibration {cal['backend']}, block by block: seconds {cal['seconds']}, per call "
@@ -74,5 +64,5 @@ def test_fullsize_fp8_engine(bundle_dir):
     if quantized_key("fp8") not in load_bundle(bundle_dir).quantized_graphs():
         pytest.skip("no fp8 graph (test_fullsize_quantize[fp8] did not run or pass)")
     opts = BuildOptions("fp8", components=("transformer",), compute_capabilities=("8.9",))
-    _, peak = _stage("build fp8 transformer (TensorRT-RTX, SM 8.9)", lambda: build_engines(bundle_dir, opts))
+    _, _, peak = stage("sd3.5-large build fp8 transformer (TensorRT-RTX, SM 8.9)", lambda: build_engines(bundle_dir, opts))
     assert peak <= LIMIT_GIB

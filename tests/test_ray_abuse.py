@@ -31,9 +31,9 @@ requests = need("requests")
 need("psycopg")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import wait_until  # noqa: E402
+from helpers import restore_env, wait_until  # noqa: E402
 from test_scale_out import PATH, body, free_port, pg  # noqa: E402,F401  (pg: the PostgreSQL fixture)
-from test_server_abuse import DripHost, connect_from, read_all  # noqa: E402
+from test_server_abuse import DripHost, connect_from, drip_body, read_all  # noqa: E402
 
 from sd3trt.server.keystore import open_store  # noqa: E402
 
@@ -156,11 +156,7 @@ def ray_serve(pg, tiny_sd3, tmp_path_factory):
             log.close()
             ray.shutdown()
             ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore_env(saved)
 
 
 def still_open(s: socket.socket) -> bool:
@@ -249,20 +245,8 @@ def test_body_dripped_is_cut_by_request_timeout_or_else_by_the_replica(ray_serve
     for name, extra in (("ray", ""), ("replica", "x-request-timeout-seconds: 0\r\n")):
         s = connect_from("127.0.0.31", rs.port)
         t0 = time.monotonic()
-        answer, closed = b"", None
         try:
-            s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nx-api-key: {k}\r\ncontent-type: application/json\r\n"
-                      f"{extra}content-length: 100000\r\n\r\n".encode())
-            s.settimeout(0.5)
-            while time.monotonic() - t0 < BODY_TIMEOUT + 10:  # a byte every 0.5 s, bounded
-                try:
-                    s.send(b" ")
-                    answer = s.recv(4096)
-                    break
-                except socket.timeout:
-                    continue
-                except (BrokenPipeError, ConnectionResetError):
-                    break
+            answer = drip_body(s, k, BODY_TIMEOUT + 10, extra)  # a byte every 0.5 s, bounded
             took = time.monotonic() - t0
             answer += read_all(s, KEEP_ALIVE + 5)  # the rest, until the proxy closes the connection
             closed = time.monotonic() - t0 - took

@@ -33,7 +33,7 @@ from sd3trt.server.keystore import InsufficientCredits, open_store  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pg_local import LocalPostgres, pg_bin  # noqa: E402
-from helpers import wait_until  # noqa: E402
+from helpers import restore_env, wait_until  # noqa: E402
 
 PATH = "/v1/stable-diffusion-3-large-img2img"
 
@@ -455,11 +455,7 @@ def ray_cluster(pg, tiny_sd3):
         finally:
             ray.shutdown()
             ray_constants.ENABLE_RAY_CLUSTER = cluster_flag
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            restore_env(saved)
 
 
 def test_ray_32_concurrent_requests_on_10_credits(ray_cluster):

@@ -155,24 +155,30 @@ def test_header_dripped_one_byte_per_0_4_s_is_cut_off(srv):
     assert closed_at - t0 < HEADER_TIMEOUT + 3
 
 
+def drip_body(s: socket.socket, key: str, seconds: float, headers: str = "") -> bytes:
+    """Send a request for a 100 kB body, then a byte of it every 0.5 s until the server answers (its first bytes),
+    it drops the connection (b"") or `seconds` pass."""
+    t0 = time.monotonic()
+    s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\n"
+              f"{headers}content-length: 100000\r\n\r\n".encode())
+    s.settimeout(0.5)
+    while time.monotonic() - t0 < seconds:
+        try:
+            s.send(b" ")
+            return s.recv(4096)
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    return b""
+
+
 def test_body_dripped_is_cut_off_with_408(srv):
     k = new_key(srv, 1)
     s = connect_from("127.0.0.31", srv.port)
     t0 = time.monotonic()
     try:
-        s.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nx-api-key: {k}\r\ncontent-type: application/json\r\n"
-                  f"content-length: 100000\r\n\r\n".encode())
-        s.settimeout(0.5)
-        answer = b""
-        for _ in range(60):  # a byte every 0.5 s: 30 s at most
-            try:
-                s.send(b" ")
-                answer = s.recv(4096)
-                break
-            except socket.timeout:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
+        answer = drip_body(s, k, 30.0)
     finally:
         s.close()
     assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
