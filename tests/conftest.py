@@ -10,6 +10,23 @@ import pytest
 # Deterministic, comparable numerics across the suite (also keeps 2-core CI machines responsive).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_the_session_tmp(tmp_path_factory):
+    """Runtime caches (OpenVINO's compiled models, prompt caches, bench models) go to the session's temporary
+    directory, not the user's ~/.cache/sd3trt (GBs after a few runs), unless SD3TRT_CACHE_DIR names a place."""
+    from sd3trt.runtime.caches import ENV_CACHE
+
+    if os.environ.get(ENV_CACHE):
+        yield
+        return
+    os.environ[ENV_CACHE] = str(tmp_path_factory.mktemp("sd3trt-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop(ENV_CACHE, None)
+
+
 VARIANTS = {
     "sd3": dict(),
     "sd35": dict(sd35=True),
