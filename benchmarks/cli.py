@@ -140,7 +140,8 @@ def config_from_args(a):
         if v < 1:
             raise Sd3trtError(f"{what} must be at least 1")
     return BenchConfig(
-        model=model, layers=a.layers, encoder_layers=a.encoder_layers, dtype=a.dtype, model_dir=a.model_dir, bundle_dir=a.bundle,
+        model=model, layers=a.layers, encoder_layers=a.encoder_layers, dtype=a.dtype, model_dir=a.model_dir,
+        bundle_dir=a.bundle,
         width=w, height=h, steps=a.steps or base.get("steps", 28), strength=a.strength, guidance=a.guidance,
         num_images=a.num_images, reps=a.reps or base.get("reps", 3), warmup=a.warmup, systems=names,
         compile=a.compile, peers=a.peers or any(n.startswith("optimum-intel-") for n in (a.systems or "").split(",")),

@@ -127,7 +127,8 @@ def skip_reason(system: str, bundle_dir: Path, cpu_flags: list[str], compile_: b
             return ("ONNX Runtime cannot run a bf16 bundle on CPU; the sd3trt-openvino systems run it (or pass "
                     "--dtype fp32)")
         if bundle.dtype != "fp32":
-            return f"{system} measures the fp32 bundle on ONNX Runtime and this bundle is {bundle.dtype} (pass --dtype fp32)"
+            return (f"{system} measures the fp32 bundle on ONNX Runtime and this bundle is {bundle.dtype} "
+                    "(pass --dtype fp32)")
     if "-int8" in system:
         why = _int8_skip(system, bundle)
         if why:

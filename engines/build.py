@@ -430,8 +430,9 @@ def check_memory(sources: dict, wanted: list[str]) -> None:
         rest = [x for x in wanted if x not in too_big]
         hint = f", or build the rest here with --components {','.join(rest)}" if rest else ""
         raise Sd3trtError(f"building the {c} engine needs about {need[c] / 1024:.0f} GiB of memory "
-                          f"({BUILD_MEMORY_FACTOR:g}x its graph's weights) and this machine has {available / 1024:.0f} GiB available; build it on a machine "
-                          f"with more memory (TensorRT-RTX builds ahead of time, without a GPU){hint}")
+                          f"({BUILD_MEMORY_FACTOR:g}x its graph's weights) and this machine has "
+                          f"{available / 1024:.0f} GiB available; build it on a machine with more memory "
+                          f"(TensorRT-RTX builds ahead of time, without a GPU){hint}")
 
 
 def build_engines(bundle_dir: Path, opts: BuildOptions, log: Callable[[str], None] = print) -> dict:

@@ -4,9 +4,9 @@
     for part in parts: part.inputs, part.outputs, part.nodes
 
 A node belongs to the block its exporter name names (`/transformer/transformer_blocks.7/...`, T5's
-`/model/encoder/block.7/...`); a node
-without one (embeddings, the final norm and projection, shape arithmetic) to the latest part among the
-parts that produce its inputs, so it runs as soon as its inputs exist. Nodes that read no graph input
+`/model/encoder/block.7/...`); a node without one (embeddings, the final norm and projection, shape
+arithmetic) to the latest part among the parts that produce its inputs, so it runs as soon as its inputs
+exist. Nodes that read no graph input
 (constant folding the exporter left) are copied into every part that reads them rather than passed
 between parts. A part's inputs are the tensors it reads that earlier parts (or the graph's inputs)
 produce; its outputs, the tensors later parts read, and the graph's outputs.
@@ -153,9 +153,9 @@ def _later_reads(parts: list[Part], index: int) -> set:
 
 
 class PartsRunner:
-    """A transformer (or T5) runner that runs the graph one part at a time, each part's graph loaded for the call and
-    freed after it: memory holds one block's weights and one call's activations, at the cost of loading
-    every part every call. For recording and gating a transformer too large to hold whole (`blocks`)."""
+    """A transformer (or T5) runner that runs the graph one part at a time, each part's graph loaded for the
+    call and freed after it: memory holds one block's weights and one call's activations, at the cost of
+    loading every part every call. For recording and gating a model too large to hold whole (`blocks`)."""
 
     def __init__(self, name: str, entry: dict, path: Path, backend):
         import onnx

@@ -238,7 +238,8 @@ def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def recording_path(bundle, settings: CalibSettings, backend: str, cache_dir: Path | None = None) -> tuple[Path, str]:
+def recording_path(bundle, settings: CalibSettings, backend: str,
+                   cache_dir: Path | None = None) -> tuple[Path, str]:
     """Where the recording of `settings` on `backend` (a Backend.describe()) is cached, and its key."""
     key = cache_key(bundle, settings, backend)
     return Path(cache_dir or bundle.root / "calibration") / f"transformer-{key[:16]}.npz", key
@@ -400,7 +401,8 @@ def activation_ranges(onnx_path: Path, taps: list[str], data: CalibData, indices
             todo = [t for t in todo if t not in mine]
             dims = _input_dims(feeds, part.inputs, indices)
             nodes, outs = _measure_nodes(mine, "amax", reduce=True)
-            run = backend.open(part_model(model, part, outs, nodes, dims, types), onnx_path.parent, part.outputs + outs)
+            run = backend.open(part_model(model, part, outs, nodes, dims, types), onnx_path.parent,
+                               part.outputs + outs)
             for i in indices:
                 got = run(feeds(i, part.inputs))
                 for name, value in zip(part.outputs, got):

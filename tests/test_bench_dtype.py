@@ -77,7 +77,8 @@ def test_accuracy_falls_back_to_diffusers_bf16(tmp_path):
                "sd3trt-openvino-bf16": {"status": "ok", "image_npy": str(tmp_path / "ov.npy")}}
     acc = accuracy(results, 30.0)
     assert acc["reference"] == "diffusers-bf16"
-    assert acc["note"] == "diffusers-bf16 is the accuracy reference, as diffusers-fp32 was skipped: diffusers-fp32 needs ~33 GiB"
+    assert acc["note"] == ("diffusers-bf16 is the accuracy reference, as diffusers-fp32 was skipped: "
+                           "diffusers-fp32 needs ~33 GiB")
     assert acc["systems"]["diffusers-bf16"]["identical"]
     assert acc["systems"]["sd3trt-openvino-bf16"]["psnr_db"] == pytest.approx(40.0)
     np.save(tmp_path / "fp32.npy", img)
@@ -97,7 +98,8 @@ def bf16_result(tmp_path_factory):
     cache = work / "cache"
     model, _ = mdl.prepare_apart(mdl.ModelSpec("tiny", dtype="bf16"), cache, log=lambda s: None)  # built in a child
     weights = fit.weights(model)
-    between = (fit.need_bytes("diffusers-bf16", weights, "bf16") + fit.need_bytes("diffusers-fp32", weights, "bf16")) // 2
+    between = (fit.need_bytes("diffusers-bf16", weights, "bf16")
+               + fit.need_bytes("diffusers-fp32", weights, "bf16")) // 2
     mp = pytest.MonkeyPatch()
     mp.setattr(fit, "available_bytes", lambda: between)
     cwd = os.getcwd()

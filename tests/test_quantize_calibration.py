@@ -321,7 +321,8 @@ def test_the_gate_s_reference_is_computed_once_per_recording(bundles, tmp_path):
     assert len(refs) == 1
     with np.load(refs[0]) as z:
         assert {k for k in z.files if k.startswith("image")} == {"image2"}  # the one held-out run
-        assert len([k for k in z.files if k.startswith("call")]) == SETTINGS.holdout * calib_estimate.steps_run(SETTINGS)
+        calls = [k for k in z.files if k.startswith("call")]
+        assert len(calls) == SETTINGS.holdout * calib_estimate.steps_run(SETTINGS)
     first = next(line for line in logs if line.startswith("estimate:"))
     logs.clear()
     kept = quantize_bundle(root, "fp8", SETTINGS, calib_backend="onnxruntime", threads=2, level="linear",
