@@ -54,14 +54,12 @@ def weights(model_dir: Path) -> dict[str, tuple[int, str]]:
 
 
 def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo; None where there is none."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    """The memory a new process can have now (sd3trt.memory.available_mib, as the engine build's check reads it),
+    in bytes; None where the system does not say."""
+    from sd3trt.memory import available_mib
+
+    mib = available_mib()
+    return None if mib is None else int(mib * 2**20)
 
 
 def _held(system: str, model: dict, bundle_dtype: str, without: str | None = None) -> tuple[int, str]:

@@ -91,11 +91,12 @@ class _WholeGraph:
 
 class Reference:
     """The bundle's own outputs the gate compares with - each held-out call's noise_pred and each replayed run's
-    image - computed once and kept in `path` (an .npz written atomically after each new value), so every level
-    and every precision gated on the same recording reuses them. path None: kept in memory only."""
+    image - computed once and kept in `path` (an .npz written atomically by save() when something was added), so
+    every level and every precision gated on the same recording reuses them. path None: kept in memory only."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
+        self.added = False
         self.values: dict[str, np.ndarray] = {}
         if path is not None and Path(path).is_file():
             try:
@@ -107,11 +108,15 @@ class Reference:
     def get(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         if key not in self.values:
             self.values[key] = np.asarray(compute())
-            if self.path is not None:
-                buf = io.BytesIO()
-                np.savez(buf, **self.values)
-                write_bytes_atomic(Path(self.path), buf.getvalue())
+            self.added = True
         return self.values[key]
+
+    def save(self) -> None:
+        if self.added and self.path is not None:
+            buf = io.BytesIO()
+            np.savez(buf, **self.values)
+            write_bytes_atomic(Path(self.path), buf.getvalue())
+        self.added = False
 
 
 def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int], threads: int = 0,
@@ -136,6 +141,7 @@ def transformer_accuracy(ref_path: Path, q_path: Path, data, indices: list[int],
         b = q.run(feeds)["noise_pred"]
         cos.append(cosine(a, b))
         snr.append(snr_db(a, b))
+    reference.save()
     return {"calls": len(indices), "cosine": summary(cos), "snr_db": summary(snr)}
 
 
@@ -176,6 +182,7 @@ def image_accuracy(bundle, q_path: Path, settings, runs: list[int], threads: int
         psnr.append(psnr_db(a, b))
         ss.append(ssim(a, b))
         log(f"accuracy: image {len(psnr)}/{len(runs)}: PSNR {psnr[-1]:.2f} dB, SSIM {ss[-1]:.4f}")
+    reference.save()
     return {"runs": len(runs), "psnr_db": summary(psnr), "ssim": summary(ss)}
 
 

@@ -238,11 +238,16 @@ def cache_key(bundle, settings: CalibSettings, backend: str | None = None) -> st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def calib_dir(bundle, cache_dir: Path | None = None) -> Path:
+    """Where a bundle's recordings, ranges and gate references are kept: `cache_dir`, else <bundle>/calibration."""
+    return Path(cache_dir or bundle.root / "calibration")
+
+
 def recording_path(bundle, settings: CalibSettings, backend: str,
                    cache_dir: Path | None = None) -> tuple[Path, str]:
     """Where the recording of `settings` on `backend` (a Backend.describe()) is cached, and its key."""
     key = cache_key(bundle, settings, backend)
-    return Path(cache_dir or bundle.root / "calibration") / f"transformer-{key[:16]}.npz", key
+    return calib_dir(bundle, cache_dir) / f"transformer-{key[:16]}.npz", key
 
 
 def collect(bundle, settings: CalibSettings = CalibSettings(), cache_dir: Path | None = None, threads: int = 0,

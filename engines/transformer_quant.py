@@ -39,8 +39,8 @@ import sd3trt
 from sd3trt import precision as words
 from sd3trt.engines import accuracy as acc
 from sd3trt.engines import calib_estimate
-from sd3trt.engines.calib_backends import choose
-from sd3trt.engines.calibrate import CalibSettings, activation_ranges, collect, recording_path
+from sd3trt.engines.calib_backends import Backend, choose
+from sd3trt.engines.calibrate import CalibSettings, activation_ranges, calib_dir, collect, recording_path
 from sd3trt.engines.qdq_graph import FP8_HEAD_MULTIPLE, KEEP, LEVELS, keep_for_depth, plan_layers, rewrite
 from sd3trt.engines.qdq_writer import weight_reader, write_qdq
 from sd3trt.errors import Sd3trtError
@@ -145,10 +145,10 @@ def plan(job: Job):
 
 def check_time(job: Job, graph, taps: list[str], allow_long: bool, limit_s: float) -> calib_estimate.Estimate:
     """The estimate, printed; refused past `limit_s` (unless allow_long) with the faster options named."""
-    from sd3trt.engines.calib_backends import NAMES, Backend
+    from sd3trt.engines.calib_backends import NAMES
 
     dtype, workdir = job.bundle.dtype, job.src_path.parent
-    gate_gflops = calib_estimate.measure_gflops(Backend("onnxruntime", dtype, job.threads), dtype, workdir)
+    gate_gflops = calib_estimate.measure_gflops(_gate_backend(job), dtype, workdir)
 
     def est(backend):
         recorded, key = _recording(job, backend)
@@ -171,10 +171,6 @@ def check_time(job: Job, graph, taps: list[str], allow_long: bool, limit_s: floa
     return mine
 
 
-def _calib_dir(job: Job) -> Path:
-    return Path(job.cache_dir or job.bundle.root / "calibration")
-
-
 def _recording(job: Job, backend=None) -> tuple[Path, str]:
     """(where the recording of the job's settings on `backend` (default the job's) is cached, its key)."""
     return recording_path(job.bundle, job.settings, (backend or job.backend).describe(), job.cache_dir)
@@ -190,15 +186,15 @@ def record(job: Job):
 
 
 def _ranges_path(job: Job, data) -> Path:
-    return _calib_dir(job) / f"ranges-{data.key[:16]}-{job.method}.json"
+    return calib_dir(job.bundle, job.cache_dir) / f"ranges-{data.key[:16]}-{job.method}.json"
 
 
 def _reference_path(job: Job, recording_key: str) -> Path:
     """Where the gate keeps its reference outputs on a recording (the bundle's own graphs run as the gate runs
     them): beside the ranges, so every level and every precision gated on that recording reuses them."""
-    how = json.dumps({"recording": recording_key, "blocks": job.blocks, "gate": f"onnxruntime ({job.bundle.dtype})"},
+    how = json.dumps({"recording": recording_key, "blocks": job.blocks, "gate": _gate_backend(job).describe()},
                      sort_keys=True)
-    return _calib_dir(job) / f"reference-{hashlib.sha256(how.encode()).hexdigest()[:16]}.npz"
+    return calib_dir(job.bundle, job.cache_dir) / f"reference-{hashlib.sha256(how.encode()).hexdigest()[:16]}.npz"
 
 
 def measure(job: Job, taps: list[str], data, fit: list[int]) -> dict[str, float]:
@@ -309,16 +305,20 @@ def pick_level(job: Job, plans: dict, ranges, data, held, staged_dir: Path) -> L
     return result
 
 
+def _gate_backend(job: Job) -> Backend:
+    """Where the gate runs the transformer: ONNX Runtime on the CPU in the bundle's type (what serves the CPU path)."""
+    return Backend("onnxruntime", job.bundle.dtype, job.threads)
+
+
 def _gate_runner(job: Job):
     """The gate's transformer runner: ONNX Runtime on the CPU (what serves the CPU path), the whole graph, or
     block by block when the job calibrates that way (then every component is released after use, and the
     other components, the same in both pipelines, run on the calibration backend)."""
     if not job.blocks:
         return None
-    from sd3trt.engines.calib_backends import Backend
     from sd3trt.engines.calib_blocks import PartsRunner
 
-    gate_backend = Backend("onnxruntime", job.bundle.dtype, job.threads)
+    gate_backend = _gate_backend(job)
     entry = job.bundle.component("transformer")
     return lambda path: PartsRunner("transformer", entry, path, gate_backend)
 
